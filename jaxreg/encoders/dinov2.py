@@ -128,11 +128,23 @@ class Dinov2(nnx.Module):
         return out
 
 
-def create(name: str, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None) -> Dinov2:
-    """A randomly initialised variant (``VARIANTS`` names)."""
+def create(name: str, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+           config: vit.ViTConfig | None = None) -> Dinov2:
+    """A randomly initialised variant.
+
+    Args:
+      name: a ``VARIANTS`` name.
+      dtype: compute dtype.
+      rngs: initialisation randomness (default ``nnx.Rngs(0)``).
+      config: an architecture replacing ``VARIANTS[name].config`` (small test models,
+        a different ``pos_offset``).
+
+    Returns:
+      The model.
+    """
     if name not in VARIANTS:
         raise ValueError(f"{name!r}: not a DINOv2 variant; expected one of {sorted(VARIANTS)}")
-    return Dinov2(VARIANTS[name].config, dtype=dtype,
+    return Dinov2(config if config is not None else VARIANTS[name].config, dtype=dtype,
                   rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
@@ -229,7 +241,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.
     return vit.convert_by_rules(sd, rules, _IGNORED)
 
 
-def load(name: str, path: str | os.PathLike, *, dtype=jnp.float32) -> Dinov2:
+def load(name: str, path: str | os.PathLike, *, dtype=jnp.float32,
+         config: vit.ViTConfig | None = None) -> Dinov2:
     """A variant with weights from a local checkpoint, strictly.
 
     Args:
@@ -237,6 +250,7 @@ def load(name: str, path: str | os.PathLike, *, dtype=jnp.float32) -> Dinov2:
       path: a weight file (``.safetensors``, ``.pth``), a Hugging Face model folder, or
         an offline Hugging Face cache folder ``models--facebook--dinov2-*``.
       dtype: compute dtype.
+      config: an architecture replacing ``VARIANTS[name].config``.
 
     Returns:
       The model.
@@ -247,7 +261,7 @@ def load(name: str, path: str | os.PathLike, *, dtype=jnp.float32) -> Dinov2:
     """
     sd, source = vit.read_checkpoint(path)
     params = convert_state_dict(sd, name)
-    model = vit.create_abstract(lambda: create(name, dtype=dtype))
+    model = vit.create_abstract(lambda: create(name, dtype=dtype, config=config))
     assign_params(model, params, source=source)
     logging.info("Loaded %s from %s (%d tensors).", name, source, len(params))
     return model

@@ -1,0 +1,212 @@
+"""DINOv2 against transformers' Dinov2Model / Dinov2WithRegistersModel on random weights."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxreg.encoders import dinov2, vit  # noqa: E402
+from jaxreg.encoders._checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
+                                         write_safetensors)
+
+TOL = 1e-4
+SIZES = [(224, 224), (280, 364)]
+
+
+def _hf_model(*, width=32, depth=2, heads=2, registers=0, swiglu=False, image_size=98, seed=0):
+    torch.manual_seed(seed)
+    kw = dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+              image_size=image_size, patch_size=14, use_swiglu_ffn=swiglu)
+    if registers:
+        model = transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
+    else:
+        model = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
+    with torch.no_grad():  # move every parameter off its init so that all of them matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _config(hf, *, registers=0, swiglu=False):
+    c = hf.config
+    mlp = dinov2._config(c.hidden_size, 1, 1, giant=swiglu).mlp_dim if swiglu else 4 * c.hidden_size
+    return vit.ViTConfig(patch_size=14, hidden_size=c.hidden_size, depth=c.num_hidden_layers,
+                         num_heads=c.num_attention_heads, mlp_dim=mlp, num_registers=registers,
+                         act="silu" if swiglu else "gelu", gated_mlp=swiglu,
+                         pos_grid=c.image_size // 14, pos_antialias=registers > 0)
+
+
+def _jax_model(hf, config, name="dinov2_vits14"):
+    model = dinov2.create(name, config=config)
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    assign_params(model, dinov2.convert_state_dict(sd, name))
+    return model
+
+
+def _images(h, w, batch=1, seed=0):
+    return np.random.RandomState(seed).randn(batch, h, w, 3).astype(np.float32)
+
+
+def _max_diffs(hf, model, x, registers):
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(x).permute(0, 3, 1, 2), output_hidden_states=True)
+    out = model(jnp.asarray(x))
+    b, h, w = x.shape[0], x.shape[1] // 14, x.shape[2] // 14
+    n = 1 + registers
+    maps = lambda t: t[:, n:].reshape(b, h, w, -1).numpy()
+    diffs = {"features": np.abs(maps(ref.last_hidden_state) - out["features"]).max(),
+             "cls": np.abs(ref.pooler_output.numpy() - out["cls"]).max()}
+    for i in range(1, len(ref.hidden_states)):
+        diffs[f"layer_{i}"] = np.abs(maps(ref.hidden_states[i]) - out[f"layer_{i}"]).max()
+    assert out["features"].shape == (b, h, w, hf.config.hidden_size)
+    assert all(v.dtype == jnp.float32 for v in out.values())
+    return diffs
+
+
+@pytest.mark.parametrize("registers,swiglu", [(0, False), (4, False), (0, True)])
+@pytest.mark.parametrize("size", SIZES)
+def test_small_matches_transformers(registers, swiglu, size):
+    hf = _hf_model(registers=registers, swiglu=swiglu)
+    model = _jax_model(hf, _config(hf, registers=registers, swiglu=swiglu))
+    diffs = _max_diffs(hf, model, _images(*size, batch=2), registers)
+    assert max(diffs.values()) <= TOL, diffs
+
+
+def test_vitb_reg_matches_transformers():
+    """Full-size ViT-B/14 with registers, on the 37x37 learned grid, at 224 and 280x364."""
+    spec = dinov2.VARIANTS["dinov2_vitb14_reg"]
+    hf = _hf_model(width=768, depth=12, heads=12, registers=4, image_size=518)
+    model = _jax_model(hf, spec.config, "dinov2_vitb14_reg")
+    for size in SIZES:
+        diffs = _max_diffs(hf, model, _images(*size), 4)
+        assert max(diffs.values()) <= TOL, (size, diffs)
+
+
+def _original_layout(sd):
+    """The HF in-memory state dict renamed to the original facebookresearch release."""
+    out = {}
+    for k, v in sd.items():
+        k2 = (k.replace("embeddings.patch_embeddings.projection", "patch_embed.proj")
+              .replace("encoder.layer.", "blocks.").replace("layer_scale1.lambda1", "ls1.gamma")
+              .replace("layer_scale2.lambda1", "ls2.gamma").replace("attention.o_proj", "attn.proj")
+              .replace("mlp.down_proj", "mlp.w3"))
+        k2 = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+              "embeddings.register_tokens": "register_tokens", "embeddings.mask_token": "mask_token",
+              "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}.get(k2, k2)
+        out[k2] = v
+    for k in [k for k in out if ".attention.q_proj." in k]:
+        kind = k.rsplit(".", 1)[1]
+        parts = [out.pop(k.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
+        out[k.replace("attention.q_proj", "attn.qkv")] = torch.cat(parts, 0)
+    for k in [k for k in out if ".mlp.gate_proj." in k]:
+        parts = [out.pop(k), out.pop(k.replace("gate_proj", "up_proj"))]
+        out[k.replace("gate_proj", "w12")] = torch.cat(parts, 0)
+    return out
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_original_pth_layout_loads_same_params(tmp_path, swiglu):
+    hf = _hf_model(registers=4, swiglu=swiglu)
+    config = _config(hf, registers=4, swiglu=swiglu)
+    sd = dict(hf.state_dict())
+    orig = _original_layout(sd)
+    assert "blocks.0.attn.qkv.weight" in orig and "blocks.1.ls2.gamma" in orig
+    from_hf = dinov2.convert_state_dict({k: v.numpy() for k, v in sd.items()}, "dinov2_vits14_reg")
+    from_orig = dinov2.convert_state_dict({k: v.numpy() for k, v in orig.items()},
+                                          "dinov2_vits14_reg")
+    assert sorted(from_hf) == sorted(from_orig)
+    for k in from_hf:
+        np.testing.assert_array_equal(from_hf[k], from_orig[k], err_msg=k)
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(orig, path)
+    loaded = dinov2.load("dinov2_vits14_reg", path, config=config)
+    ref = _jax_model(hf, config, "dinov2_vits14_reg")
+    for k, v in flat_params(ref).items():
+        np.testing.assert_array_equal(v, flat_params(loaded)[k], err_msg=k)
+
+
+def test_round_trip_and_folders(tmp_path):
+    hf = _hf_model(registers=4)
+    config = _config(hf, registers=4)
+    ref = _jax_model(hf, config, "dinov2_vits14_reg")
+    x = jnp.asarray(_images(98, 126))
+    expected = ref(x)
+    # Converter round trip: jaxreg names written once, read back.
+    write_safetensors(flat_params(ref), tmp_path / "converted.safetensors")
+    # A Hugging Face folder (hub names, as save_pretrained writes them) and an offline cache.
+    hf.save_pretrained(tmp_path / "hf")
+    snap = tmp_path / "models--facebook--dinov2-with-registers-small" / "snapshots" / "0123abc"
+    shutil.copytree(tmp_path / "hf", snap)
+    for path in (tmp_path / "hf", snap.parent.parent):
+        got = dinov2.load("dinov2_vits14_reg", path, config=config)(x)
+        for k in expected:
+            np.testing.assert_array_equal(expected[k], got[k], err_msg=f"{path}: {k}")
+    got = _load_converted(tmp_path / "converted.safetensors", config)(x)
+    for k in expected:
+        np.testing.assert_array_equal(expected[k], got[k], err_msg=k)
+
+
+def _load_converted(path, config):
+    from jaxreg.encoders._checkpoint import read_state_dict
+
+    model = dinov2.create("dinov2_vits14_reg", config=config, rngs=nnx.Rngs(1))
+    assign_params(model, read_state_dict(path), source=str(path))
+    return model
+
+
+def test_wrong_architecture_and_truncated_file(tmp_path):
+    hf = _hf_model(registers=4)
+    hf.save_pretrained(tmp_path / "small")
+    # A small DINOv2 into the ViT-S variant: every mis-shaped tensor listed.
+    with pytest.raises(CheckpointError, match="mis-shaped") as err:
+        dinov2.load("dinov2_vits14_reg", tmp_path / "small")
+    assert "blocks.0.attn.q.kernel" in str(err.value)
+    # Without registers the register model misses its tokens.
+    with pytest.raises(CheckpointError, match="unexpected.*register_tokens"):
+        dinov2.load("dinov2_vits14", tmp_path / "small", config=_config(hf, registers=0))
+    # A CLIP vision tower is not a DINOv2 checkpoint at all.
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=16))
+    clip.save_pretrained(tmp_path / "clip")
+    with pytest.raises(CheckpointError, match="not a DINOv2 checkpoint"):
+        dinov2.load("dinov2_vits14", tmp_path / "clip")
+    # A truncated download.
+    data = (tmp_path / "small" / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        dinov2.load("dinov2_vits14_reg", tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError, match="no such"):
+        dinov2.load("dinov2_vits14_reg", tmp_path / "absent.safetensors")
+
+
+def test_jit_bfloat16_and_layer_selection():
+    hf = _hf_model()
+    config = _config(hf)
+    model = _jax_model(hf, config)
+    model_bf16 = dinov2.create("dinov2_vits14", config=config, dtype=jnp.bfloat16)
+    assign_params(model_bf16, flat_params(model))
+    graphdef, state = nnx.split(model_bf16)
+
+    @jax.jit
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x, layers=[2])
+
+    x = jnp.asarray(_images(98, 126))
+    out = run(state, x)
+    assert sorted(out) == ["cls", "features", "layer_2"]
+    assert out["features"].dtype == jnp.float32 and out["features"].shape == (1, 7, 9, 32)
+    assert jax.tree.leaves(nnx.state(model_bf16, nnx.Param))[0].dtype == jnp.float32
+    ref = model(x)["features"]
+    assert float(jnp.abs(out["features"] - ref).max()) < 0.1
+    run(state, x + 1.0)
+    assert run._cache_size() == 1
+    with pytest.raises(ValueError, match="outside"):
+        model(x, layers=[3])
