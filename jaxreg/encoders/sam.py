@@ -434,7 +434,8 @@ def load(name: str, path: str | os.PathLike | None = None, *,
     model = nnx.eval_shape(lambda: create(name, dtype=dtype))
     params = convert_sam_state_dict(_checkpoint.read_state_dict(path))
     _checkpoint.assign_params(model, params, source=os.fspath(path))
-    return model
+    graphdef, state = nnx.split(model)  # host numpy -> jax arrays
+    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
 
 
 def flops_per_image(config: SamConfig, image_size: int | None = None) -> float:

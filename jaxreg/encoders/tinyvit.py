@@ -417,7 +417,8 @@ def load(name: str = "litemedsam", path: str | os.PathLike | None = None, *,
     _checkpoint.assign_params(model, params, source=source)
     if cache is not None:  # only weights that loaded strictly are cached
         _weights_litemedsam.cache_params(params, cache)
-    return model
+    graphdef, state = nnx.split(model)  # host numpy -> jax arrays
+    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
 
 
 def flops_per_image(model: TinyViT, image_size: int = 256) -> float:
