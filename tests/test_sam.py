@@ -1,0 +1,169 @@
+"""SAM image encoder: parity with transformers' SamVisionModel on random weights, loaders."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxreg import convert as convert_cli
+from jaxreg.encoders import _checkpoint, sam
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+
+# Grid 10 with window 4: windows need padding, block 1 is global.
+SMALL_HF = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=80,
+                patch_size=8, window_size=4, global_attn_indexes=[1], output_channels=16)
+SMALL = sam.SamConfig(image_size=80, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                      window_size=4, global_attn_indexes=(1,), out_chans=16)
+
+
+def _hf_model(seed=0, **config):
+    torch.manual_seed(seed)
+    model = transformers.SamVisionModel(transformers.SamVisionConfig(**config)).eval()
+    with torch.no_grad():  # HF initialises rel-pos and pos-embed to zero: randomise all
+        for name, p in model.named_parameters():
+            is_norm_scale = "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if is_norm_scale else 0.0))
+    return model
+
+
+def _hf_run(model, images):
+    with torch.no_grad():
+        out = model(torch.from_numpy(images).permute(0, 3, 1, 2), output_hidden_states=True)
+    expected = {"features": out.last_hidden_state.permute(0, 2, 3, 1).numpy()}
+    for i, h in enumerate(out.hidden_states[1:]):  # [0] is the embedding output
+        expected[f"block_{i}"] = h.numpy()
+    return expected
+
+
+def _jit_apply(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def apply(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    return lambda x: apply(state, x)
+
+
+def _sd(model):
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _hf_to_original(sd):
+    """The segment_anything layout of an HF vision-encoder state dict, renamed by hand."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("vision_encoder.", "image_encoder.")
+        k = k.replace("patch_embed.projection.", "patch_embed.proj.")
+        k = k.replace(".layers.", ".blocks.")
+        k = k.replace(".layer_norm1.", ".norm1.").replace(".layer_norm2.", ".norm2.")
+        k = k.replace("neck.conv1.", "neck.0.").replace("neck.norm1.", "neck.1.")
+        k = k.replace("neck.conv2.", "neck.2.").replace("neck.norm2.", "neck.3.")
+        out[k] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = _hf_model(**SMALL_HF)
+    images = np.random.RandomState(0).randn(2, 80, 80, 3).astype(np.float32)
+    return model, images, _hf_run(model, images)
+
+
+def test_small_config_parity_all_outputs(small):
+    hf, images, expected = small
+    model = sam.SamImageEncoder(SMALL, rngs=nnx.Rngs(0))
+    _checkpoint.assign_params(model, sam.convert_sam_state_dict(_sd(hf)))
+    got = jax.device_get(_jit_apply(model)(jnp.asarray(images)))
+    assert sorted(got) == sorted(expected)
+    for name, e in expected.items():
+        assert got[name].dtype == np.float32
+        diff = float(np.abs(got[name] - e).max())
+        assert diff <= TOL, f"{name}: max abs diff {diff:.3g}"
+
+
+def test_original_and_hf_layouts_give_identical_params(small, tmp_path):
+    hf_sd = _sd(small[0])
+    orig = _hf_to_original(hf_sd)
+    assert "image_encoder.neck.0.weight" in orig and "image_encoder.blocks.2.norm1.bias" in orig
+    orig["prompt_encoder.point_embeddings.0.weight"] = np.zeros((1, 256), np.float32)
+    orig["mask_decoder.iou_token.weight"] = np.zeros((1, 256), np.float32)
+    from_hf = sam.convert_sam_state_dict(hf_sd)
+    from_orig = sam.convert_sam_state_dict(orig)
+    assert from_hf.keys() == from_orig.keys()
+    for k in from_hf:
+        np.testing.assert_array_equal(from_hf[k], from_orig[k])
+    # A DataParallel checkpoint wrapped in {"model": ...}, read from a .pth file.
+    path = tmp_path / "wrapped.pth"
+    torch.save({"model": {"module." + k: torch.from_numpy(v) for k, v in orig.items()},
+                "epoch": 3}, path)
+    from_file = sam.convert_sam_state_dict(_checkpoint.read_state_dict(path))
+    for k in from_hf:
+        np.testing.assert_array_equal(from_hf[k], from_file[k])
+    # jaxreg's own layout passes through unchanged.
+    assert sam.convert_sam_state_dict(from_hf).keys() == from_hf.keys()
+
+
+def test_wrong_architecture_and_truncated_file(small, tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "small_sam.safetensors"
+    save_file(_sd(small[0]), str(path))
+    with pytest.raises(_checkpoint.CheckpointError) as e:
+        sam.load("sam_vitb", path)  # a 3-block, 32-wide SAM is not ViT-B
+    msg = str(e.value)
+    assert "missing" in msg and "mis-shaped" in msg and "blocks.3.attn.qkv.kernel" in msg
+    assert convert_cli.main(["--encoder", "sam_vitb", "--input", str(path),
+                             "--output", str(tmp_path / "out.safetensors")]) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(_checkpoint.CheckpointError, match="not a SAM checkpoint"):
+        sam.convert_sam_state_dict({"layers.0.blocks.0.conv1.c.weight": np.zeros((2, 2, 1, 1))})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(_checkpoint.CheckpointError, match="not a readable safetensors"):
+        sam.load("sam_vitb", truncated)
+    with pytest.raises(_checkpoint.CheckpointError, match="JAXREG_WEIGHTS_DIR"):
+        sam.load("sam_vitb")
+
+
+def test_other_input_size_and_bfloat16():
+    model = sam.SamImageEncoder(SMALL, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    out = jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((1, 96, 64, 3), jnp.float32))
+    assert out["features"].shape == (1, 12, 8, 16)  # pos-embed and rel-pos resized
+    assert all(v.dtype == jnp.float32 for v in out.values())
+    with pytest.raises(ValueError, match="multiples"):
+        model(jnp.zeros((1, 81, 80, 3)))
+    assert sam.VARIANTS["medsam_vitb"].config == sam.VARIANTS["sam_vitb"].config
+
+
+@pytest.mark.slow  # about 95 s on a shared 2-core CPU
+def test_full_vit_b_1024_parity(tmp_path, monkeypatch, record_property):
+    """ViT-B at 1024 px, random weights, loaded from an HF safetensors via $JAXREG_WEIGHTS_DIR."""
+    from safetensors.numpy import save_file
+
+    t0 = time.perf_counter()
+    hf = _hf_model(seed=1)  # SamVisionConfig() defaults: ViT-B, 1024, window 14
+    save_file(_sd(hf), str(tmp_path / "sam_vitb.safetensors"))
+    monkeypatch.setenv("JAXREG_WEIGHTS_DIR", str(tmp_path))
+    model = sam.load("sam_vitb")
+    rng = np.random.RandomState(0)
+    images = rng.randn(1, 1024, 1024, 3).astype(np.float32)
+    with torch.no_grad():
+        out = hf(torch.from_numpy(images).permute(0, 3, 1, 2), output_hidden_states=True)
+    got = jax.device_get(_jit_apply(model)(jnp.asarray(images)))
+    diffs = {"features": float(np.abs(
+        got["features"] - out.last_hidden_state.permute(0, 2, 3, 1).numpy()).max())}
+    for i in (0, 2, 11):
+        diffs[f"block_{i}"] = float(np.abs(got[f"block_{i}"] - out.hidden_states[i + 1].numpy()).max())
+    record_property("max_abs_diff", diffs)
+    record_property("seconds", time.perf_counter() - t0)
+    assert got["features"].shape == (1, 64, 64, 256)
+    for name, d in diffs.items():
+        assert d <= TOL, f"{name}: max abs diff {d:.3g}"
