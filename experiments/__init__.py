@@ -1,0 +1,1 @@
+"""Experiment scripts (absl flags, ml_collections configs)."""

@@ -1,0 +1,1 @@
+"""jaxreg: zero-shot deformable registration with foundation-model features, in JAX."""

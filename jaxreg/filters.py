@@ -1,0 +1,88 @@
+"""Pooling, box filtering and resizing of channels-last volumes.
+
+All functions take a volume ``(H, W, D)`` or ``(H, W, D, C)`` (spatial axes first,
+channels last) and are pure, jit- and vmap-able. Padding conventions follow PyTorch's
+``avg_pool3d``/``interpolate`` so that the reference solver's numbers carry over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+__all__ = ["box_filter", "avg_pool", "resize", "replicate_pad"]
+
+
+def _box_1d(x: jax.Array, axis: int, size: int, mode: str) -> jax.Array:
+    half = size // 2
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (half, size - 1 - half)
+    xp = jnp.pad(x, pad, mode="edge" if mode == "edge" else "constant")
+    n = x.shape[axis]
+    total = sum(jax.lax.slice_in_dim(xp, k, k + n, axis=axis) for k in range(size))
+    return total / size
+
+
+def box_filter(x: ArrayLike, size: int, *, mode: str = "zeros") -> jax.Array:
+    """Mean over a ``size``-cube around each voxel, same shape out (stride 1).
+
+    Separable, so it costs ``3 * size`` additions per voxel instead of ``size**3``.
+
+    Args:
+      x: ``(H, W, D)`` or ``(H, W, D, C)``.
+      size: odd window width.
+      mode: ``"zeros"`` pads with zeros and still divides by ``size**3`` (PyTorch
+        ``avg_pool3d(k, stride=1, padding=k//2)``, ``count_include_pad=True``);
+        ``"edge"`` replicates the border (``ReplicationPad3d`` then ``avg_pool3d``).
+
+    Returns:
+      The filtered volume, same shape and dtype.
+    """
+    if size % 2 != 1:
+        raise ValueError(f"box_filter: size must be odd, got {size}")
+    if mode not in ("zeros", "edge"):
+        raise ValueError(f"box_filter: mode must be 'zeros' or 'edge', got {mode!r}")
+    x = jnp.asarray(x)
+    for axis in range(3):
+        x = _box_1d(x, axis, size, mode)
+    return x
+
+
+def avg_pool(x: ArrayLike, factor: int) -> jax.Array:
+    """Non-overlapping mean pooling by ``factor`` (trailing voxels that do not fill a
+    cell are dropped, as PyTorch's ``avg_pool3d(k, stride=k)`` does)."""
+    x = jnp.asarray(x)
+    if factor == 1:
+        return x
+    squeeze = x.ndim == 3
+    if squeeze:
+        x = x[..., None]
+    h, w, d, c = x.shape
+    h2, w2, d2 = h // factor, w // factor, d // factor
+    x = x[: h2 * factor, : w2 * factor, : d2 * factor]
+    x = x.reshape(h2, factor, w2, factor, d2, factor, c).mean(axis=(1, 3, 5))
+    return x[..., 0] if squeeze else x
+
+
+def resize(x: ArrayLike, shape: Sequence[int], *, antialias: bool = False) -> jax.Array:
+    """Trilinear resize of the spatial axes to ``shape`` (half-pixel centres).
+
+    With ``antialias=False`` this equals PyTorch's
+    ``interpolate(mode="trilinear", align_corners=False)``; with ``antialias=True`` a
+    downsampling resize low-pass filters first (for feature volumes).
+    """
+    x = jnp.asarray(x)
+    out_shape = tuple(int(s) for s in shape) + tuple(x.shape[3:])
+    if out_shape == x.shape:
+        return x
+    return jax.image.resize(x, out_shape, method="linear", antialias=antialias)
+
+
+def replicate_pad(x: ArrayLike, width: int) -> jax.Array:
+    """Pads the three spatial axes by ``width`` voxels, repeating the border."""
+    x = jnp.asarray(x)
+    pad = [(width, width)] * 3 + [(0, 0)] * (x.ndim - 3)
+    return jnp.pad(x, pad, mode="edge")

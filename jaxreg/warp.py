@@ -1,0 +1,204 @@
+"""Dense displacement fields: identity grid, warping, composition, resizing.
+
+Field convention (used everywhere in jaxreg): a displacement field ``u`` is a float32
+array ``(H, W, D, 3)`` on the *fixed* image's voxel grid, in voxels, component ``i``
+along array axis ``i``. Warping is pull (backward) resampling::
+
+    warped(x) = moving(x + u(x))
+
+so ``u(x)`` points from a fixed voxel to where its content sits in the moving image.
+
+The warp is the hot loop of the solver. Autodiff of a gather produces a scatter-add
+for the gradient with respect to the sampling positions; :func:`warp` instead has a
+custom VJP whose field gradient is computed from the same eight gathered corners
+(the exact derivative of trilinear interpolation), so its backward pass is gathers
+only. The cotangent for the moving image (a scatter) is still provided and is dropped
+by XLA when unused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import itertools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxreg import filters
+
+__all__ = [
+    "identity_grid",
+    "warp",
+    "warp_labels",
+    "compose",
+    "resize_field",
+]
+
+# The eight corners of a trilinear cell, as 0/1 offsets along the three axes.
+_CORNERS = tuple(itertools.product((0, 1), repeat=3))
+
+
+def identity_grid(shape: Sequence[int]) -> jax.Array:
+    """Voxel coordinates ``(H, W, D, 3)`` float32: ``grid[i, j, k] == (i, j, k)``."""
+    axes = [jnp.arange(int(s), dtype=jnp.float32) for s in shape]
+    return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def _check_field(disp: jax.Array, where: str) -> None:
+    if disp.ndim != 4 or disp.shape[-1] != 3:
+        raise ValueError(f"{where}: displacement must be (H, W, D, 3), got {disp.shape}")
+
+
+def _corner_setup(shape, coords):
+    """Per corner k: flat row index (N,), weight (N,), and its slope along each axis.
+
+    Zero padding is folded into the per-axis weights (a corner outside the volume gets
+    weight 0 and slope 0, and a clamped, always valid index), so the sums below need
+    no masks. Everything is built from (N,) vectors per axis: XLA vectorises those far
+    better than (N, 8, 3) arrays.
+    """
+    idx, wts, slopes = [], [], []
+    for a in range(3):
+        x = coords[:, a]
+        base = jnp.floor(x)
+        frac = x - base
+        base = base.astype(jnp.int32)
+        lo_ok = ((base >= 0) & (base < shape[a])).astype(jnp.float32)
+        hi_ok = ((base >= -1) & (base < shape[a] - 1)).astype(jnp.float32)
+        idx.append((jnp.clip(base, 0, shape[a] - 1), jnp.clip(base + 1, 0, shape[a] - 1)))
+        wts.append(((1.0 - frac) * lo_ok, frac * hi_ok))
+        slopes.append((-lo_ok, hi_ok))
+    strides = (shape[1] * shape[2], shape[2], 1)
+    flat, weight, slope = [], [], []
+    for c in _CORNERS:
+        flat.append(sum(idx[a][c[a]] * strides[a] for a in range(3)))
+        weight.append(wts[0][c[0]] * wts[1][c[1]] * wts[2][c[2]])
+        slope.append([slopes[a][c[a]] * wts[(a + 1) % 3][c[(a + 1) % 3]]
+                      * wts[(a + 2) % 3][c[(a + 2) % 3]] for a in range(3)])
+    return flat, weight, slope
+
+
+# The loops over the eight corners are sums of eight row gathers on purpose: XLA fuses
+# each into one pass, where a stacked (N, 8, C) gather is materialised first (measured
+# 3x slower on CPU).
+
+
+def _trilinear(moving, coords):
+    """Plain trilinear sampling, zero outside; moving (H, W, D, C), coords (N, 3)."""
+    flat, weight, _ = _corner_setup(moving.shape[:3], coords)
+    rows = moving.reshape(-1, moving.shape[-1])
+    return sum(weight[k][:, None] * rows[flat[k]] for k in range(8))
+
+
+@jax.custom_vjp
+def _sample(moving, coords):
+    return _trilinear(moving, coords)
+
+
+def _sample_fwd(moving, coords):
+    return _trilinear(moving, coords), (moving, coords)
+
+
+def _sample_bwd(res, g):
+    moving, coords = res
+    flat, _, slope = _corner_setup(moving.shape[:3], coords)
+    rows = moving.reshape(-1, moving.shape[-1])
+    # d out[n, c] / d coords[n, a] = sum_k slope[k][a][n] * moving[corner_k(n), c], so
+    # the field's cotangent needs only gathers: sum_k slope[k] * <moving[corner_k], g>.
+    g_coords = [0.0, 0.0, 0.0]
+    for k in range(8):
+        dot = jnp.einsum("nc,nc->n", rows[flat[k]], g)
+        g_coords = [g_coords[a] + slope[k][a] * dot for a in range(3)]
+    # Moving-image cotangent: the transpose of the interpolation (a scatter-add);
+    # XLA removes it when only the field's gradient is used.
+    _, vjp = jax.vjp(lambda m: _trilinear(m, coords), moving)
+    (g_moving,) = vjp(g)
+    return g_moving, jnp.stack(g_coords, axis=-1)
+
+
+_sample.defvjp(_sample_fwd, _sample_bwd)
+
+
+def warp(moving: ArrayLike, disp: ArrayLike, *, mode: str = "zeros") -> jax.Array:
+    """Warps ``moving`` by ``disp`` with trilinear pull resampling.
+
+    ``out(x) = moving(x + disp(x))``; the output lies on the field's grid.
+
+    Args:
+      moving: ``(H', W', D')`` or ``(H', W', D', C)`` volume (a feature volume is
+        channels-last).
+      disp: ``(H, W, D, 3)`` displacement in voxels of ``moving``'s grid.
+      mode: ``"zeros"``: positions outside ``moving`` read zero, per corner (like
+        ``grid_sample(padding_mode="zeros")`` and scipy's ``"grid-constant"``);
+        ``"edge"``: positions are clamped to the volume (scipy's ``"nearest"``).
+
+    Returns:
+      ``(H, W, D)`` or ``(H, W, D, C)`` float32.
+
+    >>> import jax.numpy as jnp
+    >>> m = jnp.arange(8.0).reshape(2, 2, 2)
+    >>> u = jnp.zeros((2, 2, 2, 3)).at[..., 2].set(0.5)
+    >>> warp(m, u, mode="edge")[0, 0].tolist()
+    [0.5, 1.0]
+    """
+    moving = jnp.asarray(moving, dtype=jnp.float32)
+    disp = jnp.asarray(disp, dtype=jnp.float32)
+    _check_field(disp, "warp")
+    if moving.ndim not in (3, 4):
+        raise ValueError(f"warp: moving must be (H, W, D) or (H, W, D, C), got {moving.shape}")
+    if mode not in ("zeros", "edge"):
+        raise ValueError(f"warp: mode must be 'zeros' or 'edge', got {mode!r}")
+    squeeze = moving.ndim == 3
+    if squeeze:
+        moving = moving[..., None]
+    coords = (identity_grid(disp.shape[:3]) + disp).reshape(-1, 3)
+    if mode == "edge":
+        hi = jnp.array(moving.shape[:3], dtype=jnp.float32) - 1
+        coords = jnp.clip(coords, 0.0, hi)
+    out = _sample(moving, coords).reshape(*disp.shape[:3], moving.shape[-1])
+    return out[..., 0] if squeeze else out
+
+
+def warp_labels(labels: ArrayLike, disp: ArrayLike) -> jax.Array:
+    """Warps a label map by nearest-neighbour pull resampling (labels stay labels).
+
+    ``out(x) = labels(round(x + disp(x)))``, 0 outside the volume; dtype is kept.
+    """
+    labels = jnp.asarray(labels)
+    disp = jnp.asarray(disp, dtype=jnp.float32)
+    _check_field(disp, "warp_labels")
+    if labels.ndim != 3:
+        raise ValueError(f"warp_labels: labels must be (H, W, D), got {labels.shape}")
+    pos = jnp.round(identity_grid(disp.shape[:3]) + disp).astype(jnp.int32)
+    dims = jnp.array(labels.shape, dtype=jnp.int32)
+    inside = jnp.all((pos >= 0) & (pos < dims), axis=-1)
+    pos = jnp.clip(pos, 0, dims - 1)
+    out = labels[pos[..., 0], pos[..., 1], pos[..., 2]]
+    return jnp.where(inside, out, jnp.zeros((), labels.dtype))
+
+
+def compose(first: ArrayLike, second: ArrayLike) -> jax.Array:
+    """The field that warps like ``first`` followed by ``second``.
+
+    ``warp(warp(m, first), second) == warp(m, compose(first, second))`` up to
+    interpolation: ``compose(first, second)(x) = second(x) + first(x + second(x))``.
+    Outside ``first``'s grid, ``first`` is continued by its border values.
+    """
+    first = jnp.asarray(first, dtype=jnp.float32)
+    second = jnp.asarray(second, dtype=jnp.float32)
+    _check_field(first, "compose")
+    _check_field(second, "compose")
+    return second + warp(first, second, mode="edge")
+
+
+def resize_field(disp: ArrayLike, shape: Sequence[int]) -> jax.Array:
+    """Resamples a voxel displacement field to another grid over the same extent.
+
+    The vectors are rescaled by ``new_size / old_size`` per axis so that they stay in
+    voxels of the new grid (half-pixel-centred trilinear resize).
+    """
+    disp = jnp.asarray(disp, dtype=jnp.float32)
+    _check_field(disp, "resize_field")
+    scale = jnp.array([n / o for n, o in zip(shape, disp.shape[:3])], dtype=jnp.float32)
+    return filters.resize(disp, shape) * scale
