@@ -1,0 +1,112 @@
+"""DINOv3 against transformers' DINOv3ViTModel on random weights."""
+
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxreg.encoders import dinov3, vit  # noqa: E402
+from jaxreg.encoders._checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
+                                         read_state_dict, write_safetensors)
+
+TOL = 1e-4
+SIZES = [(224, 224), (256, 352)]
+
+
+def _hf_model(*, width=64, depth=2, heads=2, registers=4, gated=False, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.DINOv3ViTConfig(
+        hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+        intermediate_size=4 * width, num_register_tokens=registers, use_gated_mlp=gated,
+        hidden_act="silu" if gated else "gelu", image_size=224, patch_size=16)
+    model = transformers.DINOv3ViTModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _config(hf):
+    c = hf.config
+    return vit.ViTConfig(patch_size=16, hidden_size=c.hidden_size, depth=c.num_hidden_layers,
+                         num_heads=c.num_attention_heads, mlp_dim=c.intermediate_size,
+                         num_registers=c.num_register_tokens, qkv_bias=(True, False, True),
+                         act=c.hidden_act, gated_mlp=c.use_gated_mlp, norm_eps=1e-5,
+                         rope_theta=c.rope_theta)
+
+
+def _jax_model(hf, config, name="dinov3_vits16"):
+    model = dinov3.create(name, config=config)
+    assign_params(model, dinov3.convert_state_dict(
+        {k: v.numpy() for k, v in hf.state_dict().items()}, name))
+    return model
+
+
+def _max_diffs(hf, model, x):
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(x).permute(0, 3, 1, 2), output_hidden_states=True)
+    out = model(jnp.asarray(x))
+    b, h, w = x.shape[0], x.shape[1] // 16, x.shape[2] // 16
+    n = 1 + hf.config.num_register_tokens
+    maps = lambda t: t[:, n:].reshape(b, h, w, -1).numpy()
+    diffs = {"features": np.abs(maps(ref.last_hidden_state) - out["features"]).max(),
+             "cls": np.abs(ref.pooler_output.numpy() - out["cls"]).max()}
+    for i in range(1, len(ref.hidden_states)):
+        diffs[f"layer_{i}"] = np.abs(maps(ref.hidden_states[i]) - out[f"layer_{i}"]).max()
+    assert out["features"].shape == (b, h, w, hf.config.hidden_size)
+    return diffs
+
+
+def _images(h, w, batch=1):
+    return np.random.RandomState(0).randn(batch, h, w, 3).astype(np.float32)
+
+
+@pytest.mark.parametrize("registers,gated", [(4, False), (0, True)])
+@pytest.mark.parametrize("size", SIZES)
+def test_small_matches_transformers(registers, gated, size):
+    hf = _hf_model(registers=registers, gated=gated)
+    diffs = _max_diffs(hf, _jax_model(hf, _config(hf)), _images(*size, batch=2))
+    assert max(diffs.values()) <= TOL, diffs
+
+
+def test_vitb_matches_transformers():
+    hf = _hf_model(width=768, depth=12, heads=12)
+    spec = dinov3.VARIANTS["dinov3_vitb16"]
+    assert spec.config == _config(hf)
+    model = _jax_model(hf, spec.config, "dinov3_vitb16")
+    for size in SIZES:
+        diffs = _max_diffs(hf, model, _images(*size))
+        assert max(diffs.values()) <= TOL, (size, diffs)
+
+
+def test_round_trip_folders_and_errors(tmp_path):
+    hf = _hf_model()
+    config = _config(hf)
+    ref = _jax_model(hf, config)
+    x = jnp.asarray(_images(64, 96))
+    expected = ref(x)
+    hf.save_pretrained(tmp_path / "hf")  # hub names: layer.N.*
+    assert "layer.0.norm1.weight" in read_state_dict(tmp_path / "hf" / "model.safetensors")
+    snap = tmp_path / "models--facebook--dinov3-vits16" / "snapshots" / "abc"
+    shutil.copytree(tmp_path / "hf", snap)
+    write_safetensors(flat_params(ref), tmp_path / "converted.safetensors")
+    converted = dinov3.create("dinov3_vits16", config=config)
+    assign_params(converted, read_state_dict(tmp_path / "converted.safetensors"))
+    for model in (dinov3.load("dinov3_vits16", tmp_path / "hf", config=config),
+                  dinov3.load("dinov3_vits16", snap.parent.parent, config=config), converted):
+        got = model(x)
+        for k in expected:
+            np.testing.assert_array_equal(expected[k], got[k], err_msg=k)
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        dinov3.load("dinov3_vits16", tmp_path / "hf")
+    torch.save({"patch_embed.proj.weight": torch.zeros(3)}, tmp_path / "dinov2.pth")
+    with pytest.raises(CheckpointError, match="not a DINOv3"):
+        dinov3.load("dinov3_vits16", tmp_path / "dinov2.pth")
+    data = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:1000])
+    with pytest.raises(CheckpointError, match="not a readable"):
+        dinov3.load("dinov3_vits16", tmp_path / "cut.safetensors")
