@@ -130,3 +130,14 @@ def test_bad_arguments():
         phantom.breast_pair("ultrasound")
     with pytest.raises(ValueError, match="shape"):
         phantom.breast_pair("date", shape=(4, 4, 4))
+
+
+def test_true_field_agrees_with_jaxreg_warp():
+    # The phantom's pull convention is the one jaxreg.warp implements.
+    from jaxreg import warp
+
+    pair = _pair("date")
+    warped = np.asarray(warp.warp_labels(pair["moving_fgt"], pair["true_field"]))
+    assert metrics.dice(warped, pair["fixed_fgt"])[1] > 0.95
+    image = np.asarray(warp.warp(pair["moving"], pair["true_field"], mode="edge"))
+    np.testing.assert_allclose(image, _pull(pair["moving"], pair["true_field"], 1), atol=1e-4)
