@@ -239,10 +239,12 @@ class Block(nnx.Module):
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-    x = np.abs(x)
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+    f = np.float32
+    x = np.abs(x).astype(f)
+    a = f(a)
+    near = ((a + f(2)) * x - (a + f(3))) * x * x + f(1)
+    far = ((a * x - f(5) * a) * x + f(8) * a) * x - f(4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, f(0))).astype(f)
 
 
 def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool = False,
@@ -250,9 +252,10 @@ def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool = False,
     """The (out_size, in_size) matrix of torch's 1-D bicubic resampling.
 
     Matches ``torch.nn.functional.interpolate(mode="bicubic", align_corners=False)``
-    along one axis: without anti-aliasing Keys' kernel with a=-0.75 and clamped
-    border taps; with it (``antialias=True``) the a=-0.5 kernel stretched by the
-    downscaling factor and normalised per output.
+    on float32 input along one axis, in torch's float32 arithmetic: without
+    anti-aliasing Keys' kernel with a=-0.75 and clamped border taps; with it
+    (``antialias=True``) the a=-0.5 kernel stretched by the downscaling factor and
+    normalised per output.
 
     Args:
       in_size: input length.
@@ -262,28 +265,30 @@ def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool = False,
         coordinate then uses ``1 / scale_factor`` rather than ``in / out``).
 
     Returns:
-      float64 matrix ``m`` so that ``out = m @ in``.
+      float32 matrix ``m`` so that ``out = m @ in``.
     """
-    scale = 1.0 / scale_factor if scale_factor else in_size / out_size
-    m = np.zeros((out_size, in_size), np.float64)
+    f = np.float32
+    scale = f(1.0 / scale_factor) if scale_factor else f(in_size) / f(out_size)
+    m = np.zeros((out_size, in_size), np.float32)
     if antialias:
-        support = 2.0 * scale if scale >= 1.0 else 2.0
-        inv = 1.0 / scale if scale >= 1.0 else 1.0
+        support = f(2) * scale if scale >= 1 else f(2)
+        inv = f(1) / scale if scale >= 1 else f(1)
         for i in range(out_size):
-            center = scale * (i + 0.5)
-            lo = max(int(center - support + 0.5), 0)
-            hi = min(int(center + support + 0.5), in_size)
-            j = np.arange(lo, hi)
-            w = _cubic((j - center + 0.5) * inv, -0.5)
-            if w.sum() != 0.0:
-                w = w / w.sum()
+            center = scale * f(i + 0.5)
+            lo = max(int(center - support + f(0.5)), 0)
+            hi = min(int(center + support + f(0.5)), in_size)
+            j = np.arange(lo, hi).astype(f)
+            w = _cubic((j - center + f(0.5)) * inv, -0.5)
+            total = w.sum(dtype=f)
+            if total != 0:
+                w = w / total
             m[i, lo:hi] = w
         return m
     for i in range(out_size):
-        real = scale * (i + 0.5) - 0.5
+        real = scale * f(i + 0.5) - f(0.5)
         base = math.floor(real)
-        t = real - base
-        w = _cubic(np.array([t + 1.0, t, 1.0 - t, 2.0 - t]), -0.75)
+        t = f(real - f(base))
+        w = _cubic(np.array([t + f(1), t, f(1) - t, f(2) - t], f), -0.75)
         for tap, wt in zip(range(base - 1, base + 3), w):
             m[i, min(max(tap, 0), in_size - 1)] += wt
     return m
