@@ -1,0 +1,345 @@
+"""A registration study over a list of subject pairs: the library behind the CLIs.
+
+``run_study(config, workdir)`` reads the pairs (a CSV, or the built-in breast phantom),
+registers each, writes per pair the field (voxels and millimetres), the warped moving
+image and warped label maps, and a metrics row, then a summary table. It is what
+``python -m experiments.breast`` calls; it can be called from Python the same way.
+
+Pairs CSV: columns ``mov_volume`` and ``fix_volume`` (paths, relative to the CSV's folder
+or ``data_dir``), optional ``name``, optional ``true_field`` (a voxel field on the fixed
+grid, for the mean field error), and any number of label maps as ``mov_<x>``/``fix_<x>``
+column pairs (``mov_mask``/``fix_mask``, ``mov_fgt``/``fix_fgt``, ``.seg.nrrd`` too):
+each is warped with nearest neighbour and scored with Dice and HD95 per label.
+
+Outputs of a pair go to ``workdir/pairs/<name>/`` (written into a temporary folder that
+is renamed when complete, so a crash leaves nothing half-written); a rerun skips pairs
+whose folder exists. A pair whose inputs are bad is reported and skipped; the others go
+on.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxreg import io
+from jaxreg import metrics
+from jaxreg import phantom
+from jaxreg import solver
+from jaxreg import warp as warp_lib
+
+__all__ = ["Pair", "read_pairs", "write_phantom_pairs", "register_volumes",
+           "run_pair", "run_study", "format_summary"]
+
+ENCODERS = ("mind",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One moving/fixed pair and its optional label maps (name -> (moving, fixed))."""
+
+    name: str
+    moving: str
+    fixed: str
+    labels: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    true_field: str | None = None
+
+
+def read_pairs(csv_path: str, *, data_dir: str | None = None) -> list[Pair]:
+    """Reads and checks a pairs CSV.
+
+    Raises:
+      io.InputError: the CSV is missing, lacks ``mov_volume``/``fix_volume``, has an
+        unpaired ``mov_x`` column, or names a file that does not exist (row and file
+        named in the message).
+    """
+    if not os.path.isfile(csv_path):
+        raise io.InputError(f"{csv_path}: pairs CSV not found")
+    base = data_dir or os.path.dirname(os.path.abspath(csv_path))
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        rows = list(reader)
+    missing = [c for c in ("mov_volume", "fix_volume") if c not in columns]
+    if missing:
+        raise io.InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
+                            f"found {columns}")
+    label_names = sorted(c[4:] for c in columns if c.startswith("mov_") and c != "mov_volume")
+    unpaired = [n for n in label_names if f"fix_{n}" not in columns]
+    unpaired += [c[4:] for c in columns if c.startswith("fix_") and c != "fix_volume"
+                 and f"mov_{c[4:]}" not in columns]
+    if unpaired:
+        raise io.InputError(f"{csv_path}: label column(s) without their pair: "
+                            f"{', '.join(sorted(set(unpaired)))} (need mov_x and fix_x)")
+    pairs, names = [], set()
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+
+        def path(column):
+            value = row.get(column, "")
+            if not value:
+                return None
+            full = value if os.path.isabs(value) else os.path.join(base, value)
+            if not os.path.exists(full):
+                raise io.InputError(f"{csv_path} line {i}: {column} file {full} does not exist")
+            return full
+
+        moving, fixed = path("mov_volume"), path("fix_volume")
+        if moving is None or fixed is None:
+            raise io.InputError(f"{csv_path} line {i}: mov_volume and fix_volume must be set")
+        labels = {}
+        for n in label_names:
+            m, f_ = path(f"mov_{n}"), path(f"fix_{n}")
+            if m and f_:
+                labels[n] = (m, f_)
+        name = row.get("name") or f"{i - 1:04d}_" + _stem(moving)
+        if name in names:
+            raise io.InputError(f"{csv_path} line {i}: duplicate pair name {name}")
+        names.add(name)
+        pairs.append(Pair(name, moving, fixed, labels, path("true_field")))
+    if not pairs:
+        raise io.InputError(f"{csv_path}: no pairs")
+    return pairs
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path)
+    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return os.path.splitext(base)[0]
+
+
+def write_phantom_pairs(directory: str, *, tasks: Sequence[str] = phantom.TASKS,
+                        shape: Sequence[int] = (112, 80, 48), seed: int = 0) -> str:
+    """Writes the built-in breast phantom pairs as NIfTI files and a pairs CSV.
+
+    Returns:
+      The CSV's path; reuses it when already written with the same settings.
+    """
+    os.makedirs(directory, exist_ok=True)
+    csv_path = os.path.join(directory, "pairs.csv")
+    stamp = json.dumps({"tasks": list(tasks), "shape": list(shape), "seed": seed})
+    stamp_path = os.path.join(directory, "phantom.json")
+    if os.path.isfile(csv_path) and os.path.isfile(stamp_path):
+        with open(stamp_path) as f:
+            if f.read() == stamp:
+                return csv_path
+    header = ["name", "mov_volume", "fix_volume", "mov_breast", "fix_breast",
+              "mov_fgt", "fix_fgt", "true_field"]
+    rows = []
+    for task in tasks:
+        p = phantom.breast_pair(task, shape=tuple(shape), seed=seed)
+        files = {}
+        for key in ("moving", "fixed", "moving_breast", "fixed_breast", "moving_fgt",
+                    "fixed_fgt", "true_field"):
+            files[key] = f"{task}_{key}.nii.gz"
+            io.save_volume(os.path.join(directory, files[key]), p[key], p["affine"])
+        rows.append([f"{seed:02d}_{task}", files["moving"], files["fixed"],
+                     files["moving_breast"], files["fixed_breast"], files["moving_fgt"],
+                     files["fixed_fgt"], files["true_field"]])
+    _atomic_text(csv_path, "\n".join(",".join(r) for r in [header] + rows) + "\n")
+    _atomic_text(stamp_path, stamp)
+    return csv_path
+
+
+def _atomic_text(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _solver_config(config: Any) -> solver.ConvexAdamConfig:
+    values = dict(config.solver)
+    if "coupling" in values:
+        values["coupling"] = tuple(values["coupling"])
+    return solver.ConvexAdamConfig(**values)
+
+
+def _normalise(image: np.ndarray) -> np.ndarray:
+    """Robust min-max to [0, 1] (0.5 / 99.5 percentiles), for the features."""
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(image.min()), float(image.max())
+    return np.clip((image - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def register_volumes(fixed: io.Volume, moving: io.Volume, *, config: Any) -> np.ndarray:
+    """The displacement field (voxels of the fixed grid) aligning ``moving`` to ``fixed``.
+
+    ``moving`` must already be on the fixed grid (see :func:`io.resample_to`).
+    """
+    if config.encoder != "mind":
+        raise ValueError(f"encoder {config.encoder!r} is not available; choose from {ENCODERS}")
+    field = solver.register_mind(
+        _normalise(fixed.data), _normalise(moving.data), config=_solver_config(config),
+        radius=config.mind.radius, dilation=config.mind.dilation)
+    return np.asarray(jax.block_until_ready(field))
+
+
+def _load_field(path: str) -> np.ndarray:
+    """A (H, W, D, 3) voxel field saved as NIfTI, checked."""
+    import nibabel as nib
+
+    try:
+        data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel raises several types for bad files
+        raise io.InputError(f"{path}: not a readable NIfTI field ({e})") from e
+    data = data.reshape(data.shape[:3] + (-1,))
+    if data.shape[-1] != 3 or not np.all(np.isfinite(data)):
+        raise io.InputError(f"{path}: a field must be (H, W, D, 3) and finite, got {data.shape}")
+    return data
+
+
+def _on_fixed_grid(volume: io.Volume, fixed: io.Volume, *, order: int) -> io.Volume:
+    if io.same_grid(volume, fixed):
+        return volume
+    return io.resample_to(volume, fixed.shape, fixed.affine, order=order)
+
+
+def _label_scores(prefix: str, fixed: np.ndarray, moving: np.ndarray,
+                  spacing: np.ndarray, *, hd: bool) -> dict[str, float]:
+    row = {}
+    for label, value in metrics.dice(fixed, moving).items():
+        row[f"{prefix}_dice_{label}"] = round(float(value), 4)
+    if hd:
+        for label, value in metrics.hd95(fixed, moving, spacing=spacing).items():
+            row[f"{prefix}_hd95_{label}"] = round(float(value), 3)
+    return row
+
+
+def run_pair(pair: Pair, out_dir: str, *, config: Any) -> dict[str, Any]:
+    """Registers one pair and writes its outputs into ``out_dir`` (created here).
+
+    Returns:
+      The metrics row (also saved as ``metrics.json``).
+    """
+    fixed = io.load_volume(pair.fixed)
+    moving = _on_fixed_grid(io.load_volume(pair.moving), fixed, order=1)
+    labels = {}
+    for name, (mov_path, fix_path) in pair.labels.items():
+        fix_lab = _on_fixed_grid(io.load_labels(fix_path), fixed, order=0)
+        mov_lab = _on_fixed_grid(io.load_labels(mov_path), fixed, order=0)
+        labels[name] = (mov_lab.data, fix_lab.data)
+
+    start = time.perf_counter()
+    field = register_volumes(fixed, moving, config=config)
+    seconds = time.perf_counter() - start
+
+    os.makedirs(out_dir)
+    affine = fixed.affine
+    io.save_volume(os.path.join(out_dir, "field_voxels.nii.gz"), field, affine)
+    io.save_volume(os.path.join(out_dir, "field_mm.nii.gz"), io.field_to_mm(field, affine), affine)
+    warped = np.asarray(warp_lib.warp(moving.data, field))
+    io.save_volume(os.path.join(out_dir, "warped.nii.gz"), warped, affine)
+
+    row: dict[str, Any] = {"pair": pair.name, "seconds": round(seconds, 3)}
+    spacing = fixed.spacing
+    for name, (mov_lab, fix_lab) in labels.items():
+        warped_lab = np.asarray(warp_lib.warp_labels(mov_lab, field))
+        io.save_volume(os.path.join(out_dir, f"warped_{name}.nii.gz"), warped_lab, affine)
+        row.update(_label_scores(f"{name}_before", fix_lab, mov_lab, spacing, hd=False))
+        row.update(_label_scores(f"{name}_after", fix_lab, warped_lab, spacing,
+                                 hd=config.metrics.hd95))
+    row.update({k: round(float(v), 4) for k, v in metrics.jacobian_stats(field).items()})
+    if pair.true_field:
+        true = _load_field(pair.true_field)
+        if true.shape != field.shape:
+            raise io.InputError(f"{pair.true_field}: true field {true.shape} does not match "
+                                f"the fixed grid {field.shape}")
+        # Scored where the anatomy is (the union of the fixed label maps), since the
+        # field is unconstrained in the air around the body.
+        mask = None
+        if labels:
+            mask = np.any([fix_lab > 0 for _, fix_lab in labels.values()], axis=0)
+        for key, estimate in (("field_error_mm_before", np.zeros_like(true)),
+                              ("field_error_mm", field)):
+            row[key] = round(float(metrics.field_error(estimate, true, mask=mask,
+                                                       spacing=spacing)), 4)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(row, f, indent=1)
+    return row
+
+
+def run_study(config: Any, workdir: str, *, progress: bool = True) -> tuple[list[dict], list[str]]:
+    """Registers every pair of the study; see the module docstring.
+
+    Args:
+      config: an ``ml_collections.ConfigDict`` as built by ``experiments/configs/breast.py``.
+      workdir: output folder (created).
+      progress: show a progress bar over pairs.
+
+    Returns:
+      ``(rows, failures)``: the metrics rows of all pairs done (now or by an earlier run),
+      and one message per pair that failed.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    _atomic_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
+    if config.pairs:
+        pairs = read_pairs(config.pairs, data_dir=config.data_dir or None)
+    elif config.data_dir:
+        pairs = read_pairs(os.path.join(config.data_dir, "pairs.csv"), data_dir=config.data_dir)
+    else:
+        csv_path = write_phantom_pairs(os.path.join(workdir, "phantom"),
+                                       tasks=tuple(config.phantom.tasks),
+                                       shape=tuple(config.phantom.shape), seed=config.phantom.seed)
+        pairs = read_pairs(csv_path)
+
+    pairs_dir = os.path.join(workdir, "pairs")
+    os.makedirs(pairs_dir, exist_ok=True)
+    rows, failures = [], []
+    iterator = pairs
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(pairs, desc="pairs", unit="pair")
+    for pair in iterator:
+        out_dir = os.path.join(pairs_dir, pair.name)
+        done = os.path.join(out_dir, "metrics.json")
+        if os.path.isfile(done):
+            with open(done) as f:
+                rows.append(json.load(f))
+            logging.info("%s: done earlier, skipped", pair.name)
+            continue
+        tmp = tempfile.mkdtemp(dir=pairs_dir, prefix=f".{pair.name}.")
+        try:
+            row = run_pair(pair, os.path.join(tmp, "out"), config=config)
+            os.replace(os.path.join(tmp, "out"), out_dir)
+            rows.append(row)
+        except (ValueError, OSError) as e:  # io.InputError is a ValueError
+            failures.append(f"{pair.name}: {e}")
+            logging.error("pair %s failed: %s", pair.name, e)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _write_summary(os.path.join(workdir, "summary.csv"), rows)
+    return rows, failures
+
+
+def _write_summary(path: str, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = [",".join(columns)]
+    lines += [",".join(str(r.get(c, "")) for c in columns) for r in rows]
+    _atomic_text(path, "\n".join(lines) + "\n")
+
+
+def format_summary(rows: list[dict]) -> str:
+    """A plain-text table of the metrics rows (Dice before/after, folding, time)."""
+    if not rows:
+        return "no pairs registered"
+    columns = list(dict.fromkeys(k for r in rows for k in r
+                                 if "hd95" not in k and not k.startswith("std_")))
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*columns)] + [fmt.format(*x) for x in cells])
