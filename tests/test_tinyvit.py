@@ -185,8 +185,10 @@ def test_wrong_architecture_raises(tmp_path):
 
 
 def test_random_init_shapes_and_dtype():
-    model = nnx.eval_shape(lambda: tinyvit.create("litemedsam", dtype=jnp.bfloat16))
-    out = jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32))
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: tinyvit.create("litemedsam", dtype=jnp.bfloat16)))
+    out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                         jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32))
     assert out["features"].shape == (1, 64, 64, 256)
     assert all(v.dtype == jnp.float32 for v in out.values())
     assert tinyvit.VARIANTS["litemedsam"].preprocessing.resize == "longest_side_pad"
