@@ -102,8 +102,43 @@ class Conv2dBN(nnx.Module):
         self.bn = nnx.BatchNorm(cout, use_running_average=True, epsilon=_BN_EPS, dtype=dtype,
                                 rngs=rngs)
 
+        self.depthwise = groups > 1 and groups == cin == cout
+        self.stride, self.pad, self.kernel = stride, pad, kernel
+        self.dtype = dtype
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.depthwise:
+            return self.bn(_depthwise_conv(x, self.c.kernel[...].astype(self.dtype),
+                                           stride=self.stride, pad=self.pad))
         return self.bn(self.c(x))
+
+
+def _depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int, pad: int) -> jax.Array:
+    """Depthwise convolution as a sum of shifted products.
+
+    Same result as ``lax.conv_general_dilated(..., feature_group_count=C)``, which XLA's
+    CPU backend runs about 10x slower (measured: 3.5 s vs 0.37 s on (4, 256, 256, 256)).
+
+    Args:
+      x: ``(B, H, W, C)``.
+      kernel: ``(kh, kw, 1, C)``.
+      stride: stride of both axes.
+      pad: zero padding on every side.
+
+    Returns:
+      ``(B, Ho, Wo, C)``.
+    """
+    kh, kw = kernel.shape[:2]
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho = (xp.shape[1] - kh) // stride + 1
+    wo = (xp.shape[2] - kw) // stride + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = xp[:, i: i + stride * (ho - 1) + 1: stride, j: j + stride * (wo - 1) + 1: stride]
+            term = tap * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
 
 
 class PatchEmbed(nnx.Module):
