@@ -37,9 +37,6 @@ __all__ = [
     "tokens_to_maps",
     "resolve_checkpoint",
     "read_checkpoint",
-    "linear_params",
-    "conv_params",
-    "norm_params",
     "rename",
     "linear_rules",
     "norm_rules",
@@ -373,29 +370,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
     for f in files:
         sd.update(read_state_dict(f))
     return sd, files[0] if len(files) == 1 else os.fspath(path)
-
-
-def linear_params(sd: Mapping[str, np.ndarray], src: str, dst: str,
-                  out: dict[str, np.ndarray]) -> None:
-    """torch ``src.weight`` (out, in) / ``src.bias`` to NNX ``dst.kernel`` / ``dst.bias``."""
-    out[f"{dst}.kernel"] = np.asarray(sd[f"{src}.weight"]).T
-    if f"{src}.bias" in sd:
-        out[f"{dst}.bias"] = np.asarray(sd[f"{src}.bias"])
-
-
-def conv_params(sd: Mapping[str, np.ndarray], src: str, dst: str,
-                out: dict[str, np.ndarray]) -> None:
-    """torch conv ``(O, I, kh, kw)`` weight to NNX ``(kh, kw, I, O)`` kernel."""
-    out[f"{dst}.kernel"] = np.asarray(sd[f"{src}.weight"]).transpose(2, 3, 1, 0)
-    if f"{src}.bias" in sd:
-        out[f"{dst}.bias"] = np.asarray(sd[f"{src}.bias"])
-
-
-def norm_params(sd: Mapping[str, np.ndarray], src: str, dst: str,
-                out: dict[str, np.ndarray]) -> None:
-    """torch LayerNorm ``weight`` / ``bias`` to NNX ``scale`` / ``bias``."""
-    out[f"{dst}.scale"] = np.asarray(sd[f"{src}.weight"])
-    out[f"{dst}.bias"] = np.asarray(sd[f"{src}.bias"])
 
 
 def rename(pattern: str, dst: str, kind: str = "copy") -> tuple[str, Callable]:
