@@ -210,3 +210,19 @@ def test_jit_bfloat16_and_layer_selection():
     assert run._cache_size() == 1
     with pytest.raises(ValueError, match="outside"):
         model(x, layers=[3])
+
+
+def test_hub_layout_swiglu(tmp_path):
+    """ViT-g's hub files store the SwiGLU as fused ``mlp.weights_in`` / ``weights_out``."""
+    hf = _hf_model(swiglu=True)
+    config = _config(hf, swiglu=True)
+    hf.save_pretrained(tmp_path / "g")
+    from jaxreg.encoders._checkpoint import read_state_dict
+
+    keys = read_state_dict(tmp_path / "g" / "model.safetensors")
+    assert "encoder.layer.0.mlp.weights_in.weight" in keys
+    x = jnp.asarray(_images(98, 98))
+    expected = _jax_model(hf, config, "dinov2_vitg14")(x)
+    got = dinov2.load("dinov2_vitg14", tmp_path / "g", config=config)(x)
+    for k in expected:
+        np.testing.assert_array_equal(expected[k], got[k], err_msg=k)
