@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["TASKS", "TISSUES", "breast_pair"]
+__all__ = ["TASKS", "TISSUES", "breast_pair", "random_field"]
 
 TASKS = ("date", "sequence", "modality", "lesion")
 """The four breast tasks of the reference paper (moving image of another date, another
@@ -119,6 +119,17 @@ def _field(rng: np.random.Generator, shape, *, amplitude: float) -> np.ndarray:
     if grads > 0.5:
         field *= 0.5 / grads
     return field.astype(np.float32)
+
+
+def random_field(shape: tuple[int, int, int], *, amplitude: float = 5.0,
+                 seed: int = 0) -> np.ndarray:
+    """A seeded smooth random displacement ``(H, W, D, 3)`` in voxels without folding.
+
+    Cubic interpolation of a coarse normal grid, scaled to a largest displacement of
+    ``amplitude`` voxels (less where that would make a derivative exceed 0.5).
+    """
+    return _field(np.random.default_rng([seed, 7]), tuple(int(s) for s in shape),
+                  amplitude=amplitude)
 
 
 def _render(labels: np.ndarray, table: np.ndarray, texture: np.ndarray) -> np.ndarray:
