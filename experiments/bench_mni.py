@@ -1,0 +1,361 @@
+r"""jaxreg beside its peers on real anatomy: MNI152 T1 with a known smooth deformation.
+
+    python -m experiments.bench_mni                      # full size, all methods
+    python -m experiments.bench_mni --downsample=4 --methods=jaxreg   # quick
+
+Data: nilearn's MNI ICBM152 2009 (sym) T1 with its GM/WM probability maps, centre-cropped
+to ``--crop`` and block-averaged by ``--downsample``. The fixed image is the T1; the
+moving image is the T1 pulled through a seeded smooth random field ``v`` (max |v| =
+``--max_disp`` voxels of the benchmark grid, no folding): ``moving(y) = fixed(y + v(y))``.
+GM/WM masks (probability > 0.5) pulled by ``v`` with nearest neighbour are the moving
+labels. The field that aligns moving back to fixed in the pull convention,
+``moving(x + w(x)) = fixed(x)``, is the inverse of ``v``: ``w(x) = -v(x + w(x))``, solved
+by fixed-point iteration; that ``w`` is the ground truth of the field error.
+
+Each method runs in its own subprocess (this script re-invoked with ``--_single``), so
+its peak resident memory is the child's own ``getrusage(RUSAGE_SELF).ru_maxrss``, read
+right after registration (before any post-processing); it includes the interpreter, the
+method's imports and the two input volumes. Metrics are computed in the parent on the
+returned field, with the same code for every method.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+import numpy as np
+
+_METHODS = flags.DEFINE_list("methods", "jaxreg,convexadam,ants",
+                             "methods to run: jaxreg, convexadam, ants")
+_CROP = flags.DEFINE_list("crop", "192,224,184", "centre crop of the 197x233x189 MNI grid")
+_DOWNSAMPLE = flags.DEFINE_integer("downsample", 1, "block-average factor after cropping")
+_MAX_DISP = flags.DEFINE_float("max_disp", 6.0, "largest synthetic displacement, in voxels of "
+                                "the full 1 mm grid (divided by --downsample)")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the synthetic field")
+_CP_SPACING = flags.DEFINE_integer("cp_spacing", 24, "control-point spacing of the field (voxels at full size)")
+_THREADS = flags.DEFINE_integer("threads", 2, "torch / ITK threads")
+_ANTS_TRANSFORM = flags.DEFINE_string("ants_transform", "SyN", "ants.registration type_of_transform")
+_ANTS_ITERS = flags.DEFINE_list("ants_reg_iterations", "40,20,0", "SyN reg_iterations (ANTs default 40,20,0)")
+_SINGLE = flags.DEFINE_string("_single", "", "internal: run one method in this process")
+_WORKDIR = flags.DEFINE_string("_workdir", "", "internal: folder shared with the parent")
+
+_TISSUES = ("gm", "wm")
+
+
+# ----------------------------------------------------------------------------- data
+
+def _mni_paths():
+    import nilearn
+    base = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
+    return {k: os.path.join(base, f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz")
+            for k in ("t1",) + _TISSUES}
+
+
+def _crop_and_downsample(vol, crop, k):
+    starts = [(s - c) // 2 for s, c in zip(vol.shape, crop)]
+    vol = vol[tuple(slice(a, a + c) for a, c in zip(starts, crop))]
+    if k > 1:
+        shape = [c // k for c in crop]
+        vol = vol[:shape[0] * k, :shape[1] * k, :shape[2] * k]
+        vol = vol.reshape(shape[0], k, shape[1], k, shape[2], k).mean(axis=(1, 3, 5))
+    return vol.astype(np.float32)
+
+
+def _cubic_upsample(coarse, shape):
+    """Separable cubic-spline interpolation of a coarse grid onto ``shape`` (end-aligned)."""
+    from scipy import ndimage
+    out = coarse
+    for c, s in zip(coarse.shape, shape):
+        pos = np.linspace(0, c - 1, s)[None]
+        mat = np.stack([ndimage.map_coordinates(np.eye(c)[i], pos, order=3, mode="mirror")
+                        for i in range(c)], axis=1)  # (s, c)
+        out = np.tensordot(out, mat, axes=([0], [1]))  # consumed axis goes last
+    return out
+
+
+def smooth_field(shape, *, max_disp, spacing, seed):
+    """Seeded smooth random displacement (H, W, D, 3), max |v| = max_disp voxels."""
+    rng = np.random.default_rng([seed, 2009])
+    coarse = tuple(max(4, int(round(s / spacing)) + 1) for s in shape)
+    v = np.stack([_cubic_upsample(rng.standard_normal(coarse), shape) for _ in range(3)], -1)
+    v *= max_disp / np.linalg.norm(v, axis=-1).max()
+    # Keep it invertible with margin (no folding): largest derivative at most 0.5.
+    grad = max(np.abs(np.gradient(v[..., i], axis=j)).max() for i in range(3) for j in range(3))
+    if grad > 0.5:
+        v *= 0.5 / grad
+    return v.astype(np.float32)
+
+
+def _det_jacobian(u):
+    grads = [np.gradient(u[..., i]) for i in range(3)]  # grads[i][j] = d u_i / d x_j
+    j = np.empty(u.shape[:3] + (3, 3), np.float32)
+    for a in range(3):
+        for b in range(3):
+            j[..., a, b] = grads[a][b] + (a == b)
+    return np.linalg.det(j)
+
+
+def make_pair(crop, k, max_disp, cp_spacing, seed):
+    import jax
+    import jax.numpy as jnp
+    import nibabel as nib
+    from jaxreg import warp as warp_lib
+
+    paths = _mni_paths()
+    vols = {n: _crop_and_downsample(np.asarray(nib.load(p).dataobj, np.float32), crop, k)
+            for n, p in paths.items()}
+    fixed = vols["t1"]
+    shape = fixed.shape
+    v = smooth_field(shape, max_disp=max_disp / k, spacing=max(2.0, cp_spacing / k), seed=seed)
+    v_det_min = float(_det_jacobian(v).min())
+    moving = np.asarray(warp_lib.warp(fixed, v, mode="edge"))
+    labels_fixed = {t: (vols[t] > 127.5).astype(np.uint8) for t in _TISSUES}
+    labels_moving = {t: np.asarray(warp_lib.warp_labels(labels_fixed[t], v)) for t in _TISSUES}
+    # True aligning field: moving(x + w) = fixed(x)  <=>  w(x) = -v(x + w(x)).
+    @jax.jit
+    def invert(vj):
+        step = lambda _, w: -warp_lib.warp(vj, w, mode="edge")
+        w = jax.lax.fori_loop(0, 20, step, -vj)
+        return w, jnp.abs(w + warp_lib.warp(vj, w, mode="edge")).max()
+
+    w, residual = invert(jnp.asarray(v))
+    residual = float(residual)
+    brain = fixed > 0.01 * fixed.max()
+    return dict(fixed=fixed, moving=moving, v=v, true=np.asarray(w), brain=brain,
+                v_det_min=v_det_min, v_max=float(np.linalg.norm(v, axis=-1).max()), inv_residual=residual,
+                **{f"{t}_fixed": labels_fixed[t] for t in _TISSUES},
+                **{f"{t}_moving": labels_moving[t] for t in _TISSUES})
+
+
+# ----------------------------------------------------------------------------- methods
+# Each runs inside its own child process; returns (field, timings dict).
+
+def _maxrss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def run_jaxreg(fixed, moving, threads):
+    import jax
+    from jaxreg import solver
+
+    t = time.perf_counter()
+    u = jax.block_until_ready(solver.register_mind(fixed, moving))
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    u = jax.block_until_ready(solver.register_mind(fixed, moving))
+    second = time.perf_counter() - t
+    rss = _maxrss_mb()
+    return np.asarray(u, np.float32), dict(time=second, first_call=first, rss_mb=rss)
+
+
+def run_convexadam(fixed, moving, threads):
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    disp = convex_adam_pt(img_fixed=fixed, img_moving=moving, device=torch.device("cpu"))
+    elapsed = time.perf_counter() - t
+    rss = _maxrss_mb()
+    return np.asarray(disp, np.float32), dict(time=elapsed, rss_mb=rss)
+
+
+def run_ants(fixed, moving, threads, transform="SyN", reg_iterations=(40, 20, 0)):
+    import ants
+
+    f = ants.from_numpy(fixed)
+    m = ants.from_numpy(moving)
+    t = time.perf_counter()
+    reg = ants.registration(f, m, transform, reg_iterations=tuple(reg_iterations))
+    elapsed = time.perf_counter() - t
+    rss = _maxrss_mb()
+    # Displacement field: push the moving grid's physical coordinates through the forward
+    # transforms onto the fixed grid (identity direction, unit spacing, zero origin, so
+    # physical = voxel index). The coordinate images are padded so that points mapped just
+    # outside the volume still read their true coordinate.
+    pad = 16
+    shape = np.array(moving.shape) + 2 * pad
+    idx = np.meshgrid(*[np.arange(s, dtype=np.float32) - pad for s in shape], indexing="ij")
+    u = np.empty(fixed.shape + (3,), np.float32)
+    grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in fixed.shape], indexing="ij")
+    for a in range(3):
+        coord = ants.from_numpy(idx[a], origin=(-float(pad),) * 3, spacing=(1.0, 1.0, 1.0))
+        mapped = ants.apply_transforms(f, coord, reg["fwdtransforms"], interpolator="linear")
+        u[..., a] = mapped.numpy() - grid[a]
+    return u, dict(time=elapsed, rss_mb=rss)
+
+
+def single(method, workdir):
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(_THREADS.value))
+    data = np.load(os.path.join(workdir, "pair.npz"))
+    fixed, moving = data["fixed"], data["moving"]
+    load_avg = os.getloadavg()[0]
+    if method == "jaxreg":
+        u, info = run_jaxreg(fixed, moving, _THREADS.value)
+    elif method == "convexadam":
+        u, info = run_convexadam(fixed, moving, _THREADS.value)
+    elif method == "ants":
+        u, info = run_ants(fixed, moving, _THREADS.value, _ANTS_TRANSFORM.value,
+                           [int(i) for i in _ANTS_ITERS.value])
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    info["load_before"] = load_avg
+    info["load_after"] = os.getloadavg()[0]
+    np.save(os.path.join(workdir, f"{method}_field.npy"), u)
+    with open(os.path.join(workdir, f"{method}.json"), "w") as fh:
+        json.dump(info, fh)
+
+
+# ----------------------------------------------------------------------------- parent
+
+def _machine_line():
+    import jax
+    import torch
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    vers = [f"jax {jax.__version__}", f"torch {torch.__version__}"]
+    for mod, name in (("convexAdam", "convexadam"), ("ants", "antspyx")):
+        try:
+            from importlib import metadata
+            vers.append(f"{name} {metadata.version(name)}")
+        except Exception:  # noqa: BLE001
+            pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (f"machine: nproc={os.cpu_count()} cpu='{cpu}' {', '.join(vers)} "
+            f"python {platform.python_version()} | {now} | load avg {load}")
+
+
+def _scores(u, pair):
+    from jaxreg import metrics, warp as warp_lib
+
+    out = {}
+    for t in _TISSUES:
+        warped = np.asarray(warp_lib.warp_labels(pair[f"{t}_moving"], u))
+        out[t] = metrics.dice(warped, pair[f"{t}_fixed"], labels=[1])[1]
+    out["fold"] = metrics.jacobian_stats(u)["folding_percent"]
+    out["ferr"] = metrics.field_error(u, pair["true"], mask=pair["brain"])
+    return out
+
+
+def _convention_check(u, pair):
+    """Intensity MSE (brain) of the moving image warped by u and by two wrong readings."""
+    from jaxreg import warp as warp_lib
+    mask = pair["brain"]
+    res = {}
+    for name, cand in (("as-is", u), ("negated", -u), ("axes-reversed", u[..., ::-1])):
+        w = np.asarray(warp_lib.warp(pair["moving"], np.ascontiguousarray(cand), mode="edge"))
+        res[name] = float(np.mean((w - pair["fixed"])[mask] ** 2))
+    return res
+
+
+def benchmark(methods, crop, downsample, max_disp, cp_spacing, seed):
+    cmd = " ".join(["python -m experiments.bench_mni"] + [shlex.quote(a) for a in sys.argv[1:]])
+    print(f"command: {cmd}")
+    print(_machine_line())
+    t = time.perf_counter()
+    pair = make_pair(crop, downsample, max_disp, cp_spacing, seed)
+    shape = pair["fixed"].shape
+    print(f"data: nilearn MNI152 2009 sym T1 + GM/WM maps, crop {tuple(crop)}, downsample "
+          f"{downsample} -> grid {shape}; moving = T1 pulled by a seeded smooth random field v "
+          f"(seed {seed}, control points every {cp_spacing / downsample:.0f} voxels, cubic, "
+          f"max |v| = {pair['v_max']:.2f} voxels of this grid (asked {max_disp} at 1 mm), "
+          f"min det J(v) = {pair['v_det_min']:.3f})")
+    print(f"truth: aligning field w = inverse of v by 20 fixed-point iterations "
+          f"w(x) = -v(x + w(x)) (max residual {pair['inv_residual']:.2e} voxels); "
+          f"field error = mean |u - w| in voxels over the brain mask "
+          f"({int(pair['brain'].sum())} voxels, T1 > 1% of max); pair built in "
+          f"{time.perf_counter() - t:.1f} s")
+    print(f"memory: peak RSS = each method's own child process "
+          f"getrusage(RUSAGE_SELF).ru_maxrss right after registration "
+          f"(includes interpreter, imports, inputs); threads: torch/ITK {_THREADS.value}, "
+          f"XLA default (all {os.cpu_count()} cores)")
+    sys.stdout.flush()
+
+    rows = [("identity (before)", dict(time=float("nan"), rss_mb=float("nan")),
+             _scores(np.zeros(shape + (3,), np.float32), pair))]
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="bench_mni_") as workdir:
+        np.savez(os.path.join(workdir, "pair.npz"), fixed=pair["fixed"], moving=pair["moving"])
+        passthrough = [f"--threads={_THREADS.value}", f"--ants_transform={_ANTS_TRANSFORM.value}",
+                       f"--ants_reg_iterations={','.join(_ANTS_ITERS.value)}"]
+        for method in methods:
+            env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(_THREADS.value),
+                       OMP_NUM_THREADS=str(_THREADS.value))
+            t = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-m", "experiments.bench_mni", f"--_single={method}",
+                 f"--_workdir={workdir}", *passthrough],
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if proc.returncode != 0:
+                print(f"[{method}] FAILED (rc {proc.returncode}) after {wall:.0f} s:\n"
+                      f"{proc.stderr[-3000:]}")
+                continue
+            with open(os.path.join(workdir, f"{method}.json")) as fh:
+                info = json.load(fh)
+            u = np.load(os.path.join(workdir, f"{method}_field.npy"))
+            check = _convention_check(u, pair)
+            best = min(check, key=check.get)
+            notes.append(f"[{method}] convention check, intensity MSE in brain after warping "
+                         f"moving by the field read " + ", ".join(
+                             f"{k}: {v:.2f}" for k, v in check.items())
+                         + ("" if best == "as-is" else f"  <-- MISMATCH: {best} fits better")
+                         + f"; load avg {info['load_before']:.2f} -> {info['load_after']:.2f}"
+                         + f"; child process total {wall:.0f} s")
+            label = method
+            if method == "ants":
+                label = f"ants {_ANTS_TRANSFORM.value} it={'x'.join(_ANTS_ITERS.value)}"
+            rows.append((label, info, _scores(u, pair)))
+            print(f"[{method}] done in {info['time']:.1f} s", flush=True)
+
+    base = rows[0][2]
+    print()
+    header = (f"{'method':<26}{'time s':>9}{'1st call s':>11}{'GM Dice':>16}{'WM Dice':>16}"
+              f"{'fold %':>8}{'field err vx':>13}{'peak RSS MB':>12}")
+    print(header)
+    print("-" * len(header))
+    for name, info, s in rows:
+        first = info.get("first_call")
+        print(f"{name:<26}{info['time']:>9.1f}{(f'{first:.1f}' if first else '-'):>11}"
+              f"{base['gm']:>8.3f}->{s['gm']:.3f}{base['wm']:>8.3f}->{s['wm']:.3f}"
+              f"{s['fold']:>8.3f}{s['ferr']:>13.3f}{info['rss_mb']:>12.0f}")
+    print()
+    print("time s = registration only (jaxreg: second call on the same shape; 1st call "
+          "includes compilation); ANTs field = its forward transforms (affine + SyN warp) "
+          "sampled on the fixed grid.")
+    for n in notes:
+        print(n)
+    print(f"end: load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def main(argv):
+    del argv
+    if _SINGLE.value:
+        single(_SINGLE.value, _WORKDIR.value)
+        return
+    benchmark([m.strip() for m in _METHODS.value if m.strip()],
+              [int(c) for c in _CROP.value], _DOWNSAMPLE.value, _MAX_DISP.value,
+              _CP_SPACING.value, _SEED.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
