@@ -2,7 +2,7 @@
 
 The pieces, each a module of its own name:
 
-* :mod:`jaxreg.warp`: identity grid, warping (pull, trilinear; nearest for labels),
+* :mod:`jaxreg.warping`: identity grid, warping (pull, trilinear; nearest for labels),
   composition and resizing of voxel displacement fields ``(H, W, D, 3)``;
 * :mod:`jaxreg.losses` and :mod:`jaxreg.regularisers`: similarity losses, diffusion and
   bending regularisers, Jacobian determinant;
@@ -44,11 +44,11 @@ from jaxreg.solver import coarse_stage
 from jaxreg.solver import convex_adam
 from jaxreg.solver import fine_stage
 from jaxreg.solver import register_mind
-from jaxreg.warp import compose
-from jaxreg.warp import identity_grid
-from jaxreg.warp import resize_field
-from jaxreg.warp import warp
-from jaxreg.warp import warp_labels
+from jaxreg.warping import compose
+from jaxreg.warping import identity_grid
+from jaxreg.warping import resize_field
+from jaxreg.warping import warp
+from jaxreg.warping import warp_labels
 
 __version__ = "0.1.0"
 

@@ -37,7 +37,7 @@ from jaxreg import io
 from jaxreg import metrics
 from jaxreg import phantom
 from jaxreg import solver
-from jaxreg import warp as warp_lib
+from jaxreg import warping as warp_lib
 
 __all__ = ["Pair", "read_pairs", "write_phantom_pairs", "register_volumes",
            "run_pair", "run_study", "format_summary"]

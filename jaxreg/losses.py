@@ -3,7 +3,7 @@
 Each takes ``(H, W, D)`` or channels-last ``(H, W, D, C)`` volumes and an optional
 ``mask`` ``(H, W, D)`` of weights (1 inside, 0 outside: padding, background), and
 returns a scalar. Compose them freely with :mod:`jaxreg.regularisers` and
-:func:`jaxreg.warp.warp`::
+:func:`jaxreg.warping.warp`::
 
     loss = ssd(warp(moving, u), fixed) + 2.0 * diffusion(u)
 """

@@ -6,7 +6,7 @@ based 3D multitask medical image registration", IEEE TMI 2024.
 Everything works on one pair of channels-last feature volumes ``(H, W, D, C)`` on the same
 voxel grid (MIND-SSC, or PCA-reduced foundation-model features) and returns a voxel
 displacement field ``(H, W, D, 3)`` in jaxreg's pull convention
-(``warped(x) = moving(x + u(x))``, see :mod:`jaxreg.warp`). Batch pairs with
+(``warped(x) = moving(x + u(x))``, see :mod:`jaxreg.warping`). Batch pairs with
 ``jax.vmap``; settings are a frozen (hashable) :class:`ConvexAdamConfig`, static under
 ``jax.jit``, so one compilation serves every pair of one shape.
 
@@ -33,7 +33,7 @@ from jaxreg import filters
 from jaxreg import losses
 from jaxreg import mind
 from jaxreg import regularisers
-from jaxreg import warp as warp_lib
+from jaxreg import warping as warp_lib
 
 __all__ = [
     "ConvexAdamConfig",

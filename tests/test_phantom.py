@@ -133,8 +133,8 @@ def test_bad_arguments():
 
 
 def test_true_field_agrees_with_jaxreg_warp():
-    # The phantom's pull convention is the one jaxreg.warp implements.
-    from jaxreg import warp
+    # The phantom's pull convention is the one jaxreg.warping implements.
+    from jaxreg import warping as warp
 
     pair = _pair("date")
     warped = np.asarray(warp.warp_labels(pair["moving_fgt"], pair["true_field"]))

@@ -10,7 +10,7 @@ from jaxreg import metrics
 from jaxreg import mind
 from jaxreg import phantom
 from jaxreg import solver
-from jaxreg import warp as W
+from jaxreg import warping as W
 
 FAST = solver.ConvexAdamConfig(iterations=5)
 

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from jaxreg import filters
-from jaxreg import warp as W
+from jaxreg import warping as W
 
 
 def _case(seed=0, shape=(9, 10, 11), channels=None, scale=3.0):
