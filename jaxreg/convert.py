@@ -8,9 +8,16 @@
 The parameters are checked strictly against the named variant before anything is
 written: every missing, unexpected or mis-shaped tensor is reported and nothing is saved.
 
+    python -m jaxreg.convert --encoder dinov2_vitl14_reg \\
+        --input dinov2_vitl14_reg4_pretrain.pth --output dinov2_vitl14_reg.safetensors
+
+``--input`` may be a file, a Hugging Face model folder or an offline Hugging Face cache
+folder (``models--org--name``).
+
 An encoder family is one row of :data:`FAMILIES`: its module must expose ``VARIANTS``
 (variant name -> ``EncoderSpec``) and ``create(name, *, dtype, rngs)``, and the row names
-the module's converter ``state dict -> flat jaxreg params``.
+the module's converter, ``state dict -> flat jaxreg params`` or, where the layout depends
+on the variant, ``(state dict, variant name) -> params``.
 """
 
 from __future__ import annotations
@@ -25,20 +32,24 @@ import numpy as np
 
 __all__ = ["FAMILIES", "convert", "main"]
 
-# family -> (module, name of its converter function)
-FAMILIES: dict[str, tuple[str, str]] = {
-    "sam": ("jaxreg.encoders.sam", "convert_sam_state_dict"),
-    "tinyvit": ("jaxreg.encoders.tinyvit", "convert_tinyvit_state_dict"),
+# family -> (module, name of its converter function, whether it takes the variant name)
+FAMILIES: dict[str, tuple[str, str, bool]] = {
+    "sam": ("jaxreg.encoders.sam", "convert_sam_state_dict", False),
+    "tinyvit": ("jaxreg.encoders.tinyvit", "convert_tinyvit_state_dict", False),
+    "dinov2": ("jaxreg.encoders.dinov2", "convert_state_dict", True),
+    "dinov3": ("jaxreg.encoders.dinov3", "convert_state_dict", True),
+    "clip": ("jaxreg.encoders.clip", "convert_state_dict", True),
 }
 
 
 def _family_of(encoder: str):
     """(module, converter) of the family whose ``VARIANTS`` holds ``encoder``."""
     known = []
-    for module_name, fn_name in FAMILIES.values():
+    for module_name, fn_name, takes_name in FAMILIES.values():
         module = importlib.import_module(module_name)
         if encoder in module.VARIANTS:
-            return module, getattr(module, fn_name)
+            fn = getattr(module, fn_name)
+            return module, (lambda sd: fn(sd, encoder)) if takes_name else fn
         known.extend(module.VARIANTS)
     raise ValueError(f"unknown encoder {encoder!r}; known: {', '.join(sorted(known))}")
 
@@ -62,12 +73,14 @@ def convert(encoder: str, input_path: str | os.PathLike,
     from flax import nnx
 
     from jaxreg.encoders import _checkpoint
+    from jaxreg.encoders import vit
 
     module, converter = _family_of(encoder)
     converter: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
-    params = converter(_checkpoint.read_state_dict(input_path))
+    state_dict, source = vit.read_checkpoint(input_path)
+    params = converter(state_dict)
     model = nnx.eval_shape(lambda: module.create(encoder, rngs=nnx.Rngs(0)))
-    _checkpoint.assign_params(model, params, source=os.fspath(input_path))  # strict check
+    _checkpoint.assign_params(model, params, source=source)  # strict check
     _checkpoint.write_safetensors(params, output_path)
     return params
 

@@ -182,6 +182,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.
     Raises:
       CheckpointError: no CLIP vision tower in ``sd``.
     """
+    if vit.is_converted(sd):  # written by python -m jaxreg.convert
+        return dict(sd)
     if name not in VARIANTS:
         raise ValueError(f"{name!r}: not a CLIP variant; expected one of {sorted(VARIANTS)}")
     if "vision_model.embeddings.patch_embedding.weight" in sd:

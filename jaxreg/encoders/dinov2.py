@@ -223,6 +223,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.
     Raises:
       CheckpointError: ``sd`` is neither layout.
     """
+    if vit.is_converted(sd):  # written by python -m jaxreg.convert
+        return dict(sd)
     if name not in VARIANTS:
         raise ValueError(f"{name!r}: not a DINOv2 variant; expected one of {sorted(VARIANTS)}")
     for prefix in ("dinov2.", "dinov2_with_registers."):

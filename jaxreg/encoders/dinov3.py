@@ -193,6 +193,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.
     Raises:
       CheckpointError: ``sd`` is not a DINOv3 ViT state dict.
     """
+    if vit.is_converted(sd):  # written by python -m jaxreg.convert
+        return dict(sd)
     if name not in VARIANTS:
         raise ValueError(f"{name!r}: not a DINOv3 variant; expected one of {sorted(VARIANTS)}")
     if "embeddings.patch_embeddings.weight" not in sd:

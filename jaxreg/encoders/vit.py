@@ -359,6 +359,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> list[str]:
         "pytorch_model.bin (nor a Hugging Face cache folder with snapshots/*/ holding one)")
 
 
+def is_converted(sd: Mapping[str, np.ndarray]) -> bool:
+    """Whether a state dict is already in jaxreg's names (as ``python -m jaxreg.convert``
+    writes them: Flax ``kernel``/``scale``, never PyTorch's ``weight``)."""
+    return (any(k.endswith(".kernel") for k in sd)
+            and not any(k.endswith(".weight") for k in sd))
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
     """Reads every file :func:`resolve_checkpoint` finds into one state dict.
 

@@ -1,0 +1,36 @@
+"""The converter command writes safetensors that load like the original checkpoint."""
+
+import numpy as np
+import pytest
+
+from jaxreg import convert
+from jaxreg.encoders import dinov2
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def test_convert_hf_folder_for_a_vit_family(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518,
+        patch_size=14))
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "vits14.safetensors"
+    assert convert.main(["--encoder", "dinov2_vits14", "--input", str(tmp_path / "hf"),
+                         "--output", str(out)]) == 0
+    x = np.random.default_rng(0).normal(size=(1, 56, 70, 3)).astype(np.float32)
+    from_folder = dinov2.load("dinov2_vits14", tmp_path / "hf")(x)["features"]
+    from_converted = dinov2.load("dinov2_vits14", out)(x)["features"]
+    np.testing.assert_array_equal(np.asarray(from_folder), np.asarray(from_converted))
+
+
+def test_convert_refuses_a_mismatched_checkpoint_and_writes_nothing(tmp_path, capsys):
+    torch.manual_seed(0)
+    hf = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=98, patch_size=14))
+    hf.save_pretrained(tmp_path / "small")
+    out = tmp_path / "x.safetensors"
+    assert convert.main(["--encoder", "dinov2_vits14", "--input", str(tmp_path / "small"),
+                         "--output", str(out)]) == 1
+    assert "mis-shaped" in capsys.readouterr().err and not out.exists()
