@@ -13,7 +13,7 @@ labels. The field that aligns moving back to fixed in the pull convention,
 by fixed-point iteration; that ``w`` is the ground truth of the field error.
 
 Each method runs in its own subprocess (this script re-invoked with ``--_single``), so
-its peak resident memory is the child's own ``getrusage(RUSAGE_SELF).ru_maxrss``, read
+its peak resident memory is the child's own peak (``/proc/self/status`` VmHWM), read
 right after registration (before any post-processing); it includes the interpreter, the
 method's imports and the two input volumes. Metrics are computed in the parent on the
 returned field, with the same code for every method.
@@ -109,7 +109,7 @@ def make_pair(crop, k, max_disp, cp_spacing, seed):
     import jax
     import jax.numpy as jnp
     import nibabel as nib
-    from jaxreg import warp as warp_lib
+    from jaxreg import warping as warp_lib
 
     paths = _mni_paths()
     vols = {n: _crop_and_downsample(np.asarray(nib.load(p).dataobj, np.float32), crop, k)
@@ -141,7 +141,20 @@ def make_pair(crop, k, max_disp, cp_spacing, seed):
 # Each runs inside its own child process; returns (field, timings dict).
 
 def _maxrss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    """Peak resident memory of this process image, MiB.
+
+    /proc/self/status VmHWM (reset at exec). Not getrusage(RUSAGE_SELF).ru_maxrss: Linux
+    keeps that across fork + exec, so a child started from the big parent inherits the
+    parent's peak (measured here: every child then read about the parent's size).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_jaxreg(fixed, moving, threads):
@@ -244,7 +257,7 @@ def _machine_line():
 
 
 def _scores(u, pair):
-    from jaxreg import metrics, warp as warp_lib
+    from jaxreg import metrics, warping as warp_lib
 
     out = {}
     for t in _TISSUES:
@@ -257,7 +270,7 @@ def _scores(u, pair):
 
 def _convention_check(u, pair):
     """Intensity MSE (brain) of the moving image warped by u and by two wrong readings."""
-    from jaxreg import warp as warp_lib
+    from jaxreg import warping as warp_lib
     mask = pair["brain"]
     res = {}
     for name, cand in (("as-is", u), ("negated", -u), ("axes-reversed", u[..., ::-1])):
@@ -283,8 +296,8 @@ def benchmark(methods, crop, downsample, max_disp, cp_spacing, seed):
           f"field error = mean |u - w| in voxels over the brain mask "
           f"({int(pair['brain'].sum())} voxels, T1 > 1% of max); pair built in "
           f"{time.perf_counter() - t:.1f} s")
-    print(f"memory: peak RSS = each method's own child process "
-          f"getrusage(RUSAGE_SELF).ru_maxrss right after registration "
+    print(f"memory: peak RSS = each method's own child process VmHWM (/proc/self/status; "
+          f"ru_maxrss would include the parent's peak, inherited across fork+exec) right after registration "
           f"(includes interpreter, imports, inputs); threads: torch/ITK {_THREADS.value}, "
           f"XLA default (all {os.cpu_count()} cores)")
     sys.stdout.flush()
@@ -336,7 +349,7 @@ def benchmark(methods, crop, downsample, max_disp, cp_spacing, seed):
     for name, info, s in rows:
         first = info.get("first_call")
         print(f"{name:<26}{info['time']:>9.1f}{(f'{first:.1f}' if first else '-'):>11}"
-              f"{base['gm']:>8.3f}->{s['gm']:.3f}{base['wm']:>8.3f}->{s['wm']:.3f}"
+              f"{base['gm']:>7.4f}->{s['gm']:.4f}{base['wm']:>7.4f}->{s['wm']:.4f}"
               f"{s['fold']:>8.3f}{s['ferr']:>13.3f}{info['rss_mb']:>12.0f}")
     print()
     print("time s = registration only (jaxreg: second call on the same shape; 1st call "
