@@ -60,10 +60,10 @@ def avg_pool(x: ArrayLike, factor: int) -> jax.Array:
     squeeze = x.ndim == 3
     if squeeze:
         x = x[..., None]
-    h, w, d, c = x.shape
-    h2, w2, d2 = h // factor, w // factor, d // factor
-    x = x[: h2 * factor, : w2 * factor, : d2 * factor]
-    x = x.reshape(h2, factor, w2, factor, d2, factor, c).mean(axis=(1, 3, 5))
+    window = (factor, factor, factor, 1)
+    # reduce_window reads the input in place; slicing off the remainder first would copy it.
+    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "VALID")
+    x = total / factor**3
     return x[..., 0] if squeeze else x
 
 

@@ -38,15 +38,6 @@ def _pairs() -> tuple[np.ndarray, np.ndarray]:
 _FIRST, _SECOND = _pairs()
 
 
-def _shift(img: jax.Array, offset: np.ndarray) -> jax.Array:
-    """``img[clamp(x + offset)]`` with the border repeated."""
-    pad = int(np.max(np.abs(offset)))
-    padded = jnp.pad(img, pad, mode="edge")
-    h, w, d = img.shape
-    o = offset + pad
-    return padded[o[0]:o[0] + h, o[1]:o[1] + w, o[2]:o[2] + d]
-
-
 def mind_ssc(image: ArrayLike, *, radius: int = 1, dilation: int = 2) -> jax.Array:
     """MIND-SSC features of a 3D image.
 
@@ -65,13 +56,20 @@ def mind_ssc(image: ArrayLike, *, radius: int = 1, dilation: int = 2) -> jax.Arr
     img = jnp.asarray(image, jnp.float32)
     if img.ndim != 3:
         raise ValueError(f"mind_ssc: image must be (H, W, D), got {img.shape}")
-    channels = [
-        (_shift(img, a * dilation) - _shift(img, b * dilation)) ** 2
-        for a, b in zip(_FIRST, _SECOND)
-    ]
-    ssd = filters.box_filter(jnp.stack(channels, axis=-1), 2 * radius + 1, mode="edge")
-    mind = ssd - jnp.min(ssd, axis=-1, keepdims=True)
-    var = jnp.mean(mind, axis=-1, keepdims=True)
+    # One channel at a time (lax.map), so that only the 12 patch distances and the
+    # output are ever held: stacking all shifted differences first took 8x the output.
+    pad = int(np.max(np.abs(np.concatenate([_FIRST, _SECOND])))) * dilation
+    padded = jnp.pad(img, pad, mode="edge")
+    starts = jnp.asarray(np.stack([_FIRST, _SECOND], axis=1) * dilation + pad, jnp.int32)
+
+    def patch_distance(start):  # start: (2, 3) offsets into ``padded``
+        a = jax.lax.dynamic_slice(padded, start[0], img.shape)
+        b = jax.lax.dynamic_slice(padded, start[1], img.shape)
+        return filters.box_filter((a - b) ** 2, 2 * radius + 1, mode="edge")
+
+    ssd = jax.lax.map(patch_distance, starts)  # (12, H, W, D)
+    mind = ssd - jnp.min(ssd, axis=0)
+    var = jnp.mean(mind, axis=0)
     mean_var = jnp.mean(var)
     var = jnp.clip(var, mean_var * 0.001, mean_var * 1000.0)
-    return jnp.exp(-mind / var)
+    return jnp.moveaxis(jnp.exp(-mind / var), 0, -1)

@@ -139,7 +139,9 @@ def coupled_convex(cost: ArrayLike, *, disp_hw: int,
 
     soft = smooth_choice(jnp.argmin(cost, axis=0))
     for coeff in coupling:
-        penalty = jnp.sum((mesh[:, None, None, None, :] - soft[None]) ** 2, axis=-1)
+        # Written per axis so that no (K, h, w, d, 3) array is formed: XLA fuses the
+        # sum into the argmin.
+        penalty = sum((mesh[:, a, None, None, None] - soft[None, ..., a]) ** 2 for a in range(3))
         soft = smooth_choice(jnp.argmin(cost + coeff * penalty, axis=0))
     return soft
 
