@@ -126,8 +126,14 @@ def test_clip_model_layout_round_trip_and_errors(tmp_path):
             np.testing.assert_array_equal(expected[k], got[k], err_msg=k)
     with pytest.raises(CheckpointError, match="mis-shaped"):
         clip.load("clip_vitb16", tmp_path / "vision")
-    with pytest.raises(CheckpointError, match="not a CLIP vision"):
+    # A file written by `python -m jaxreg.convert` loads as is, and is checked like any other.
+    got = clip.load("clip_vitb16", tmp_path / "converted.safetensors", config=config)(x)
+    np.testing.assert_array_equal(expected["features"], got["features"])
+    with pytest.raises(CheckpointError, match="mis-shaped"):
         clip.load("clip_vitb16", tmp_path / "converted.safetensors")
+    write_safetensors({"encoder.layer.0.weight": np.zeros(3, np.float32)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="not a CLIP vision"):
+        clip.load("clip_vitb16", tmp_path / "other.safetensors")
     data = (tmp_path / "vision" / "model.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match="not a readable"):
