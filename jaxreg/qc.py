@@ -1,0 +1,145 @@
+"""Quality-control pictures of a registration, written as one PNG.
+
+Uses ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot, no change to
+matplotlib's backend or ``rcParams``, so it is safe in library code and in threads.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import numpy as np
+from jax.typing import ArrayLike
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from jaxreg.regularisers import jacobian_determinant
+
+__all__ = ["save_qc_png"]
+
+_PANEL_IN = 2.2  # inches per panel
+_TILE = 8  # checkerboard tile, voxels
+
+
+def _robust(x: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> np.ndarray:
+    """Min-max scaled to [0, 1] between the ``lo`` / ``hi`` percentiles."""
+    a, b = np.percentile(x, [lo, hi])
+    if b <= a:
+        a, b = float(x.min()), float(x.max())
+    return np.clip((x - a) / max(b - a, 1e-12), 0.0, 1.0)
+
+
+def _plane(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The plane ``axis = index``, transposed so rows are the last remaining axis."""
+    return np.take(vol, index, axis=axis).swapaxes(0, 1)
+
+
+def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: ArrayLike,
+                field: ArrayLike, features: Optional[ArrayLike] = None,
+                slices: Optional[Sequence[int]] = None,
+                spacing: Optional[Sequence[float]] = None,
+                title: Optional[str] = None) -> str:
+    """Writes a QC figure of one registration to ``path`` (PNG, atomically).
+
+    One row per view: the planes ``i = slices[0]``, ``j = slices[1]`` and ``k = slices[2]``
+    of the ``(H, W, D)`` = ``(i, j, k)`` grid. In each panel the first remaining axis runs
+    left to right and the second bottom to top (``origin='lower'``): row 1 shows ``j``
+    horizontally and ``k`` vertically, row 2 ``i`` / ``k``, row 3 ``i`` / ``j``.
+    Columns: fixed, moving, warped, a checkerboard of fixed and warped (8-voxel tiles,
+    each robustly normalised), ``|warped - fixed|``, the features as RGB (if given) and
+    the Jacobian determinant of ``x -> x + field(x)`` (``RdBu_r``, 0 to 2, centred on 1;
+    the title gives the % of voxels with ``det <= 0`` in the whole volume).
+
+    Args:
+      path: the PNG to write; its folder must exist. Written to a temporary file in the
+        same folder, then renamed, so readers never see a partial file.
+      fixed, moving, warped: ``(H, W, D)`` volumes on one grid (``warped`` is ``moving``
+        pulled by ``field``, see :func:`jaxreg.warping.warp`).
+      field: ``(H, W, D, 3)`` displacement in voxels.
+      features: optional ``(H, W, D, C)`` features (e.g. PCA of the fixed image); the
+        first 3 channels are shown as RGB, each scaled by its 1 / 99 percentiles, with
+        zero channels added if ``C < 3``.
+      slices: ``(i, j, k)`` of the three planes; default the volume centre.
+      spacing: voxel sizes in mm along ``(i, j, k)`` for the panels' aspect; default 1.
+      title: optional figure title.
+
+    Returns:
+      ``path``.
+
+    Raises:
+      ValueError: if the shapes disagree or a slice is outside the volume.
+    """
+    fixed, moving, warped = (np.asarray(v, np.float32) for v in (fixed, moving, warped))
+    field = np.asarray(field, np.float32)
+    if fixed.ndim != 3:
+        raise ValueError(f"fixed must be (H, W, D), got {fixed.shape}")
+    shape = fixed.shape
+    for name, v in (("moving", moving), ("warped", warped)):
+        if v.shape != shape:
+            raise ValueError(f"{name} shape {v.shape} does not match fixed {shape}")
+    if field.shape != shape + (3,):
+        raise ValueError(f"field shape {field.shape} does not match fixed {shape} (+ (3,))")
+    if features is not None:
+        features = np.asarray(features, np.float32)
+        if features.ndim != 4 or features.shape[:3] != shape:
+            raise ValueError(
+                f"features shape {features.shape} does not match fixed {shape} (+ (C,))")
+        rgb = np.zeros(shape + (3,), np.float32)
+        for c in range(min(3, features.shape[-1])):
+            rgb[..., c] = _robust(features[..., c])
+    slices = tuple(s // 2 for s in shape) if slices is None else tuple(int(s) for s in slices)
+    if len(slices) != 3 or not all(0 <= s < n for s, n in zip(slices, shape)):
+        raise ValueError(f"slices {slices} must be 3 indices inside {shape}")
+    spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
+    if len(spacing) != 3:
+        raise ValueError(f"spacing must have 3 values, got {spacing}")
+
+    f01, w01 = _robust(fixed), _robust(warped)
+    tiles = (np.indices(shape) // _TILE).sum(axis=0) % 2 == 0
+    diff = np.abs(warped - fixed)
+    jac = np.asarray(jacobian_determinant(field))
+    folding = 100.0 * float(np.mean(jac <= 0))
+    gray = dict(cmap="gray", vmin=0.0, vmax=1.0)
+    columns = [("fixed", _robust(fixed), gray), ("moving", _robust(moving), gray),
+               ("warped", w01, gray), ("checkerboard", np.where(tiles, f01, w01), gray),
+               ("|warped - fixed|", diff,
+                dict(cmap="magma", vmin=0.0, vmax=max(float(np.percentile(diff, 99)), 1e-6)))]
+    if features is not None:
+        columns.append(("features (RGB)", rgb, {}))
+    columns.append((f"Jacobian det ({folding:.2f}% <= 0)", jac,
+                    dict(cmap="RdBu_r", vmin=0.0, vmax=2.0)))
+
+    fig = Figure(figsize=(_PANEL_IN * len(columns) + 0.6, _PANEL_IN * 3 + 0.5),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, len(columns), squeeze=False)
+    for axis in range(3):
+        p, q = [a for a in range(3) if a != axis]
+        for col, (name, vol, kw) in enumerate(columns):
+            ax = axes[axis, col]
+            im = ax.imshow(_plane(vol, axis, slices[axis]), origin="lower",
+                           aspect=spacing[q] / spacing[p], interpolation="nearest", **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if axis == 0:
+                ax.set_title(name, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"{'ijk'[axis]} = {slices[axis]}\n({'ijk'[q]} up, {'ijk'[p]} right)",
+                              fontsize=8)
+    fig.colorbar(im, ax=axes[:, -1], shrink=0.8)
+    if title:
+        fig.suptitle(title)
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

@@ -1,0 +1,78 @@
+"""QC PNG: layout, shape errors, atomic write, and no change to matplotlib's global state."""
+
+import os
+import sys
+
+import matplotlib
+import matplotlib.image
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from jaxreg import qc
+from jaxreg import warping
+
+SHAPE = (20, 24, 16)
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(0)
+    fixed = np.zeros(SHAPE, np.float32)
+    fixed[6:14, 8:16, 5:11] = 1.0
+    fixed += 0.05 * rng.normal(size=SHAPE).astype(np.float32)
+    field = ndimage.gaussian_filter(rng.normal(size=SHAPE + (3,)), (3, 3, 3, 0)) * 8.0
+    field = field.astype(np.float32)
+    moving = np.roll(fixed, 2, axis=0)
+    warped = np.asarray(warping.warp(moving, field))
+    return dict(fixed=fixed, moving=moving, warped=warped, field=field)
+
+
+def _png_shape(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    return matplotlib.image.imread(path).shape
+
+
+def test_writes_png_with_one_more_column_for_features(case, tmp_path):
+    plain = qc.save_qc_png(str(tmp_path / "plain.png"), **case, title="pair 0")
+    feats = np.random.default_rng(1).normal(size=SHAPE + (2,))
+    with_f = qc.save_qc_png(str(tmp_path / "feat.png"), **case, features=feats,
+                            slices=(3, 4, 5), spacing=(1.0, 1.0, 2.5))
+    assert plain == str(tmp_path / "plain.png")
+    (h1, w1, c1), (h2, w2, _) = _png_shape(plain), _png_shape(with_f)
+    assert c1 in (3, 4) and w1 > h1
+    assert h1 == h2
+    # Six panels without features, seven with: one more panel's width.
+    assert w2 - w1 == pytest.approx(qc._PANEL_IN * 100, abs=2)
+    assert sorted(os.listdir(tmp_path)) == ["feat.png", "plain.png"]  # no temporary left
+
+
+def test_overwrites_atomically_and_leaves_no_temporary(case, tmp_path):
+    path = tmp_path / "qc.png"
+    path.write_bytes(b"old")
+    qc.save_qc_png(str(path), **case)
+    assert _png_shape(str(path))[1] > 0
+    assert os.listdir(tmp_path) == ["qc.png"]
+
+
+@pytest.mark.parametrize("key, bad, message", [
+    ("field", np.zeros(SHAPE[:2] + (3, 3), np.float32), "field shape (20, 24, 3, 3)"),
+    ("warped", np.zeros((20, 24, 15), np.float32), "warped shape (20, 24, 15)"),
+    ("features", np.zeros((20, 24, 15, 3), np.float32), "features shape (20, 24, 15, 3)"),
+])
+def test_shape_mismatch_raises_naming_shapes(case, tmp_path, key, bad, message):
+    with pytest.raises(ValueError) as err:
+        qc.save_qc_png(str(tmp_path / "x.png"), **{**case, key: bad})
+    assert message in str(err.value) and "(20, 24, 16)" in str(err.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_global_matplotlib_state_unchanged(case, tmp_path):
+    backend = matplotlib.get_backend()
+    params = dict(matplotlib.rcParams)
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    qc.save_qc_png(str(tmp_path / "qc.png"), **case)
+    assert matplotlib.get_backend() == backend
+    assert dict(matplotlib.rcParams) == params
+    assert had_pyplot or "matplotlib.pyplot" not in sys.modules
