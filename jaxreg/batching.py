@@ -1,0 +1,393 @@
+"""Batching subject pairs of mixed sizes: shape buckets, padding, vmap and sharding.
+
+The solver (:mod:`jaxreg.solver`) is written for one pair. To run many pairs at once
+they must share one shape, so this module
+
+1. groups pairs into buckets of one padded shape (:func:`plan_buckets`), each side a
+   multiple of the pooling factors so that pooling divides evenly;
+2. pads each pair at the end of every axis (:func:`pad_to`) and registers it with the
+   padding kept out of both stages (:func:`register_padded`);
+3. runs a stack of padded pairs with ``jax.vmap`` on one device and, given a 1-D
+   :class:`jax.sharding.Mesh`, shards the pair axis over its devices
+   (:func:`register_batch`): one compilation per bucket shape and batch size;
+4. estimates the peak memory of one pair (:func:`estimate_pair_bytes`) and how many
+   pairs fit a device (:func:`plan_batch`, :func:`device_memory_bytes`).
+
+A typical loop over a data set::
+
+    mesh = jax.make_mesh((jax.device_count(),), ("pairs",))
+    for bucket in plan_buckets([p["fixed"].shape for p in pairs]):
+        padded = [pad_to(pairs[i]["fixed"], bucket.shape) for i in bucket.indices]
+        ...  # stack fixed, moving (padded the same way) and masks, then
+        fields = register_batch(fixed, moving, mask, config=config, mesh=mesh)
+        # crop fields[j][:h, :w, :d] back to pair j's own shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike
+
+from jaxreg import filters
+from jaxreg import losses
+from jaxreg import mind
+from jaxreg import solver
+
+__all__ = [
+    "Bucket",
+    "plan_buckets",
+    "pad_to",
+    "register_padded",
+    "pad_batch",
+    "register_batch",
+    "estimate_pair_bytes",
+    "device_memory_bytes",
+    "plan_batch",
+]
+
+_GIB = 2.0**30
+
+
+class Bucket(NamedTuple):
+    """Pairs registered together at one padded shape.
+
+    Attributes:
+      shape: the padded grid ``(H, W, D)``.
+      indices: positions of the bucket's pairs in the list given to :func:`plan_buckets`.
+    """
+
+    shape: tuple[int, int, int]
+    indices: tuple[int, ...]
+
+
+def _round_up(shape: Sequence[int], multiple: int) -> tuple[int, ...]:
+    return tuple(int(-(-int(s) // multiple) * multiple) for s in shape)
+
+
+def plan_buckets(shapes: Sequence[Sequence[int]], *, multiple: int = 6,
+                 max_waste: float = 0.3) -> list[Bucket]:
+    """Groups pair shapes into buckets of one padded shape.
+
+    Each shape is first rounded up, side by side, to a multiple of ``multiple`` (use
+    ``math.lcm(config.grid_sp, config.grid_sp_adam)`` so that both poolings divide the
+    grid). Rounded shapes are then taken largest volume first and merged into the bucket
+    whose shape (the side-wise maximum of its members) grows least, as long as no member
+    would be padded by more than ``max_waste`` of its rounded volume; otherwise a new
+    bucket opens. Fewer buckets mean fewer compilations, more waste means slower runs.
+
+    Args:
+      shapes: ``(H, W, D)`` of each pair's fixed grid.
+      multiple: every side of a bucket shape is a multiple of it.
+      max_waste: the largest allowed ``prod(bucket) / prod(rounded shape) - 1`` of any
+        member (0 merges only equal rounded shapes).
+
+    Returns:
+      Buckets, largest shape first; indices in input order within each bucket.
+
+    Raises:
+      ValueError: a shape is not three positive sizes, or ``multiple < 1`` or
+        ``max_waste < 0``.
+
+    >>> plan_buckets([(24, 30, 18), (20, 28, 16), (40, 40, 40)])
+    [Bucket(shape=(42, 42, 42), indices=(2,)), Bucket(shape=(24, 30, 18), indices=(0, 1))]
+    """
+    if multiple < 1:
+        raise ValueError(f"plan_buckets: multiple must be >= 1, got {multiple}")
+    if max_waste < 0:
+        raise ValueError(f"plan_buckets: max_waste must be >= 0, got {max_waste}")
+    rounded = []
+    for i, s in enumerate(shapes):
+        s = tuple(int(v) for v in s)
+        if len(s) != 3 or min(s) < 1:
+            raise ValueError(f"plan_buckets: shape {i} must be three positive sizes (H, W, D), "
+                             f"got {s}")
+        rounded.append(_round_up(s, multiple))
+    order = sorted(range(len(rounded)), key=lambda i: (-math.prod(rounded[i]), i))
+    buckets: list[tuple[tuple[int, ...], list[int]]] = []
+    for i in order:
+        best = None
+        for b, (shape, members) in enumerate(buckets):
+            merged = tuple(max(a, c) for a, c in zip(shape, rounded[i]))
+            volume = math.prod(merged)
+            if all(volume <= (1.0 + max_waste) * math.prod(rounded[j]) for j in members + [i]):
+                growth = volume - math.prod(shape)
+                if best is None or growth < best[0]:
+                    best = (growth, b, merged)
+        if best is None:
+            buckets.append((rounded[i], [i]))
+        else:
+            _, b, merged = best
+            buckets[b] = (merged, buckets[b][1] + [i])
+    return [Bucket(tuple(shape), tuple(sorted(members))) for shape, members in buckets]
+
+
+def pad_to(volume: ArrayLike, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pads a volume at the end of each spatial axis to ``shape``.
+
+    Args:
+      volume: ``(h, w, d)`` or ``(h, w, d, C)``, each side at most the target's.
+      shape: the target ``(H, W, D)``.
+
+    Returns:
+      ``(padded, mask)``: ``padded`` ``(H, W, D[, C])`` in the input's dtype (numpy, so
+      that a batch is stacked on the host), and a float32 ``(H, W, D)`` mask, 1 on the
+      original voxels and 0 in the padding.
+
+    Raises:
+      ValueError: the volume is larger than ``shape`` along some axis.
+    """
+    volume = np.asarray(volume)
+    shape = tuple(int(s) for s in shape)
+    if volume.ndim < 3 or len(shape) != 3 or any(v > s for v, s in zip(volume.shape, shape)):
+        raise ValueError(f"pad_to: volume of shape {volume.shape} does not fit in {shape}")
+    widths = [(0, s - v) for v, s in zip(volume.shape[:3], shape)]
+    padded = np.pad(volume, widths + [(0, 0)] * (volume.ndim - 3))
+    mask = np.zeros(shape, np.float32)
+    mask[: volume.shape[0], : volume.shape[1], : volume.shape[2]] = 1.0
+    return padded, mask
+
+
+@functools.partial(jax.jit, static_argnames=("config", "radius", "dilation"))
+def register_padded(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
+                    config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
+                    radius: int = 1, dilation: int = 2) -> jax.Array:
+    """ConvexAdam on MIND-SSC features of one padded pair, the padding kept out.
+
+    Features are computed on the padded images and zeroed outside ``mask``, so that
+    padded cells cost nothing in the coarse correlation; the fine stage's similarity is
+    the SSD weighted by ``mask`` pooled as the features are
+    (``filters.avg_pool(mask, grid_sp_adam)``). The solver itself is unchanged.
+
+    Args:
+      fixed, moving: ``(H, W, D)`` images on one (padded) grid.
+      mask: ``(H, W, D)`` weights, 1 on real voxels and 0 in the padding (from
+        :func:`pad_to`).
+      config: solver settings (static: one compilation per config and shape).
+      radius, dilation: MIND-SSC settings, as in :func:`jaxreg.mind.mind_ssc`.
+
+    Returns:
+      ``(H, W, D, 3)`` float32 voxel displacement (pull convention); crop it to the
+      pair's own shape.
+
+    Raises:
+      ValueError: the three inputs are not ``(H, W, D)`` of one shape.
+    """
+    fixed = jnp.asarray(fixed, jnp.float32)
+    moving = jnp.asarray(moving, jnp.float32)
+    mask = jnp.asarray(mask, jnp.float32)
+    if fixed.ndim != 3 or fixed.shape != moving.shape or fixed.shape != mask.shape:
+        raise ValueError(f"register_padded: fixed, moving and mask must be (H, W, D) of one "
+                         f"shape, got {fixed.shape}, {moving.shape} and {mask.shape}")
+    f = mind.mind_ssc(fixed, radius=radius, dilation=dilation) * mask[..., None]
+    m = mind.mind_ssc(moving, radius=radius, dilation=dilation) * mask[..., None]
+    field = solver.coarse_stage(f, m, config=config)
+    if config.lambda_weight > 0:
+        pooled_mask = filters.avg_pool(mask, config.grid_sp_adam)
+
+        def similarity(warped, target):
+            return config.similarity_weight * losses.ssd(warped, target, mask=pooled_mask)
+
+        field = solver.fine_stage(f, m, field, config=config, similarity=similarity)
+    return field
+
+
+def pad_batch(x: ArrayLike, multiple: int) -> tuple[jax.Array, int]:
+    """Pads the leading (pair) axis with copies of the last pair to a multiple.
+
+    Args:
+      x: ``(B, ...)`` stack of pairs, ``B >= 1``.
+      multiple: e.g. the number of devices the pair axis is sharded over.
+
+    Returns:
+      ``(padded, B)``: ``(B', ...)`` with ``B'`` the smallest multiple of ``multiple``
+      not below ``B``, and the original count, to drop the copies with ``out[:B]``.
+
+    Raises:
+      ValueError: the stack is empty or ``multiple < 1``.
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"pad_batch: need at least one pair, got shape {x.shape}")
+    if multiple < 1:
+        raise ValueError(f"pad_batch: multiple must be >= 1, got {multiple}")
+    n = x.shape[0]
+    extra = -n % multiple
+    if extra:
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)], axis=0)
+    return x, n
+
+
+@functools.lru_cache(maxsize=None)
+def _batched(config: solver.ConvexAdamConfig, radius: int, dilation: int,
+             mesh: Mesh | None, batch_axis: str):
+    """The jitted batched registration for one config and mesh (cached: one jit object,
+    so jax's own cache compiles once per bucket shape and batch size)."""
+    one = functools.partial(register_padded, config=config, radius=radius, dilation=dilation)
+    many = jax.vmap(one)
+    if mesh is None:
+        return jax.jit(many)
+    spec = PartitionSpec(batch_axis)
+    # shard_map: each device runs the vmap on its own slice of pairs, no communication.
+    sharded = jax.shard_map(many, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
+    sharding = NamedSharding(mesh, spec)
+    return jax.jit(sharded, in_shardings=(sharding,) * 3, out_shardings=sharding)
+
+
+def register_batch(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
+                   config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
+                   mesh: Mesh | None = None, batch_axis: str = "pairs",
+                   radius: int = 1, dilation: int = 2) -> jax.Array:
+    """Registers a stack of padded pairs: ``vmap`` on a device, sharded across a mesh.
+
+    Args:
+      fixed, moving, mask: ``(B, H, W, D)`` stacks, as :func:`register_padded` takes
+        one pair.
+      config: solver settings.
+      mesh: a 1-D mesh whose axis ``batch_axis`` the pairs are split over; ``None`` runs
+        the whole batch with ``jax.vmap`` on the default device. ``B`` need not be a
+        multiple of the mesh size: the batch is padded with copies of the last pair
+        (:func:`pad_batch`) and the copies' results dropped.
+      batch_axis: the mesh axis name.
+      radius, dilation: MIND-SSC settings.
+
+    Returns:
+      ``(B, H, W, D, 3)`` float32 fields, sharded over ``mesh`` when given.
+
+    Raises:
+      ValueError: the stacks differ in shape or are not ``(B, H, W, D)``, or ``mesh``
+        does not have the axis ``batch_axis``.
+    """
+    shapes = [jnp.shape(a) for a in (fixed, moving, mask)]
+    if len(shapes[0]) != 4 or len(set(shapes)) != 1:
+        raise ValueError(f"register_batch: fixed, moving and mask must be (B, H, W, D) of one "
+                         f"shape, got {shapes[0]}, {shapes[1]} and {shapes[2]}")
+    fn = _batched(config, radius, dilation, mesh, batch_axis)
+    if mesh is None:
+        return fn(fixed, moving, mask)
+    if batch_axis not in mesh.axis_names:
+        raise ValueError(f"register_batch: mesh axes {mesh.axis_names} lack {batch_axis!r}")
+    devices = mesh.shape[batch_axis]
+    sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
+    args = []
+    for a in (fixed, moving, mask):
+        a, n = pad_batch(jnp.asarray(a, jnp.float32), devices)
+        args.append(jax.device_put(a, sharding))
+    out = fn(*args)
+    return out[:n] if out.shape[0] != n else out
+
+
+def estimate_pair_bytes(shape: Sequence[int], *,
+                        config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
+                        channels: int = 12) -> int:
+    """Estimated peak bytes of :func:`register_padded` for one pair.
+
+    Counts float32 arrays in voxels of the full grid ``N = H * W * D``, the coarse grid
+    ``n_c = N / grid_sp**3`` and the fine grid ``n_f = N / grid_sp_adam**3``, with
+    ``C = channels`` and ``K = (2 * disp_hw + 1)**3`` offsets:
+
+    * always held: the inputs (two images and the mask) and the output field, ``6 N``;
+      both feature volumes, ``2 C N``;
+    * plus the largest of the three stages:
+
+      - MIND-SSC of one image: ``C N`` patch distances, their normalisation and the
+        edge-padded image, ``(C + 2) N + (H + 4)(W + 4)(D + 4)``;
+      - coarse stage: the cost volume of each direction (``K n_c``, two with inverse
+        consistency), the pooled features ``2 C n_c``, and ``(C + 13) N`` of
+        full-resolution temporaries XLA keeps alive alongside (the upsampled field and
+        its resize steps, MIND buffers not yet reused): a calibrated term;
+      - fine stage: the coarse field ``3 N`` and ``14 C n_f`` for the pooled features,
+        the warped features and their residuals and gradients inside the Adam scan
+        (independent of the number of iterations);
+
+    then adds 10 % margin. Calibrated on XLA's CPU ``memory_analysis`` of
+    :func:`register_padded` (arguments + output + temporaries): 1.05-1.4 times it for
+    grids of 24x30x18 to 96x72x48, ``disp_hw`` 1 to 6, ``grid_sp`` 3 to 6 and
+    ``grid_sp_adam`` 1 to 3 (62 floats per voxel measured for the defaults, 68
+    estimated). Other backends assign buffers differently; a ``vmap`` over ``B`` pairs
+    needs about ``B`` times this.
+
+    Args:
+      shape: the padded grid ``(H, W, D)``.
+      config: solver settings.
+      channels: feature channels (12 for MIND-SSC).
+
+    Returns:
+      Bytes, an integer.
+    """
+    h, w, d = (int(s) for s in shape)
+    n = h * w * d
+    nc = n / config.grid_sp**3
+    nf = n / config.grid_sp_adam**3
+    k = (2 * config.disp_hw + 1) ** 3
+    held = 6 * n + 2 * channels * n
+    stages = [
+        (channels + 2) * n + (h + 4) * (w + 4) * (d + 4),
+        (channels + 13) * n + ((2 if config.ic else 1) * k + 2 * channels) * nc,
+    ]
+    if config.lambda_weight > 0:
+        stages.append(3 * n + 14 * channels * nf)
+    return int(4 * 1.1 * (held + max(stages)))
+
+
+def device_memory_bytes(device: jax.Device | None = None) -> int:
+    """Memory available to one device, in bytes.
+
+    ``device.memory_stats()["bytes_limit"]`` where the backend reports it (GPU, TPU);
+    otherwise (CPU) the host's physical RAM divided among the process's devices of that
+    platform, since host devices share it.
+
+    Args:
+      device: a device; ``None`` for ``jax.devices()[0]``.
+
+    Returns:
+      Bytes, an integer.
+    """
+    device = jax.devices()[0] if device is None else device
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(ram // max(1, len(jax.local_devices(backend=device.platform))))
+
+
+def plan_batch(shape: Sequence[int], *,
+               config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
+               device_bytes: int, batch_per_device: int | None = None,
+               channels: int = 12) -> int:
+    """How many pairs of one padded shape to run per device.
+
+    Args:
+      shape: the padded grid ``(H, W, D)``.
+      config: solver settings.
+      device_bytes: memory of one device (e.g. :func:`device_memory_bytes`).
+      batch_per_device: the user's cap (``None``: as many as fit).
+      channels: feature channels.
+
+    Returns:
+      ``min(device_bytes // estimate_pair_bytes(...), batch_per_device)``, at least 1.
+
+    Raises:
+      ValueError: one pair does not fit in ``device_bytes``, or ``batch_per_device < 1``.
+    """
+    if batch_per_device is not None and batch_per_device < 1:
+        raise ValueError(f"plan_batch: batch_per_device must be >= 1, got {batch_per_device}")
+    per_pair = estimate_pair_bytes(shape, config=config, channels=channels)
+    fits = int(device_bytes // per_pair)
+    if fits < 1:
+        raise ValueError(
+            f"plan_batch: one pair of shape {tuple(int(s) for s in shape)} needs "
+            f"~{per_pair / _GIB:.2f} GiB, the device has {device_bytes / _GIB:.2f} GiB; "
+            f"use a smaller grid (crop or downsample), a smaller disp_hw, or a larger device")
+    return fits if batch_per_device is None else min(fits, batch_per_device)
