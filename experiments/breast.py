@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxreg import experiment
+from jaxreg.encoders import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "breast.py"),
@@ -25,6 +26,19 @@ _ENCODER = flags.DEFINE_enum("encoder", None, list(experiment.ENCODERS),
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with pairs.csv; default: phantom.")
 _PAIRS = flags.DEFINE_string("pairs", None, "Pairs CSV (mov_volume,fix_volume,...).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/breast", "Output folder.")
+_WEIGHTS = flags.DEFINE_string("weights", None, "Encoder checkpoint (file or Hugging Face "
+                               "folder); default: searched, see jaxreg/encoders/registry.py.")
+
+
+def _apply_changes(config, changed, default):
+    """Copies into ``config`` the fields where ``changed`` differs from ``default``."""
+    for key, value in changed.items():
+        if key == "encoder":
+            continue
+        if hasattr(value, "items"):
+            _apply_changes(config[key], value, default[key])
+        elif value != default[key]:
+            config[key] = value
 
 
 def main(argv):
@@ -32,16 +46,21 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     if _ENCODER.value and _ENCODER.value != config.encoder:
+        # The encoder's own defaults, keeping every field set on the command line.
         from experiments.configs import breast
         overrides = config
         config = breast.get_config(_ENCODER.value)
-        for key in ("data_dir", "pairs", "phantom", "metrics"):
-            config[key] = overrides[key]
+        _apply_changes(config, overrides, breast.get_config(overrides.encoder))
     if _DATA_DIR.value is not None:
         config.data_dir = _DATA_DIR.value
     if _PAIRS.value is not None:
         config.pairs = _PAIRS.value
-    rows, failures = experiment.run_study(config, _WORKDIR.value)
+    if _WEIGHTS.value is not None:
+        config.weights = _WEIGHTS.value
+    try:
+        rows, failures = experiment.run_study(config, _WORKDIR.value)
+    except registry.WeightsNotFoundError as e:
+        sys.exit(f"error: {e}")
     print(experiment.format_summary(rows))
     print(f"outputs in {os.path.abspath(_WORKDIR.value)}")
     if failures:

