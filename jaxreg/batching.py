@@ -260,7 +260,8 @@ def register_batch(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
       radius, dilation: MIND-SSC settings.
 
     Returns:
-      ``(B, H, W, D, 3)`` float32 fields, sharded over ``mesh`` when given.
+      ``(B, H, W, D, 3)`` float32 fields, sharded over ``mesh`` when given and ``B`` is a
+      multiple of its size, else replicated over it.
 
     Raises:
       ValueError: the stacks differ in shape or are not ``(B, H, W, D)``, or ``mesh``
@@ -282,7 +283,10 @@ def register_batch(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
         a, n = pad_batch(jnp.asarray(a, jnp.float32), devices)
         args.append(jax.device_put(a, sharding))
     out = fn(*args)
-    return out[:n] if out.shape[0] != n else out
+    if out.shape[0] != n:
+        # A batch of n pairs cannot be split evenly: drop the copies from a replicated view.
+        out = jax.device_put(out, NamedSharding(mesh, PartitionSpec()))[:n]
+    return out
 
 
 def estimate_pair_bytes(shape: Sequence[int], *,
