@@ -200,11 +200,12 @@ def register_padded(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
     return field
 
 
-def pad_batch(x: ArrayLike, multiple: int) -> tuple[jax.Array, int]:
+def pad_batch(x: ArrayLike, multiple: int) -> tuple[np.ndarray | jax.Array, int]:
     """Pads the leading (pair) axis with copies of the last pair to a multiple.
 
     Args:
-      x: ``(B, ...)`` stack of pairs, ``B >= 1``.
+      x: ``(B, ...)`` stack of pairs, ``B >= 1``. A host (numpy) stack stays on the host,
+        so that it goes to the devices once, already split.
       multiple: e.g. the number of devices the pair axis is sharded over.
 
     Returns:
@@ -214,7 +215,8 @@ def pad_batch(x: ArrayLike, multiple: int) -> tuple[jax.Array, int]:
     Raises:
       ValueError: the stack is empty or ``multiple < 1``.
     """
-    x = jnp.asarray(x)
+    xp = jnp if isinstance(x, jax.Array) else np
+    x = xp.asarray(x)
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"pad_batch: need at least one pair, got shape {x.shape}")
     if multiple < 1:
@@ -222,7 +224,7 @@ def pad_batch(x: ArrayLike, multiple: int) -> tuple[jax.Array, int]:
     n = x.shape[0]
     extra = -n % multiple
     if extra:
-        x = jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)], axis=0)
+        x = xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)], axis=0)
     return x, n
 
 
@@ -280,7 +282,8 @@ def register_batch(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
     sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
     args = []
     for a in (fixed, moving, mask):
-        a, n = pad_batch(jnp.asarray(a, jnp.float32), devices)
+        a = a.astype(jnp.float32) if isinstance(a, jax.Array) else np.asarray(a, np.float32)
+        a, n = pad_batch(a, devices)
         args.append(jax.device_put(a, sharding))
     out = fn(*args)
     if out.shape[0] != n:
@@ -313,11 +316,10 @@ def estimate_pair_bytes(shape: Sequence[int], *,
         (independent of the number of iterations);
 
     then adds 10 % margin. Calibrated on XLA's CPU ``memory_analysis`` of
-    :func:`register_padded` (arguments + output + temporaries): 1.05-1.4 times it for
-    grids of 24x30x18 to 96x72x48, ``disp_hw`` 1 to 6, ``grid_sp`` 3 to 6 and
-    ``grid_sp_adam`` 1 to 3 (62 floats per voxel measured for the defaults, 68
-    estimated). Other backends assign buffers differently; a ``vmap`` over ``B`` pairs
-    needs about ``B`` times this.
+    :func:`register_padded` (arguments + output + temporaries), which it bounds from
+    above within a factor 1.5 (``pytest tests/test_batching.py -k memory_estimate``
+    checks three shapes and configs). Other backends assign buffers differently; a
+    ``vmap`` over ``B`` pairs needs about ``B`` times this.
 
     Args:
       shape: the padded grid ``(H, W, D)``.
