@@ -1,0 +1,202 @@
+"""The feature pipeline stage by stage against numpy, on a small linear patch encoder."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxreg import features as F
+from jaxreg.encoders._base import EncoderSpec, Preprocessing
+
+PATCH = 4
+
+
+class PatchEncoder(nnx.Module):
+    """A linear patch embedding: each 4x4 patch of channel 0 times a fixed matrix."""
+
+    def __init__(self, channels: int = 6, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.weight = nnx.Param(jnp.asarray(rng.normal(size=(PATCH * PATCH, channels)),
+                                            jnp.float32))
+
+    def __call__(self, images):
+        b, h, w, _ = images.shape
+        x = images[..., 0].reshape(b, h // PATCH, PATCH, w // PATCH, PATCH)
+        x = x.transpose(0, 1, 3, 2, 4).reshape(b, h // PATCH, w // PATCH, PATCH * PATCH)
+        out = x @ self.weight[...]
+        return {"features": out, "shallow": out[..., :3] ** 2}
+
+
+def make_encoder(image_size=32, resize="square", chunk=3, layers=("features",)):
+    spec = EncoderSpec(name="patch", config=None, patch_size=PATCH, channels=6,
+                       preprocessing=Preprocessing(image_size=image_size, resize=resize))
+    return F.SliceEncoder(PatchEncoder(), spec, layers=layers, chunk=chunk)
+
+
+def volume(shape=(20, 16, 14), seed=0):
+    rng = np.random.default_rng(seed)
+    v = rng.random(shape).astype(np.float32)
+    v[..., :2] = 0.5  # two uniform slices along the last axis
+    return v
+
+
+def test_slice_plan_drops_uniform_slices_and_encodes_last():
+    plan = F.slice_plan(volume(), axis=2, gap=5)
+    assert not plan.kept[:2].any() and plan.kept[2:].all()
+    np.testing.assert_array_equal(plan.encoded, [2, 7, 12, 13])
+    with pytest.raises(ValueError, match="uniform"):
+        F.slice_plan(np.ones((4, 4, 4)), gap=2)
+
+
+def test_interpolation_matrix_matches_numpy_interp():
+    plan = F.slice_plan(volume(), axis=2, gap=4)
+    w = F.interpolation_matrix(plan)
+    values = np.random.default_rng(1).normal(size=plan.encoded.size)
+    expected = np.interp(np.arange(14), plan.encoded, values)
+    expected[~plan.kept] = 0.0
+    np.testing.assert_allclose(w @ values, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("resize", ["square", "longest_side_pad"])
+def test_encoder_input_geometry(resize):
+    prep = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(2.0, 2.0, 2.0),
+                         value_range=(0.0, 10.0), resize=resize)
+    x = F.encoder_input(np.ones((2, 16, 8), np.float32), prep, image_size=32)
+    assert x.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(x[:, :16, :16], (10.0 - 0.5) / 2.0, rtol=1e-6)
+    if resize == "longest_side_pad":  # 16x8 -> 32x16, zeros (before mean/std) on the right
+        np.testing.assert_allclose(x[:, :, 16:], (0.0 - 0.5) / 2.0)
+        assert F.token_geometry((16, 8), prep, image_size=32, patch_size=4) == ((32, 16), (8, 4))
+
+
+def test_fit_pca_matches_numpy_with_weights():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6)) + 1.0
+    wa, wb = rng.random(300) > 0.3, rng.random(200) > 0.5
+    pca = F.fit_pca([a, b], dims=3, weights=[wa, wb], scale=False)
+    rows = np.concatenate([a[wa], b[wb]])
+    mean = rows.mean(0)
+    values, vectors = np.linalg.eigh(np.cov(rows.T, bias=True))
+    values, vectors = values[::-1][:3], vectors[:, ::-1][:, :3]
+    vectors *= np.sign(vectors[np.abs(vectors).argmax(0), range(3)])
+    np.testing.assert_allclose(pca.mean, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pca.variances, values, rtol=1e-4)
+    np.testing.assert_allclose(pca.components, vectors, atol=1e-4)
+    np.testing.assert_allclose(F.project(rows, pca), (rows - mean) @ vectors, atol=1e-3)
+    scaled = F.fit_pca([a, b], dims=3, weights=[wa, wb])
+    np.testing.assert_allclose(np.std(F.project(rows, scaled)[:, 0]), 1.0, rtol=1e-4)
+
+
+def test_to_image_grid_places_token_centres():
+    # Tokens holding their own row index: pixel i must read (i + 1/2) / ppt - 1/2.
+    plan = F.slice_plan(np.random.default_rng(0).random((24, 20, 3)), axis=2, gap=1)
+    tokens = np.broadcast_to(np.arange(6, dtype=np.float32)[None, :, None, None], (3, 6, 5, 1))
+    out = np.asarray(F.to_image_grid(tokens, plan, (24, 20, 3), pixels_per_token=(4.0, 4.0)))
+    i = np.arange(2, 22)
+    np.testing.assert_allclose(out[i, 10, 1, 0], (i + 0.5) / 4.0 - 0.5, atol=1e-5)
+
+
+def test_slice_encoder_compiles_once_per_slice_shape():
+    F._encode_chunk.clear_cache()
+    enc = make_encoder(chunk=3)
+    slices = np.random.default_rng(0).random((7, 16, 12)).astype(np.float32)
+    out = enc(slices)["features"]
+    enc(slices[:5])
+    assert out.shape == (7, 8, 8, 6)
+    assert F._encode_chunk._cache_size() == 1
+    np.testing.assert_allclose(enc(slices[3:4])["features"][0], out[3], rtol=1e-5, atol=1e-5)
+    make_encoder(chunk=3)(slices[:2])  # another encoder of the same architecture
+    assert F._encode_chunk._cache_size() == 1
+
+
+def _single_axis(fixed, moving, enc, axis, pca=None):
+    """numpy-side reference of one axis: encode, joint PCA, project, grid."""
+    cfg = F.FeatureConfig(axes=(axis,), gap=3, pca_dims=2, scale=False)
+    nf = F.normalise_intensity(fixed)
+    nm = F.normalise_intensity(moving)
+    plan = F.slice_plan(nf, axis=axis, gap=3)
+    tok = [enc(np.moveaxis(v, axis, 0)[plan.encoded])["features"] for v in (nf, nm)]
+    return cfg, plan, tok
+
+
+def test_triplanar_fusion_against_numpy():
+    fixed, moving = volume(seed=0), volume(seed=1)
+    enc = make_encoder()
+    single = {}
+    for axis in range(3):
+        cfg = F.FeatureConfig(axes=(axis,), gap=3, pca_dims=2, scale=False)
+        single[axis] = F.pair_features(fixed, moving, enc, config=cfg)["features"]
+    concat = F.pair_features(fixed, moving, enc, config=F.FeatureConfig(
+        axes=(0, 1, 2), gap=3, pca_dims=2, scale=False))["features"]
+    for j in range(2):
+        np.testing.assert_allclose(
+            concat[j], np.concatenate([single[a][j] for a in range(3)], -1), atol=1e-5)
+
+    # "mean": one PCA fitted on the tokens of all axes (numpy), projected volumes averaged.
+    tokens, plans = [], []
+    for axis in range(3):
+        _, plan, tok = _single_axis(fixed, moving, enc, axis)
+        tokens.append(tok)
+        plans.append(plan)
+    rows = np.concatenate([t.reshape(-1, 6) for tok in tokens for t in tok])
+    mean = rows.mean(0)
+    values, vectors = np.linalg.eigh(np.cov(rows.T, bias=True))
+    vectors = vectors[:, ::-1][:, :2]
+    vectors *= np.sign(vectors[np.abs(vectors).argmax(0), range(2)])
+    expected = []
+    for j in range(2):
+        acc = 0
+        for axis, (plan, tok) in enumerate(zip(plans, tokens)):
+            in_plane = tuple(s for i, s in enumerate(fixed.shape) if i != axis)
+            acc = acc + np.asarray(F.to_image_grid(
+                (tok[j] - mean) @ vectors, plan, fixed.shape,
+                pixels_per_token=enc.token_scale(in_plane)))
+        expected.append(acc / 3)
+    mean_fused = F.pair_features(fixed, moving, enc, config=F.FeatureConfig(
+        axes=(0, 1, 2), fusion="mean", gap=3, pca_dims=2, scale=False))["features"]
+    for j in range(2):
+        np.testing.assert_allclose(mean_fused[j], expected[j], atol=1e-4)
+
+
+def test_pca_mask_and_pyramid_layers():
+    fixed, moving = volume(seed=0), volume(seed=1)
+    enc = make_encoder(layers=("shallow", "features"))
+    cfg = F.FeatureConfig(layers=("shallow", "features"), gap=2, pca_dims=2)
+    mask = np.zeros(fixed.shape, bool)
+    mask[4:16, 4:12] = True
+    plain = F.pair_features(fixed, moving, enc, config=cfg)
+    masked = F.pair_features(fixed, moving, enc, config=cfg, fixed_mask=mask, moving_mask=mask)
+    assert set(plain) == {"shallow", "features"}
+    assert plain["features"][0].shape == (20, 16, 14, 2)
+    assert not np.allclose(plain["features"][0], masked["features"][0])
+    with pytest.raises(ValueError, match="no sample inside the mask"):
+        F.pair_features(fixed, moving, enc, config=cfg, fixed_mask=np.zeros_like(mask),
+                        moving_mask=np.zeros_like(mask))
+
+
+def test_cached_tokens_are_reused(tmp_path):
+    fixed, moving = volume(seed=0), volume(seed=1)
+    enc = make_encoder()
+    cache = F.FeatureCache(str(tmp_path))
+    cfg = F.FeatureConfig(gap=2, pca_dims=2)
+    first = F.pair_features(fixed, moving, enc, config=cfg, cache=cache)
+    calls = enc.calls
+    assert calls > 0 and len(list(tmp_path.glob("*.safetensors"))) == 2
+    again = F.pair_features(fixed, moving, enc, config=cfg, cache=cache)
+    assert enc.calls == calls  # no second encoding
+    np.testing.assert_array_equal(first["features"][0], again["features"][0])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_pipeline_is_equivariant_to_a_shift_along_the_slice_axis():
+    # Encoding every slice, a moving image shifted by whole slices along the slicing axis
+    # gives the fixed features shifted the same way (away from the borders).
+    rng = np.random.default_rng(3)
+    fixed = rng.random((16, 16, 20)).astype(np.float32)
+    moving = np.roll(fixed, 2, axis=2)
+    feats = F.pair_features(fixed, moving, make_encoder(), config=F.FeatureConfig(
+        gap=1, pca_dims=3))["features"]
+    np.testing.assert_allclose(np.roll(feats[0], 2, axis=2)[:, :, 2:],
+                               feats[1][:, :, 2:], atol=1e-4)
