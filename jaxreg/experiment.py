@@ -310,7 +310,9 @@ def run_pair(pair: Pair, out_dir: str, *, config: Any,
 
     masks = None
     mask_name = config.features.mask if config.encoder != "mind" else ""
-    if mask_name:
+    if mask_name == "auto":
+        masks = (feat_lib.foreground_mask(fixed.data), feat_lib.foreground_mask(moving.data))
+    elif mask_name:
         if mask_name not in labels:
             raise io.InputError(f"pair {pair.name}: features.mask={mask_name!r} but the pair "
                                 f"has no mov_{mask_name}/fix_{mask_name} columns "

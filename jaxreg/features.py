@@ -31,6 +31,7 @@ tokens (:class:`FeatureCache`). It returns per output map a ``(fixed, moving)`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -53,6 +54,7 @@ __all__ = [
     "SlicePlan",
     "PCA",
     "normalise_intensity",
+    "foreground_mask",
     "slice_plan",
     "interpolation_matrix",
     "encoder_input",
@@ -122,6 +124,16 @@ def normalise_intensity(volume: ArrayLike, *,
     if hi <= lo:
         lo, hi = float(volume.min()), float(volume.max())
     return np.clip((volume - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def foreground_mask(volume: ArrayLike, *, threshold: float = 0.05,
+                    percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Voxels brighter than ``threshold`` after :func:`normalise_intensity` (air is out).
+
+    A cheap default for fitting the PCA on anatomy rather than on the background, which
+    otherwise dominates the feature variance of skull-stripped or breast volumes.
+    """
+    return normalise_intensity(volume, percentiles=percentiles) > threshold
 
 
 # 2. slices ------------------------------------------------------------------------------
@@ -234,7 +246,7 @@ def _auto_chunk(spec: EncoderSpec, image_size: int) -> int:
     try:
         budget = device.memory_stats()["bytes_limit"] / 4
     except (AttributeError, KeyError, TypeError, RuntimeError):
-        budget = 2e9  # host: modest, the CPU gains nothing from big batches
+        return 4  # host: batches gain the CPU nothing but memory
     cfg = spec.config
     tokens = (image_size // spec.patch_size) ** 2
     width = getattr(cfg, "hidden_size", None) or getattr(cfg, "embed_dim", None) or 256
@@ -242,6 +254,20 @@ def _auto_chunk(spec: EncoderSpec, image_size: int) -> int:
     heads = heads if isinstance(heads, int) else 0  # TinyViT: windowed attention only
     per_slice = 4 * (32 * tokens * width + 2 * heads * tokens ** 2 + 8 * image_size ** 2)
     return int(max(1, min(64, budget // per_slice)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "preprocessing", "patch_size",
+                                             "layers", "image_size"))
+def _encode_chunk(state, slices, *, graphdef, preprocessing, patch_size, layers, image_size):
+    """Preprocesses and encodes a chunk of slices (compiled once per architecture and shape,
+    shared by every :class:`SliceEncoder` of that architecture)."""
+    _, tokens = token_geometry(slices.shape[1:], preprocessing, image_size=image_size,
+                               patch_size=patch_size)
+    out = nnx.merge(graphdef, state)(encoder_input(slices, preprocessing, image_size=image_size))
+    missing = [k for k in layers if k not in out]
+    if missing:
+        raise ValueError(f"the encoder has no output {missing}; it has {sorted(out)}")
+    return {k: out[k][:, :tokens[0], :tokens[1]].astype(jnp.float32) for k in layers}
 
 
 class SliceEncoder:
@@ -252,8 +278,9 @@ class SliceEncoder:
       spec: its :class:`~jaxreg.encoders._base.EncoderSpec`.
       layers: names of the output maps to return.
       image_size: input side in pixels (0: ``spec.preprocessing.image_size``).
-      chunk: slices per call (0: from the device memory); the last chunk is padded, so
-        one slice shape compiles once.
+      chunk: slices per call (0: from the device memory, 4 on a CPU); the last chunk is
+        padded, so one slice shape compiles once (fewer slices than a chunk use the next
+        power of two).
       name: identifies the weights in cache keys (e.g. encoder name and checkpoint path).
     """
 
@@ -265,19 +292,13 @@ class SliceEncoder:
         self.chunk = chunk or _auto_chunk(spec, self.image_size)
         self.name = name or spec.name
         self.calls = 0  # encoder invocations (slices), for tests and logs
-        graphdef, self._state = nnx.split(model)
-        prep, size, layers_ = spec.preprocessing, self.image_size, self.layers
+        self._graphdef, self._state = nnx.split(model)
 
-        def apply(state, slices):
-            _, tokens = token_geometry(slices.shape[1:], prep, image_size=size,
-                                       patch_size=spec.patch_size)
-            out = nnx.merge(graphdef, state)(encoder_input(slices, prep, image_size=size))
-            missing = [k for k in layers_ if k not in out]
-            if missing:
-                raise ValueError(f"{spec.name} has no output {missing}; it has {sorted(out)}")
-            return {k: out[k][:, :tokens[0], :tokens[1]].astype(jnp.float32) for k in layers_}
-
-        self._apply = jax.jit(apply)
+    def _apply(self, state, slices):
+        return _encode_chunk(state, slices, graphdef=self._graphdef,
+                             preprocessing=self.spec.preprocessing,
+                             patch_size=self.spec.patch_size, layers=self.layers,
+                             image_size=self.image_size)
 
     def key(self) -> str:
         """What the features depend on besides the slices (for :class:`FeatureCache`)."""
@@ -286,7 +307,8 @@ class SliceEncoder:
     def __call__(self, slices: ArrayLike) -> dict[str, np.ndarray]:
         """``(m, h, w)`` slices in [0, 1] -> ``{layer: (m, th, tw, C)}`` float32 numpy."""
         slices = np.asarray(slices, np.float32)
-        m, c = slices.shape[0], self.chunk
+        m = slices.shape[0]
+        c = min(self.chunk, 1 << (m - 1).bit_length())  # few slices: a power-of-2 chunk
         pad = (-m) % c
         padded = np.concatenate([slices, np.repeat(slices[-1:], pad, axis=0)]) if pad else slices
         parts = [self._apply(self._state, padded[i:i + c]) for i in range(0, m + pad, c)]

@@ -66,7 +66,9 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     c.features.pyramid = "none"  # "none" (last layer), "joint", "coarse_to_fine"
     c.features.gap = 6  # encode every gap-th slice, interpolate the others
     c.features.pca_dims = 0  # 0 = the encoder's reference setting
-    c.features.mask = ""  # label name (e.g. "breast") whose masks restrict the PCA fit
+    # PCA fitted on: "auto" voxels above 5% of the robust intensity range, a label name
+    # (e.g. "breast": the pair's mov_breast/fix_breast masks), or "" every token.
+    c.features.mask = "auto"
     c.features.image_size = 0  # encoder input pixels; 0 = the encoder's own
     c.features.chunk = 0  # slices per encoder call; 0 = from device memory
     c.features.percentiles = (0.5, 99.5)  # intensity clipping before encoding
