@@ -187,8 +187,26 @@ def register_padded(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
     if fixed.ndim != 3 or fixed.shape != moving.shape or fixed.shape != mask.shape:
         raise ValueError(f"register_padded: fixed, moving and mask must be (H, W, D) of one "
                          f"shape, got {fixed.shape}, {moving.shape} and {mask.shape}")
-    f = mind.mind_ssc(fixed, radius=radius, dilation=dilation) * mask[..., None]
-    m = mind.mind_ssc(moving, radius=radius, dilation=dilation) * mask[..., None]
+    f = mind.mind_ssc(fixed, radius=radius, dilation=dilation)
+    m = mind.mind_ssc(moving, radius=radius, dilation=dilation)
+    return register_padded_features(f, m, mask, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def register_padded_features(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
+                             config: solver.ConvexAdamConfig = solver.ConvexAdamConfig()
+                             ) -> jax.Array:
+    """ConvexAdam on ``(H, W, D, C)`` feature volumes of one padded pair (any encoder).
+
+    As :func:`register_padded` after its MIND-SSC step: features are zeroed outside
+    ``mask`` and the fine stage's SSD is weighted by the pooled mask.
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    f = jnp.asarray(fixed, jnp.float32) * mask[..., None]
+    m = jnp.asarray(moving, jnp.float32) * mask[..., None]
+    if f.ndim != 4 or f.shape != m.shape or f.shape[:3] != mask.shape:
+        raise ValueError(f"register_padded_features: features (H, W, D, C) of one shape and "
+                         f"an (H, W, D) mask, got {f.shape}, {m.shape} and {mask.shape}")
     field = solver.coarse_stage(f, m, config=config)
     if config.lambda_weight > 0:
         pooled_mask = filters.avg_pool(mask, config.grid_sp_adam)
@@ -229,11 +247,16 @@ def pad_batch(x: ArrayLike, multiple: int) -> tuple[np.ndarray | jax.Array, int]
 
 
 @functools.lru_cache(maxsize=None)
-def _batched(config: solver.ConvexAdamConfig, radius: int, dilation: int,
+def _batched(config: solver.ConvexAdamConfig, radius: int | None, dilation: int,
              mesh: Mesh | None, batch_axis: str):
     """The jitted batched registration for one config and mesh (cached: one jit object,
-    so jax's own cache compiles once per bucket shape and batch size)."""
-    one = functools.partial(register_padded, config=config, radius=radius, dilation=dilation)
+    so jax's own cache compiles once per bucket shape and batch size). ``radius=None``:
+    the inputs are feature volumes, not images."""
+    if radius is None:
+        one = functools.partial(register_padded_features, config=config)
+    else:
+        one = functools.partial(register_padded, config=config, radius=radius,
+                                dilation=dilation)
     many = jax.vmap(one)
     if mesh is None:
         return jax.jit(many)
@@ -247,12 +270,13 @@ def _batched(config: solver.ConvexAdamConfig, radius: int, dilation: int,
 def register_batch(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
                    config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
                    mesh: Mesh | None = None, batch_axis: str = "pairs",
-                   radius: int = 1, dilation: int = 2) -> jax.Array:
+                   radius: int = 1, dilation: int = 2, features: bool = False) -> jax.Array:
     """Registers a stack of padded pairs: ``vmap`` on a device, sharded across a mesh.
 
     Args:
       fixed, moving, mask: ``(B, H, W, D)`` stacks, as :func:`register_padded` takes
-        one pair.
+        one pair; with ``features=True``, ``fixed`` and ``moving`` are ``(B, H, W, D, C)``
+        feature volumes (:func:`register_padded_features`).
       config: solver settings.
       mesh: a 1-D mesh whose axis ``batch_axis`` the pairs are split over; ``None`` runs
         the whole batch with ``jax.vmap`` on the default device. ``B`` need not be a
@@ -260,6 +284,7 @@ def register_batch(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
         (:func:`pad_batch`) and the copies' results dropped.
       batch_axis: the mesh axis name.
       radius, dilation: MIND-SSC settings.
+      features: the stacks are feature volumes (any encoder) rather than images.
 
     Returns:
       ``(B, H, W, D, 3)`` float32 fields, sharded over ``mesh`` when given and ``B`` is a
@@ -269,11 +294,14 @@ def register_batch(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
       ValueError: the stacks differ in shape or are not ``(B, H, W, D)``, or ``mesh``
         does not have the axis ``batch_axis``.
     """
-    shapes = [jnp.shape(a) for a in (fixed, moving, mask)]
-    if len(shapes[0]) != 4 or len(set(shapes)) != 1:
-        raise ValueError(f"register_batch: fixed, moving and mask must be (B, H, W, D) of one "
-                         f"shape, got {shapes[0]}, {shapes[1]} and {shapes[2]}")
-    fn = _batched(config, radius, dilation, mesh, batch_axis)
+    shapes = [tuple(jnp.shape(a)) for a in (fixed, moving, mask)]
+    images = shapes[:2] if not features else [s[:4] for s in shapes[:2]]
+    if (len(shapes[2]) != 4 or images[0] != shapes[2] or images[1] != shapes[2]
+            or (features and (len(shapes[0]) != 5 or shapes[0] != shapes[1]))):
+        raise ValueError(f"register_batch: fixed, moving and mask must be (B, H, W, D"
+                         f"{', C' if features else ''}) and (B, H, W, D), got {shapes[0]}, "
+                         f"{shapes[1]} and {shapes[2]}")
+    fn = _batched(config, None if features else radius, dilation, mesh, batch_axis)
     if mesh is None:
         return fn(fixed, moving, mask)
     if batch_axis not in mesh.axis_names:
