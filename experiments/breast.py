@@ -26,6 +26,16 @@ _ENCODER = flags.DEFINE_enum("encoder", None, list(experiment.ENCODERS),
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with pairs.csv; default: phantom.")
 _PAIRS = flags.DEFINE_string("pairs", None, "Pairs CSV (mov_volume,fix_volume,...).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/breast", "Output folder.")
+_BATCH = flags.DEFINE_integer("batch_per_device", None, "Pairs per device at once (vmap); "
+                              "capped by the memory plan. Overrides config.batch.")
+_DEVICES = flags.DEFINE_string("devices", None, "Local devices to use: all (default), a "
+                               "count ('2'), or ids ('0,3').")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Several hosts: call "
+                                 "jax.distributed.initialize() (auto-detected on TPU pods, "
+                                 "SLURM, Open MPI; else give the three flags below).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Encoder checkpoint (file or Hugging Face "
                                "folder); default: searched, see jaxreg/encoders/registry.py.")
 
@@ -57,12 +67,25 @@ def main(argv):
         config.pairs = _PAIRS.value
     if _WEIGHTS.value is not None:
         config.weights = _WEIGHTS.value
+    if _BATCH.value is not None:
+        config.batch.batch_per_device = _BATCH.value
+    if _DEVICES.value is not None:
+        config.batch.devices = _DEVICES.value
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     try:
         rows, failures = experiment.run_study(config, _WORKDIR.value)
     except registry.WeightsNotFoundError as e:
         sys.exit(f"error: {e}")
-    print(experiment.format_summary(rows))
-    print(f"outputs in {os.path.abspath(_WORKDIR.value)}")
+    import jax
+
+    if jax.process_index() == 0:
+        print(experiment.format_summary(rows))
+        print(f"outputs in {os.path.abspath(_WORKDIR.value)}")
     if failures:
         print(f"{len(failures)} pair(s) failed:", *failures, sep="\n  ", file=sys.stderr)
         sys.exit(1)

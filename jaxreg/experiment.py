@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -43,8 +44,9 @@ from jaxreg import solver
 from jaxreg import warping as warp_lib
 from jaxreg.encoders import registry
 
-__all__ = ["ENCODERS", "Pair", "read_pairs", "write_phantom_pairs", "make_encoder",
-           "register_volumes", "run_pair", "run_study", "format_summary"]
+__all__ = ["ENCODERS", "Pair", "LoadedPair", "read_pairs", "write_phantom_pairs",
+           "make_encoder", "register_volumes", "load_pair", "write_pair", "run_pair",
+           "select_devices", "run_study", "format_summary"]
 
 ENCODERS = ("mind",) + tuple(registry.ENCODERS)
 
@@ -183,8 +185,13 @@ def feature_config(config: Any, encoder: str | None = None) -> feat_lib.FeatureC
         percentiles=tuple(f.percentiles))
 
 
-def make_encoder(config: Any) -> feat_lib.SliceEncoder | None:
+def make_encoder(config: Any, *, devices: Sequence[jax.Device] | None = None
+                 ) -> feat_lib.SliceEncoder | None:
     """Loads the experiment's encoder once (None for ``mind``).
+
+    Args:
+      config: the experiment config.
+      devices: when several, the encoder's slice chunks are sharded over them.
 
     Raises:
       registry.WeightsNotFoundError: no weights where they were looked for.
@@ -200,7 +207,7 @@ def make_encoder(config: Any) -> feat_lib.SliceEncoder | None:
     model, spec = registry.load_encoder(config.encoder, weights, dtype=dtype)
     fc = feature_config(config)
     return feat_lib.SliceEncoder(model, spec, layers=fc.layers, image_size=fc.image_size,
-                                 chunk=fc.chunk,
+                                 chunk=fc.chunk, devices=devices,
                                  name=f"{config.encoder}:{registry.find_weights(config.encoder, weights)}")
 
 
@@ -285,20 +292,22 @@ def _label_scores(prefix: str, fixed: np.ndarray, moving: np.ndarray,
     return row
 
 
-def run_pair(pair: Pair, out_dir: str, *, config: Any,
-             encoder: feat_lib.SliceEncoder | None = None,
-             cache: feat_lib.FeatureCache | None = None) -> dict[str, Any]:
-    """Registers one pair and writes its outputs into ``out_dir`` (created here).
+@dataclasses.dataclass
+class LoadedPair:
+    """A pair read and put on the fixed grid: volumes, label maps, PCA masks."""
 
-    Args:
-      pair: the pair.
-      out_dir: output folder, must not exist.
-      config: the experiment config.
-      encoder: the loaded encoder (:func:`make_encoder`); None for ``mind``.
-      cache: encoded-token cache.
+    pair: Pair
+    fixed: io.Volume
+    moving: io.Volume
+    labels: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (moving, fixed)
+    masks: tuple[np.ndarray, np.ndarray] | None  # (fixed, moving) foreground for the PCA
 
-    Returns:
-      The metrics row (also saved as ``metrics.json``), with the seconds per stage.
+
+def load_pair(pair: Pair, *, config: Any) -> LoadedPair:
+    """Reads a pair, resamples the moving image and labels onto the fixed grid.
+
+    Raises:
+      io.InputError: a file is unreadable or invalid, or the PCA mask is not in the pair.
     """
     fixed = io.load_volume(pair.fixed)
     moving = _on_fixed_grid(io.load_volume(pair.moving), fixed, order=1)
@@ -319,12 +328,19 @@ def run_pair(pair: Pair, out_dir: str, *, config: Any,
                                 f"(it has {sorted(labels)})")
         masks = (labels[mask_name][1] > 0, labels[mask_name][0] > 0)
 
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    field, fixed_features = register_volumes(fixed, moving, config=config, encoder=encoder,
-                                             masks=masks, cache=cache, timings=timings)
-    seconds = time.perf_counter() - start
+    return LoadedPair(pair, fixed, moving, labels, masks)
 
+
+def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *, config: Any,
+               fixed_features: np.ndarray | None = None, seconds: float = 0.0,
+               timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Writes a registered pair's outputs into ``out_dir`` (created here) and scores it.
+
+    Returns:
+      The metrics row (also saved as ``metrics.json``).
+    """
+    pair, fixed, moving, labels = loaded.pair, loaded.fixed, loaded.moving, loaded.labels
+    timings = timings or {}
     os.makedirs(out_dir)
     affine = fixed.affine
     io.save_volume(os.path.join(out_dir, "field_voxels.nii.gz"), field, affine)
@@ -369,63 +385,274 @@ def run_pair(pair: Pair, out_dir: str, *, config: Any,
     return row
 
 
+
+def run_pair(pair: Pair, out_dir: str, *, config: Any,
+             encoder: feat_lib.SliceEncoder | None = None,
+             cache: feat_lib.FeatureCache | None = None) -> dict[str, Any]:
+    """Registers one pair and writes its outputs into ``out_dir`` (created here).
+
+    Args:
+      pair: the pair.
+      out_dir: output folder, must not exist.
+      config: the experiment config.
+      encoder: the loaded encoder (:func:`make_encoder`); None for ``mind``.
+      cache: encoded-token cache.
+
+    Returns:
+      The metrics row (also saved as ``metrics.json``), with the seconds per stage.
+    """
+    loaded = load_pair(pair, config=config)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    field, fixed_features = register_volumes(loaded.fixed, loaded.moving, config=config,
+                                             encoder=encoder, masks=loaded.masks, cache=cache,
+                                             timings=timings)
+    seconds = time.perf_counter() - start
+    return write_pair(loaded, field, out_dir, config=config, fixed_features=fixed_features,
+                      seconds=seconds, timings=timings)
+
+
+def select_devices(spec: str = "") -> list[jax.Device]:
+    """This host's devices to use: ``""`` all, ``"4"`` the first four, ``"0,2"`` those ids.
+
+    Raises:
+      ValueError: an id that is not a local device, or a count above the local count.
+    """
+    local = jax.local_devices()
+    spec = str(spec).strip()
+    if not spec:
+        return local
+    parts = [int(x) for x in spec.split(",") if x.strip()]
+    if len(parts) == 1 and "," not in spec:
+        if not 1 <= parts[0] <= len(local):
+            raise ValueError(f"--devices={spec}: this host has {len(local)} device(s)")
+        return local[: parts[0]]
+    by_id = {d.id: d for d in local}
+    missing = [i for i in parts if i not in by_id]
+    if missing:
+        raise ValueError(f"--devices={spec}: no local device with id {missing}; "
+                         f"local ids {sorted(by_id)}")
+    return [by_id[i] for i in parts]
+
+
+def _grid_shape(path: str) -> tuple[int, ...]:
+    """The voxel grid of an image file from its header (cheap), for bucketing."""
+    try:
+        if path.endswith(".nrrd"):
+            import nrrd
+
+            return tuple(int(x) for x in nrrd.read_header(path)["sizes"][:3])
+        import nibabel as nib
+
+        return tuple(int(x) for x in nib.load(path).shape[:3])
+    except Exception:  # unreadable: load_pair reports it properly later
+        return (0, 0, 0)
+
+
+def _study_pairs(config: Any, workdir: str) -> list[Pair]:
+    if config.pairs:
+        return read_pairs(config.pairs, data_dir=config.data_dir or None)
+    if config.data_dir:
+        return read_pairs(os.path.join(config.data_dir, "pairs.csv"), data_dir=config.data_dir)
+    phantom_dir = os.path.join(workdir, "phantom")
+    if jax.process_index() == 0:
+        write_phantom_pairs(phantom_dir, tasks=tuple(config.phantom.tasks),
+                            shape=tuple(config.phantom.shape), seed=config.phantom.seed)
+    _sync("phantom written")
+    return read_pairs(os.path.join(phantom_dir, "pairs.csv"))
+
+
+def _sync(name: str) -> None:
+    """A barrier of all hosts (nothing on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class _Progress:
+    """A bar over every pair of the study, shown by host 0 only. It counts the pairs'
+    finished folders in the (shared) workdir, so it stays right with several hosts."""
+
+    def __init__(self, pairs: list[Pair], pairs_dir: str, enabled: bool):
+        self.pairs, self.pairs_dir, self.bar = pairs, pairs_dir, None
+        if enabled and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(pairs), desc="pairs", unit="pair")
+            self.update()
+
+    def update(self, failed: int = 0) -> None:
+        if self.bar is not None:
+            done = sum(os.path.isfile(os.path.join(self.pairs_dir, p.name, "metrics.json"))
+                       for p in self.pairs)
+            self.bar.n = min(done + failed, len(self.pairs))
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_study(config: Any, workdir: str, *, progress: bool = True) -> tuple[list[dict], list[str]]:
     """Registers every pair of the study; see the module docstring.
 
+    With ``config.batch.batch_per_device * len(devices) > 1`` pairs are grouped into
+    buckets of one padded shape (:mod:`jaxreg.batching`) and registered a batch at a time,
+    ``vmap`` on each device and the pair axis sharded over the devices; the batch per
+    device is capped by the memory plan. On several hosts (after
+    ``jax.distributed.initialize()``) each host takes every ``process_count``-th pair,
+    writes only those, and host 0 writes the summary once all are done.
+
     Args:
       config: an ``ml_collections.ConfigDict`` as built by ``experiments/configs/breast.py``.
-      workdir: output folder (created).
-      progress: show a progress bar over pairs.
+      workdir: output folder (created; shared by all hosts).
+      progress: show a progress bar over pairs (host 0).
 
     Returns:
-      ``(rows, failures)``: the metrics rows of all pairs done (now or by an earlier run),
-      and one message per pair that failed.
+      ``(rows, failures)``: the metrics rows of all pairs done (now or by an earlier run;
+      on several hosts, host 0 returns every host's rows), and one message per pair that
+      failed on this host.
     """
     os.makedirs(workdir, exist_ok=True)
-    _atomic_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
-    if config.pairs:
-        pairs = read_pairs(config.pairs, data_dir=config.data_dir or None)
-    elif config.data_dir:
-        pairs = read_pairs(os.path.join(config.data_dir, "pairs.csv"), data_dir=config.data_dir)
-    else:
-        csv_path = write_phantom_pairs(os.path.join(workdir, "phantom"),
-                                       tasks=tuple(config.phantom.tasks),
-                                       shape=tuple(config.phantom.shape), seed=config.phantom.seed)
-        pairs = read_pairs(csv_path)
-
-    encoder = make_encoder(config)
+    if jax.process_index() == 0:
+        _atomic_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
+    pairs = _study_pairs(config, workdir)
+    devices = select_devices(config.batch.devices)
+    encoder = make_encoder(config, devices=devices)
     cache = None
     if encoder is not None and config.features.cache:
         cache = feat_lib.FeatureCache(os.path.join(workdir, "feature_cache"))
 
     pairs_dir = os.path.join(workdir, "pairs")
     os.makedirs(pairs_dir, exist_ok=True)
-    rows, failures = [], []
-    iterator = pairs
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(pairs, desc="pairs", unit="pair")
-    for pair in iterator:
-        out_dir = os.path.join(pairs_dir, pair.name)
-        done = os.path.join(out_dir, "metrics.json")
-        if os.path.isfile(done):
-            with open(done) as f:
-                rows.append(json.load(f))
-            logging.info("%s: done earlier, skipped", pair.name)
-            continue
+    mine = pairs[jax.process_index()::jax.process_count()]
+    todo = [p for p in mine if not os.path.isfile(os.path.join(pairs_dir, p.name, "metrics.json"))]
+    for p in mine:
+        if p not in todo:
+            logging.info("%s: done earlier, skipped", p.name)
+    bar = _Progress(pairs, pairs_dir, progress)
+    failures: list[str] = []
+
+    def finish(pair, work):
+        """Runs ``work(out_dir)`` into a temporary folder renamed when complete."""
         tmp = tempfile.mkdtemp(dir=pairs_dir, prefix=f".{pair.name}.")
         try:
-            row = run_pair(pair, os.path.join(tmp, "out"), config=config, encoder=encoder,
-                           cache=cache)
-            os.replace(os.path.join(tmp, "out"), out_dir)
-            rows.append(row)
+            work(os.path.join(tmp, "out"))
+            os.replace(os.path.join(tmp, "out"), os.path.join(pairs_dir, pair.name))
         except (ValueError, OSError) as e:  # io.InputError is a ValueError
             failures.append(f"{pair.name}: {e}")
             logging.error("pair %s failed: %s", pair.name, e)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    _write_summary(os.path.join(workdir, "summary.csv"), rows)
+        bar.update(len(failures))
+
+    if len(devices) * config.batch.batch_per_device > 1:
+        _run_batched(todo, config, encoder, cache, devices, finish, failures)
+    else:
+        for pair in todo:
+            finish(pair, lambda out: run_pair(pair, out, config=config, encoder=encoder,
+                                              cache=cache))
+    bar.close()
+    _sync("study done")
+    rows = []
+    for pair in pairs if jax.process_index() == 0 else mine:
+        done = os.path.join(pairs_dir, pair.name, "metrics.json")
+        if os.path.isfile(done):
+            with open(done) as f:
+                rows.append(json.load(f))
+    if jax.process_index() == 0:
+        _write_summary(os.path.join(workdir, "summary.csv"), rows)
     return rows, failures
+
+
+def _run_batched(todo: list[Pair], config: Any, encoder: feat_lib.SliceEncoder | None,
+                 cache: feat_lib.FeatureCache | None, devices: list[jax.Device],
+                 finish, failures: list[str]) -> None:
+    """Buckets of one padded shape, registered a batch at a time over ``devices``."""
+    from jaxreg import batching
+
+    solver_config = _solver_config(config)
+    if encoder is not None and config.features.pyramid == "coarse_to_fine":
+        raise ValueError("features.pyramid=coarse_to_fine runs one pair at a time: use "
+                         "--batch_per_device=1 --devices=1, or pyramid=joint")
+    mesh = jax.sharding.Mesh(np.array(devices), ("pairs",))
+    multiple = math.lcm(solver_config.grid_sp, solver_config.grid_sp_adam)
+    shapes = [_grid_shape(p.fixed) for p in todo]
+    for pair, shape in zip(todo, shapes):
+        if 0 in shape:  # unreadable header: load_pair names the problem
+            finish(pair, lambda out, pair=pair: load_pair(pair, config=config))
+    todo = [p for p, shape in zip(todo, shapes) if 0 not in shape]
+    buckets = batching.plan_buckets([s for s in shapes if 0 not in s], multiple=multiple)
+    fc = feature_config(config) if encoder is not None else None
+    channels = 12 if encoder is None else len(fc.layers) * fc.pca_dims * (
+        len(fc.axes) if fc.fusion == "concat" else 1)
+    for bucket in buckets:
+        members = [todo[i] for i in bucket.indices]
+        try:
+            per_device = batching.plan_batch(
+                bucket.shape, config=solver_config, channels=channels,
+                device_bytes=batching.device_memory_bytes(devices[0]),
+                batch_per_device=config.batch.batch_per_device)
+        except ValueError as e:
+            for pair in members:
+                finish(pair, functools.partial(_raise, e))
+            continue
+        size = per_device * len(devices)
+        logging.info("bucket %s: %d pair(s), %d per device on %d device(s)", bucket.shape,
+                     len(members), per_device, len(devices))
+        for start in range(0, len(members), size):
+            group, loaded = members[start:start + size], []
+            for pair in group:
+                try:
+                    loaded.append(load_pair(pair, config=config))
+                except (ValueError, OSError) as e:
+                    finish(pair, functools.partial(_raise, e))
+            if not loaded:
+                continue
+            timings: dict[str, float] = {}
+            t0 = time.perf_counter()
+            fixed, moving, masks, feats = [], [], [], []
+            for lp in loaded:
+                if encoder is None:
+                    norm = functools.partial(feat_lib.normalise_intensity, percentiles=(0.5, 99.5))
+                    f, m = norm(lp.fixed.data), norm(lp.moving.data)
+                else:
+                    layers = feat_lib.pair_features(
+                        lp.fixed.data, lp.moving.data, encoder, config=fc,
+                        fixed_mask=lp.masks[0] if lp.masks else None,
+                        moving_mask=lp.masks[1] if lp.masks else None,
+                        cache=cache, timings=timings)
+                    f = np.concatenate([np.asarray(layers[k][0]) for k in fc.layers], -1)
+                    m = np.concatenate([np.asarray(layers[k][1]) for k in fc.layers], -1)
+                    feats.append(f)
+                fixed.append(_pad(f, bucket.shape))
+                moving.append(_pad(m, bucket.shape))
+                masks.append(batching.pad_to(np.zeros(lp.fixed.shape, np.float32),
+                                             bucket.shape)[1])
+            t1 = time.perf_counter()
+            fields = np.asarray(batching.register_batch(
+                np.stack(fixed), np.stack(moving), np.stack(masks), config=solver_config,
+                mesh=mesh, radius=config.mind.radius, dilation=config.mind.dilation,
+                features=encoder is not None))
+            timings["solving"] = time.perf_counter() - t1
+            seconds = (time.perf_counter() - t0) / len(loaded)
+            per_pair = {k: v / len(loaded) for k, v in timings.items()}
+            for j, lp in enumerate(loaded):
+                h, w, d = lp.fixed.shape
+                field = np.ascontiguousarray(fields[j, :h, :w, :d])
+                finish(lp.pair, functools.partial(
+                    write_pair, lp, field, config=config, seconds=seconds, timings=per_pair,
+                    fixed_features=feats[j] if feats else None))
+
+
+def _pad(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    pad = [(0, t - s) for s, t in zip(x.shape[:3], shape)] + [(0, 0)] * (x.ndim - 3)
+    return np.pad(x, pad)
+
+
+def _raise(error: Exception, out_dir: str) -> None:
+    raise error
 
 
 def _write_summary(path: str, rows: list[dict]) -> None:

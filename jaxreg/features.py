@@ -282,10 +282,13 @@ class SliceEncoder:
         padded, so one slice shape compiles once (fewer slices than a chunk use the next
         power of two).
       name: identifies the weights in cache keys (e.g. encoder name and checkpoint path).
+      devices: several devices: each chunk of slices is sharded over them (the weights
+        replicated), the chunk rounded up to a multiple of their number.
     """
 
     def __init__(self, model: nnx.Module, spec: EncoderSpec, *, layers: Sequence[str],
-                 image_size: int = 0, chunk: int = 0, name: str = ""):
+                 image_size: int = 0, chunk: int = 0, name: str = "",
+                 devices: Sequence[jax.Device] | None = None):
         self.spec = spec
         self.layers = tuple(layers)
         self.image_size = image_size or spec.preprocessing.image_size
@@ -293,6 +296,13 @@ class SliceEncoder:
         self.name = name or spec.name
         self.calls = 0  # encoder invocations (slices), for tests and logs
         self._graphdef, self._state = nnx.split(model)
+        self._sharding = None
+        if devices is not None and len(devices) > 1:
+            mesh = jax.sharding.Mesh(np.asarray(devices), ("slices",))
+            P = jax.sharding.PartitionSpec
+            self._sharding = jax.sharding.NamedSharding(mesh, P("slices"))
+            self._state = jax.device_put(self._state, jax.sharding.NamedSharding(mesh, P()))
+            self.chunk = -(-self.chunk // len(devices)) * len(devices)
 
     def _apply(self, state, slices):
         return _encode_chunk(state, slices, graphdef=self._graphdef,
@@ -309,9 +319,15 @@ class SliceEncoder:
         slices = np.asarray(slices, np.float32)
         m = slices.shape[0]
         c = min(self.chunk, 1 << (m - 1).bit_length())  # few slices: a power-of-2 chunk
+        if self._sharding is not None:
+            n = self._sharding.mesh.size
+            c = -(-c // n) * n
         pad = (-m) % c
         padded = np.concatenate([slices, np.repeat(slices[-1:], pad, axis=0)]) if pad else slices
-        parts = [self._apply(self._state, padded[i:i + c]) for i in range(0, m + pad, c)]
+        chunks = [padded[i:i + c] for i in range(0, m + pad, c)]
+        if self._sharding is not None:
+            chunks = [jax.device_put(x, self._sharding) for x in chunks]
+        parts = [self._apply(self._state, x) for x in chunks]
         self.calls += m
         return {k: np.concatenate([np.asarray(p[k]) for p in parts])[:m] for k in self.layers}
 

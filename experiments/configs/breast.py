@@ -77,6 +77,12 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
 
     c.qc = True  # a QC picture per pair (qc.png)
 
+    # Several pairs at once (jaxreg.batching): pairs bucketed by padded shape, vmap on a
+    # device, the pair axis sharded over the devices; batch capped by the memory plan.
+    c.batch = ml_collections.ConfigDict()
+    c.batch.batch_per_device = 1
+    c.batch.devices = ""  # this host's devices: "" all, "2" the first two, "0,3" by id
+
     c.metrics = ml_collections.ConfigDict()
     c.metrics.hd95 = True
     return c
