@@ -3,6 +3,10 @@
     python -m experiments.breast --encoder=mind --workdir=/tmp/jaxreg-breast
     python -m experiments.breast --data_dir=/data/pairs --workdir=runs/mind \
         --config.solver.iterations=200
+    python -m experiments.breast --encoder=litemedsam --workdir=/tmp/jaxreg-litemedsam
+    python -m experiments.breast --encoder=sam --weights=sam_vit_b_01ec64.pth \
+        --data_dir=/data/pairs --batch_per_device=4 --devices=0,1
+    python -m experiments.breast --distributed ...   # several hosts, see README.md
 
 See ``experiments/configs/breast.py`` for every setting and ``jaxreg.experiment`` for
 the pairs CSV and the outputs.

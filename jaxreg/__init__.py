@@ -11,12 +11,20 @@ The pieces, each a module of its own name:
 * :mod:`jaxreg.metrics`: Dice, HD95, Jacobian statistics, TRE, field error;
 * :mod:`jaxreg.io`: NIfTI/NRRD volumes and label maps with their affines;
 * :mod:`jaxreg.phantom`: the built-in breast MRI phantom;
+* :mod:`jaxreg.features`: volumes -> slices -> encoder -> PCA -> feature volumes;
+* :mod:`jaxreg.batching`: shape buckets, padded pairs, vmap/sharded batches, memory plan;
+* :mod:`jaxreg.qc`: QC pictures of a registration;
 * :mod:`jaxreg.experiment`: a registration study over pairs (behind the CLIs);
-* :mod:`jaxreg.encoders`: Flax NNX ports of SAM, TinyViT (LiteMedSAM), DINOv2, DINOv3, CLIP.
+* :mod:`jaxreg.encoders`: Flax NNX ports of SAM, TinyViT (LiteMedSAM), DINOv2, DINOv3, CLIP;
+  :mod:`jaxreg.encoders.registry` names them and finds their weights.
 
 Importing jaxreg registers nothing and leaves ``jax.config`` alone.
 """
 
+from jaxreg.batching import register_batch
+from jaxreg.features import FeatureConfig
+from jaxreg.features import SliceEncoder
+from jaxreg.features import pair_features
 from jaxreg.io import InputError
 from jaxreg.io import Volume
 from jaxreg.io import field_to_mm
@@ -53,6 +61,8 @@ from jaxreg.warping import warp_labels
 __version__ = "0.1.0"
 
 __all__ = [
+    "register_batch",
+    "FeatureConfig", "SliceEncoder", "pair_features",
     "InputError", "Volume", "field_to_mm", "field_to_voxels", "load_labels", "load_volume",
     "resample_to", "save_volume",
     "local_ncc", "ncc", "ssd",
