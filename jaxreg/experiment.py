@@ -547,7 +547,15 @@ def run_study(config: Any, workdir: str, *, progress: bool = True) -> tuple[list
             shutil.rmtree(tmp, ignore_errors=True)
         bar.update(len(failures))
 
-    if len(devices) * config.batch.batch_per_device > 1:
+    batched = len(devices) * config.batch.batch_per_device > 1
+    if batched and encoder is not None and config.features.pyramid == "coarse_to_fine":
+        # Each pair's coarse stage picks its own fine features: no common batch program.
+        # The encoder still shards its slice chunks over ``devices``.
+        if config.batch.batch_per_device > 1:
+            logging.warning("features.pyramid=coarse_to_fine registers one pair at a time; "
+                            "batch_per_device=%d is ignored", config.batch.batch_per_device)
+        batched = False
+    if batched:
         _run_batched(todo, config, encoder, cache, devices, finish, failures)
     else:
         for pair in todo:
@@ -573,9 +581,6 @@ def _run_batched(todo: list[Pair], config: Any, encoder: feat_lib.SliceEncoder |
     from jaxreg import batching
 
     solver_config = _solver_config(config)
-    if encoder is not None and config.features.pyramid == "coarse_to_fine":
-        raise ValueError("features.pyramid=coarse_to_fine runs one pair at a time: use "
-                         "--batch_per_device=1 --devices=1, or pyramid=joint")
     mesh = jax.sharding.Mesh(np.array(devices), ("pairs",))
     multiple = math.lcm(solver_config.grid_sp, solver_config.grid_sp_adam)
     shapes = [_grid_shape(p.fixed) for p in todo]
