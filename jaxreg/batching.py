@@ -6,7 +6,8 @@ they must share one shape, so this module
 1. groups pairs into buckets of one padded shape (:func:`plan_buckets`), each side a
    multiple of the pooling factors so that pooling divides evenly;
 2. pads each pair at the end of every axis (:func:`pad_to`) and registers it with the
-   padding kept out of both stages (:func:`register_padded`);
+   padding kept out of every stage (:func:`register_padded`), so that a padded pair's
+   field on its own voxels is the one the unpadded pair gets;
 3. runs a stack of padded pairs with ``jax.vmap`` on one device and, given a 1-D
    :class:`jax.sharding.Mesh`, shards the pair axis over its devices
    (:func:`register_batch`): one compilation per bucket shape and batch size;
@@ -37,8 +38,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxreg import filters
-from jaxreg import losses
 from jaxreg import mind
 from jaxreg import solver
 
@@ -162,15 +161,16 @@ def register_padded(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
                     radius: int = 1, dilation: int = 2) -> jax.Array:
     """ConvexAdam on MIND-SSC features of one padded pair, the padding kept out.
 
-    Features are computed on the padded images and zeroed outside ``mask``, so that
-    padded cells cost nothing in the coarse correlation; the fine stage's similarity is
-    the SSD weighted by ``mask`` pooled as the features are
-    (``filters.avg_pool(mask, grid_sp_adam)``). The solver itself is unchanged.
+    The pair's real size is read from ``mask``; MIND-SSC and both solver stages then
+    treat the padding as outside the image (``extent`` of :func:`jaxreg.mind.mind_ssc`
+    and :func:`jaxreg.solver.convex_adam`), so that the field on the real voxels equals
+    :func:`jaxreg.solver.register_mind` of the unpadded pair up to float rounding.
 
     Args:
-      fixed, moving: ``(H, W, D)`` images on one (padded) grid.
-      mask: ``(H, W, D)`` weights, 1 on real voxels and 0 in the padding (from
-        :func:`pad_to`).
+      fixed, moving: ``(H, W, D)`` images on one (padded) grid, each side a multiple of
+        ``lcm(grid_sp, grid_sp_adam)``.
+      mask: ``(H, W, D)``, 1 on the real voxels ``[:h, :w, :d]`` and 0 in the padding
+        (from :func:`pad_to`).
       config: solver settings (static: one compilation per config and shape).
       radius, dilation: MIND-SSC settings, as in :func:`jaxreg.mind.mind_ssc`.
 
@@ -187,9 +187,19 @@ def register_padded(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
     if fixed.ndim != 3 or fixed.shape != moving.shape or fixed.shape != mask.shape:
         raise ValueError(f"register_padded: fixed, moving and mask must be (H, W, D) of one "
                          f"shape, got {fixed.shape}, {moving.shape} and {mask.shape}")
-    f = mind.mind_ssc(fixed, radius=radius, dilation=dilation)
-    m = mind.mind_ssc(moving, radius=radius, dilation=dilation)
+    extent = _extent(mask)
+    f = mind.mind_ssc(fixed, radius=radius, dilation=dilation, extent=extent)
+    m = mind.mind_ssc(moving, radius=radius, dilation=dilation, extent=extent)
     return register_padded_features(f, m, mask, config=config)
+
+
+def _extent(mask: jax.Array) -> jax.Array:
+    """``(h, w, d)`` int32: the real size of a pair padded at the end (``pad_to``'s mask)."""
+    sizes = []
+    for a in range(3):
+        others = tuple(b for b in range(3) if b != a)
+        sizes.append(jnp.sum(jnp.max(mask, axis=others) > 0))
+    return jnp.stack(sizes).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -198,8 +208,8 @@ def register_padded_features(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLik
                              ) -> jax.Array:
     """ConvexAdam on ``(H, W, D, C)`` feature volumes of one padded pair (any encoder).
 
-    As :func:`register_padded` after its MIND-SSC step: features are zeroed outside
-    ``mask`` and the fine stage's SSD is weighted by the pooled mask.
+    As :func:`register_padded` after its MIND-SSC step: equals
+    :func:`jaxreg.solver.convex_adam` of the unpadded features on the real voxels.
     """
     mask = jnp.asarray(mask, jnp.float32)
     f = jnp.asarray(fixed, jnp.float32) * mask[..., None]
@@ -207,15 +217,7 @@ def register_padded_features(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLik
     if f.ndim != 4 or f.shape != m.shape or f.shape[:3] != mask.shape:
         raise ValueError(f"register_padded_features: features (H, W, D, C) of one shape and "
                          f"an (H, W, D) mask, got {f.shape}, {m.shape} and {mask.shape}")
-    field = solver.coarse_stage(f, m, config=config)
-    if config.lambda_weight > 0:
-        pooled_mask = filters.avg_pool(mask, config.grid_sp_adam)
-
-        def similarity(warped, target):
-            return config.similarity_weight * losses.ssd(warped, target, mask=pooled_mask)
-
-        field = solver.fine_stage(f, m, field, config=config, similarity=similarity)
-    return field
+    return solver.convex_adam(f, m, config=config, extent=_extent(mask))
 
 
 def pad_batch(x: ArrayLike, multiple: int) -> tuple[np.ndarray | jax.Array, int]:

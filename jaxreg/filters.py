@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-__all__ = ["box_filter", "avg_pool", "resize", "replicate_pad"]
+__all__ = ["box_filter", "avg_pool", "resize", "replicate_pad", "extent_mask", "continue_edge"]
 
 
 def _box_1d(x: jax.Array, axis: int, size: int, mode: str) -> jax.Array:
@@ -67,18 +67,30 @@ def avg_pool(x: ArrayLike, factor: int) -> jax.Array:
     return x[..., 0] if squeeze else x
 
 
-def resize(x: ArrayLike, shape: Sequence[int], *, antialias: bool = False) -> jax.Array:
+def resize(x: ArrayLike, shape: Sequence[int], *, antialias: bool = False,
+           extents: tuple[ArrayLike, ArrayLike] | None = None) -> jax.Array:
     """Trilinear resize of the spatial axes to ``shape`` (half-pixel centres).
 
     With ``antialias=False`` this equals PyTorch's
     ``interpolate(mode="trilinear", align_corners=False)``; with ``antialias=True`` a
     downsampling resize low-pass filters first (for feature volumes).
+
+    ``extents=(extent, out_extent)`` resizes padded grids: the real part of ``x``
+    (``[0, extent)`` on each axis, see :func:`continue_edge`) is mapped onto the real part
+    ``[0, out_extent)`` of the output, whose voxels there get the values the unpadded
+    resize gives; the extents may be traced.
     """
     x = jnp.asarray(x)
     out_shape = tuple(int(s) for s in shape) + tuple(x.shape[3:])
-    if out_shape == x.shape:
-        return x
-    return jax.image.resize(x, out_shape, method="linear", antialias=antialias)
+    if extents is None:
+        if out_shape == x.shape:
+            return x
+        return jax.image.resize(x, out_shape, method="linear", antialias=antialias)
+    extent, out_extent = (jnp.asarray(e, jnp.float32) for e in extents)
+    return jax.image.scale_and_translate(
+        continue_edge(x, extent.astype(jnp.int32)), out_shape, (0, 1, 2),
+        out_extent / extent, jnp.zeros(3, jnp.float32), method="linear",
+        antialias=antialias)
 
 
 def replicate_pad(x: ArrayLike, width: int) -> jax.Array:
@@ -86,3 +98,29 @@ def replicate_pad(x: ArrayLike, width: int) -> jax.Array:
     x = jnp.asarray(x)
     pad = [(width, width)] * 3 + [(0, 0)] * (x.ndim - 3)
     return jnp.pad(x, pad, mode="edge")
+
+
+# Padded grids. A pair padded at the end of each axis to a bucket's shape keeps its real
+# voxels in ``[0, extent)`` along each axis; ``extent`` may be traced (one compiled
+# program serves pairs of several sizes). The solver uses these two helpers to make a
+# padded pair's result on its real voxels equal to the unpadded pair's.
+
+
+def extent_mask(shape: Sequence[int], extent: ArrayLike) -> jax.Array:
+    """Float32 ``shape`` mask: 1 where every index is below ``extent`` (3 ints), else 0."""
+    inside = [jnp.arange(n) < extent[a] for a, n in enumerate(shape[:3])]
+    return (inside[0][:, None, None] & inside[1][None, :, None]
+            & inside[2][None, None, :]).astype(jnp.float32)
+
+
+def continue_edge(x: ArrayLike, extent: ArrayLike) -> jax.Array:
+    """Replaces the padding beyond ``extent`` by copies of the last real voxel.
+
+    On a grid continued this way, filters and resizes with edge handling (``mode="edge"``,
+    :func:`resize`) give the real voxels the values they have on the unpadded grid.
+    """
+    x = jnp.asarray(x)
+    for a in range(3):
+        idx = jnp.minimum(jnp.arange(x.shape[a]), jnp.asarray(extent[a]) - 1)
+        x = jnp.take(x, idx, axis=a)
+    return x

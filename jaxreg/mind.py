@@ -38,13 +38,18 @@ def _pairs() -> tuple[np.ndarray, np.ndarray]:
 _FIRST, _SECOND = _pairs()
 
 
-def mind_ssc(image: ArrayLike, *, radius: int = 1, dilation: int = 2) -> jax.Array:
+def mind_ssc(image: ArrayLike, *, radius: int = 1, dilation: int = 2,
+             extent: ArrayLike | None = None) -> jax.Array:
     """MIND-SSC features of a 3D image.
 
     Args:
       image: ``(H, W, D)`` intensities.
       radius: half-width of the box filter over patch distances (``mind_r``).
       dilation: distance in voxels between the compared neighbours (``mind_d``).
+      extent: for an image padded at the end of each axis, its real size (3 ints, may
+        be traced): the real voxels then get the descriptor of the unpadded image (the
+        padding is treated as the unpadded image's border, and kept out of the mean
+        variance); the padding's values are meaningless.
 
     Returns:
       ``(H, W, D, 12)`` float32 descriptor in (0, 1].
@@ -58,6 +63,8 @@ def mind_ssc(image: ArrayLike, *, radius: int = 1, dilation: int = 2) -> jax.Arr
         raise ValueError(f"mind_ssc: image must be (H, W, D), got {img.shape}")
     # One channel at a time (lax.map), so that only the 12 patch distances and the
     # output are ever held: stacking all shifted differences first took 8x the output.
+    if extent is not None:
+        img = filters.continue_edge(img, extent)
     pad = int(np.max(np.abs(np.concatenate([_FIRST, _SECOND])))) * dilation
     padded = jnp.pad(img, pad, mode="edge")
     starts = jnp.asarray(np.stack([_FIRST, _SECOND], axis=1) * dilation + pad, jnp.int32)
@@ -65,11 +72,18 @@ def mind_ssc(image: ArrayLike, *, radius: int = 1, dilation: int = 2) -> jax.Arr
     def patch_distance(start):  # start: (2, 3) offsets into ``padded``
         a = jax.lax.dynamic_slice(padded, start[0], img.shape)
         b = jax.lax.dynamic_slice(padded, start[1], img.shape)
-        return filters.box_filter((a - b) ** 2, 2 * radius + 1, mode="edge")
+        sq = (a - b) ** 2
+        if extent is not None:
+            sq = filters.continue_edge(sq, extent)
+        return filters.box_filter(sq, 2 * radius + 1, mode="edge")
 
     ssd = jax.lax.map(patch_distance, starts)  # (12, H, W, D)
     mind = ssd - jnp.min(ssd, axis=0)
     var = jnp.mean(mind, axis=0)
-    mean_var = jnp.mean(var)
+    if extent is None:
+        mean_var = jnp.mean(var)
+    else:
+        inside = filters.extent_mask(img.shape, extent)
+        mean_var = jnp.sum(var * inside) / jnp.maximum(jnp.sum(inside), 1.0)
     var = jnp.clip(var, mean_var * 0.001, mean_var * 1000.0)
     return jnp.moveaxis(jnp.exp(-mind / var), 0, -1)

@@ -19,13 +19,25 @@ def _field(disp):
     return disp
 
 
-def diffusion(disp: ArrayLike) -> jax.Array:
+def diffusion(disp: ArrayLike, *, mask: ArrayLike | None = None) -> jax.Array:
     """Diffusion regulariser: sum over axes of the mean squared forward difference.
 
-    This is ConvexAdam's ``reg_loss`` without its weight.
+    This is ConvexAdam's ``reg_loss`` without its weight. With an ``(H, W, D)`` 0/1
+    ``mask``, only differences between two voxels inside it count, and each axis' mean
+    is over those (on a padded grid: the unpadded field's value).
     """
     u = _field(disp)
-    return sum(jnp.mean(jnp.diff(u, axis=a) ** 2) for a in range(3))
+    if mask is None:
+        return sum(jnp.mean(jnp.diff(u, axis=a) ** 2) for a in range(3))
+    m = jnp.asarray(mask, jnp.float32)
+    total = 0.0
+    for a in range(3):
+        n = u.shape[a] - 1
+        both = (jax.lax.slice_in_dim(m, 1, n + 1, axis=a)
+                * jax.lax.slice_in_dim(m, 0, n, axis=a))[..., None]
+        sq = jnp.sum(jnp.diff(u, axis=a) ** 2 * both)
+        total = total + sq / jnp.maximum(3.0 * jnp.sum(both), 1.0)
+    return total
 
 
 def bending_energy(disp: ArrayLike) -> jax.Array:

@@ -89,7 +89,15 @@ def _offsets(disp_hw: int) -> np.ndarray:
     return np.array(list(itertools.product(r, r, r)), dtype=np.float32)
 
 
-def correlation_cost(fixed: ArrayLike, moving: ArrayLike, *, disp_hw: int) -> jax.Array:
+def _masked(x, mask):
+    """``x`` zeroed outside ``mask`` (a ``(h, w, d)`` 0/1 grid); no-op without one."""
+    if mask is None:
+        return x
+    return x * (mask if x.ndim == mask.ndim else mask[..., None])
+
+
+def correlation_cost(fixed: ArrayLike, moving: ArrayLike, *, disp_hw: int,
+                     mask: ArrayLike | None = None) -> jax.Array:
     """Dense SSD cost of every integer displacement in a cube, box-filtered twice.
 
     ``cost[k, x] = box3(box3(sum_c (fixed[x, c] - moving[x + offset_k, c])^2))`` with
@@ -98,12 +106,14 @@ def correlation_cost(fixed: ArrayLike, moving: ArrayLike, *, disp_hw: int) -> ja
     Args:
       fixed, moving: ``(h, w, d, C)`` pooled feature volumes.
       disp_hw: half-width of the cube; ``K = (2 * disp_hw + 1)**3``.
+      mask: ``(h, w, d)`` 0/1 real cells of a padded grid (:func:`coarse_stage`'s
+        ``extent``); the padding then counts as outside the grid everywhere.
 
     Returns:
       ``(K, h, w, d)`` float32.
     """
     fixed = jnp.asarray(fixed, jnp.float32)
-    moving = jnp.asarray(moving, jnp.float32)
+    moving = _masked(jnp.asarray(moving, jnp.float32), mask)
     h, w, d, c = fixed.shape
     padded = jnp.pad(moving, [(disp_hw, disp_hw)] * 3 + [(0, 0)])
     starts = jnp.asarray(_offsets(disp_hw) + disp_hw, jnp.int32)
@@ -111,13 +121,14 @@ def correlation_cost(fixed: ArrayLike, moving: ArrayLike, *, disp_hw: int) -> ja
     def one(start):
         shifted = jax.lax.dynamic_slice(padded, (start[0], start[1], start[2], 0), (h, w, d, c))
         cost = jnp.sum((fixed - shifted) ** 2, axis=-1)
-        return filters.box_filter(filters.box_filter(cost, 3), 3)
+        return filters.box_filter(_masked(filters.box_filter(_masked(cost, mask), 3), mask), 3)
 
     return jax.lax.map(one, starts, batch_size=27)
 
 
 def coupled_convex(cost: ArrayLike, *, disp_hw: int,
-                   coupling: tuple[float, ...] = ConvexAdamConfig.coupling) -> jax.Array:
+                   coupling: tuple[float, ...] = ConvexAdamConfig.coupling,
+                   mask: ArrayLike | None = None) -> jax.Array:
     """Coupled convex optimisation over a discrete cost volume.
 
     Alternates a per-cell argmin of ``cost + coeff * |offset - smooth|^2`` with a 3x3x3
@@ -127,15 +138,17 @@ def coupled_convex(cost: ArrayLike, *, disp_hw: int,
       cost: ``(K, h, w, d)`` from :func:`correlation_cost`.
       disp_hw: the cube half-width the cost was computed with.
       coupling: the coupling weights, in order.
+      mask: ``(h, w, d)`` 0/1 real cells of a padded grid; the padding's choices are
+        kept out of the averages.
 
     Returns:
-      ``(h, w, d, 3)`` displacement in cells.
+      ``(h, w, d, 3)`` displacement in cells (zero in the padding when masked).
     """
     cost = jnp.asarray(cost, jnp.float32)
     mesh = jnp.asarray(_offsets(disp_hw))  # (K, 3)
 
     def smooth_choice(index):
-        return filters.box_filter(mesh[index], 3)
+        return _masked(filters.box_filter(_masked(mesh[index], mask), 3), mask)
 
     soft = smooth_choice(jnp.argmin(cost, axis=0))
     for coeff in coupling:
@@ -147,46 +160,65 @@ def coupled_convex(cost: ArrayLike, *, disp_hw: int,
 
 
 def inverse_consistency(forward: ArrayLike, backward: ArrayLike, *,
-                        iterations: int = 15) -> tuple[jax.Array, jax.Array]:
+                        iterations: int = 15,
+                        mask: ArrayLike | None = None) -> tuple[jax.Array, jax.Array]:
     """Makes two opposite fields inverse consistent by fixed-point iteration.
 
-    ``f <- (f - b(x + f)) / 2`` and ``b <- (b - f(x + b)) / 2``, simultaneously.
+    ``f <- (f - b(x + f)) / 2`` and ``b <- (b - f(x + b)) / 2``, simultaneously; fields
+    read zero outside the grid (and outside ``mask``, the real cells of a padded grid).
     """
     def step(_, fb):
         f, b = fb
-        return (0.5 * (f - warp_lib.warp(b, f)), 0.5 * (b - warp_lib.warp(f, b)))
+        return (_masked(0.5 * (f - warp_lib.warp(b, f)), mask),
+                _masked(0.5 * (b - warp_lib.warp(f, b)), mask))
 
-    return jax.lax.fori_loop(0, iterations, step,
-                             (jnp.asarray(forward, jnp.float32), jnp.asarray(backward, jnp.float32)))
+    fb = (jnp.asarray(forward, jnp.float32), jnp.asarray(backward, jnp.float32))
+    return jax.lax.fori_loop(0, iterations, step, tuple(_masked(x, mask) for x in fb))
 
 
 def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
-                 config: ConvexAdamConfig = ConvexAdamConfig()) -> jax.Array:
-    """Discrete coarse registration of two feature volumes; full-resolution field."""
+                 config: ConvexAdamConfig = ConvexAdamConfig(),
+                 extent: ArrayLike | None = None) -> jax.Array:
+    """Discrete coarse registration of two feature volumes; full-resolution field.
+
+    ``extent`` (3 ints, may be traced): the inputs are padded at the end of each axis and
+    their real voxels are ``[0, extent)``; the padding then never enters the costs, the
+    averages or the inverse consistency, and the field on the real voxels is the one the
+    unpadded pair gets (up to float rounding). Pad to a multiple of ``grid_sp``
+    (:func:`jaxreg.batching.plan_buckets` does).
+    """
     fixed = jnp.asarray(fixed, jnp.float32)
     moving = jnp.asarray(moving, jnp.float32)
     pf = filters.avg_pool(fixed, config.grid_sp)
     pm = filters.avg_pool(moving, config.grid_sp)
-    solve = functools.partial(coupled_convex, disp_hw=config.disp_hw, coupling=config.coupling)
-    field = solve(correlation_cost(pf, pm, disp_hw=config.disp_hw))
+    mask, sizes = None, None
+    if extent is not None:
+        extent = jnp.asarray(extent, jnp.int32)
+        cells = extent // config.grid_sp
+        mask = filters.extent_mask(pf.shape, cells)
+        sizes = (cells, extent)
+    solve = functools.partial(coupled_convex, disp_hw=config.disp_hw, coupling=config.coupling,
+                              mask=mask)
+    field = solve(correlation_cost(pf, pm, disp_hw=config.disp_hw, mask=mask))
     if config.ic:
-        back = solve(correlation_cost(pm, pf, disp_hw=config.disp_hw))
-        field, _ = inverse_consistency(field, back, iterations=config.ic_iterations)
-    return filters.resize(field * config.grid_sp, fixed.shape[:3])
+        back = solve(correlation_cost(pm, pf, disp_hw=config.disp_hw, mask=mask))
+        field, _ = inverse_consistency(field, back, iterations=config.ic_iterations, mask=mask)
+    return filters.resize(field * config.grid_sp, fixed.shape[:3], extents=sizes)
 
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _smooth(field, config):
+def _smooth(field, config, mask=None):
     for _ in range(config.smooth_num):
-        field = filters.box_filter(field, config.smooth_kernel)
+        field = filters.box_filter(_masked(field, mask), config.smooth_kernel)
     return field
 
 
 def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
                config: ConvexAdamConfig = ConvexAdamConfig(),
-               similarity: Loss | None = None) -> jax.Array:
+               similarity: Loss | None = None,
+               extent: ArrayLike | None = None) -> jax.Array:
     """Adam instance optimisation of a smoothed low-resolution displacement grid.
 
     Minimises ``similarity(warp(moving, u), fixed) + lambda_weight * diffusion(u)`` on a
@@ -198,7 +230,10 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
       init: ``(H, W, D, 3)`` starting field (e.g. from :func:`coarse_stage`).
       config: settings.
       similarity: ``(warped, fixed) -> scalar`` on the pooled features; default
-        ``similarity_weight * losses.ssd``.
+        ``similarity_weight * losses.ssd``. On a padded grid (``extent``), the padding
+        of both reads zero: a custom similarity should mask it out itself.
+      extent: real size of padded inputs, as in :func:`coarse_stage`; pad to a multiple
+        of ``grid_sp_adam``.
 
     Returns:
       ``(H, W, D, 3)`` displacement in voxels.
@@ -208,13 +243,20 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
     g = config.grid_sp_adam
     pf = filters.avg_pool(fixed, g)
     pm = filters.avg_pool(moving, g)
+    mask, down, up = None, None, None
+    if extent is not None:
+        extent = jnp.asarray(extent, jnp.int32)
+        mask = filters.extent_mask(pf.shape, extent // g)
+        down, up = (extent, extent // g), (extent // g, extent)
+        pf, pm = _masked(pf, mask), _masked(pm, mask)
     if similarity is None:
-        similarity = lambda a, b: config.similarity_weight * losses.ssd(a, b)
-    params = filters.resize(jnp.asarray(init, jnp.float32), pf.shape[:3]) / g
+        similarity = lambda a, b: config.similarity_weight * losses.ssd(a, b, mask=mask)
+    params = filters.resize(jnp.asarray(init, jnp.float32), pf.shape[:3], extents=down) / g
 
     def loss_fn(p):
-        u = _smooth(p, config)
-        return similarity(warp_lib.warp(pm, u), pf) + config.lambda_weight * regularisers.diffusion(u)
+        u = _smooth(p, config, mask)
+        return (similarity(warp_lib.warp(pm, u), pf)
+                + config.lambda_weight * regularisers.diffusion(u, mask=mask))
 
     opt = optax.adam(config.learning_rate)
 
@@ -226,10 +268,11 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
 
     (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None,
                                   length=config.iterations)
-    field = filters.resize(_smooth(params, config) * g, fixed.shape[:3])
+    field = filters.resize(_smooth(params, config, mask) * g, fixed.shape[:3], extents=up)
     if config.final_smooth > 0:
+        full = None if extent is None else filters.extent_mask(fixed.shape, extent)
         for _ in range(3):
-            field = filters.box_filter(field, config.final_smooth)
+            field = filters.box_filter(_masked(field, full), config.final_smooth)
     return field
 
 
@@ -237,7 +280,8 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
 def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
                 config: ConvexAdamConfig = ConvexAdamConfig(),
                 coarse_fixed: ArrayLike | None = None,
-                coarse_moving: ArrayLike | None = None) -> jax.Array:
+                coarse_moving: ArrayLike | None = None,
+                extent: ArrayLike | None = None) -> jax.Array:
     """Registers two feature volumes: coarse convex stage, then Adam (if lambda > 0).
 
     Args:
@@ -245,6 +289,10 @@ def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
       config: settings (static: one compilation per config and shape).
       coarse_fixed, coarse_moving: other ``(H, W, D, C')`` features for the coarse stage
         only (coarse to fine, e.g. a deeper encoder layer); default ``fixed``, ``moving``.
+      extent: for inputs padded at the end of each axis (batches of mixed sizes), the
+        real size ``(h, w, d)`` (may be traced): the padding is kept out of every stage
+        and the field on ``[:h, :w, :d]`` is the unpadded pair's. Pad to a multiple of
+        ``lcm(grid_sp, grid_sp_adam)``.
 
     Returns:
       ``(H, W, D, 3)`` float32 voxel displacement; ``warp(moving_image, u)`` aligns the
@@ -263,9 +311,9 @@ def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
             np.shape(coarse_fixed) != np.shape(coarse_moving)):
         raise ValueError(f"convex_adam: coarse features {np.shape(coarse_fixed)} and "
                          f"{np.shape(coarse_moving)} must share the grid {fixed.shape[:3]}")
-    field = coarse_stage(coarse_fixed, coarse_moving, config=config)
+    field = coarse_stage(coarse_fixed, coarse_moving, config=config, extent=extent)
     if config.lambda_weight > 0:
-        field = fine_stage(fixed, moving, field, config=config)
+        field = fine_stage(fixed, moving, field, config=config, extent=extent)
     return field
 
 

@@ -56,3 +56,12 @@ def test_jacobian_determinant_of_affine_field():
     np.testing.assert_allclose(det, np.linalg.det(np.eye(3) + a), rtol=1e-5)
     folded = (grid * -2.0).astype(np.float32)  # x -> -x: det -1
     assert float(regularisers.jacobian_determinant(folded)[2, 2, 2]) == pytest.approx(-1.0)
+
+
+def test_masked_diffusion_of_a_padded_field_is_the_unpadded_one():
+    u = np.random.default_rng(1).normal(size=(6, 5, 4, 3)).astype(np.float32)
+    padded = np.pad(u, ((0, 2), (0, 3), (0, 1), (0, 0)), constant_values=7.0)
+    mask = np.zeros(padded.shape[:3], np.float32)
+    mask[:6, :5, :4] = 1.0
+    np.testing.assert_allclose(regularisers.diffusion(padded, mask=mask),
+                               regularisers.diffusion(u), rtol=1e-6)

@@ -27,3 +27,13 @@ def test_mind_ssc_is_contrast_invariant():
 def test_mind_ssc_rejects_non_3d():
     with pytest.raises(ValueError, match="must be"):
         mind.mind_ssc(np.zeros((4, 4)))
+
+
+def test_padded_image_with_its_extent_gets_the_unpadded_descriptor():
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(11, 9, 7)).astype(np.float32)
+    img[:, :, :2] = 0.0  # a flat region, where the clipped mean variance matters
+    padded = np.pad(img, ((0, 5), (0, 3), (0, 4)))
+    got = np.asarray(mind.mind_ssc(padded, extent=(11, 9, 7)))[:11, :9, :7]
+    np.testing.assert_allclose(got, np.asarray(mind.mind_ssc(img)), atol=1e-6)
+    assert not np.allclose(np.asarray(mind.mind_ssc(padded))[:11, :9, :7], got, atol=1e-3)
