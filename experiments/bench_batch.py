@@ -1,6 +1,7 @@
 r"""Throughput of batched registration: pairs per hour against device count.
 
     python -m experiments.bench_batch                                # CPU: 1, 2, 4 host devices
+    python -m experiments.bench_batch --devices=1,2 --one_thread_per_device     # CPU: sharding cost
     python -m experiments.bench_batch --devices=1 --batch_per_device=1,4   # GPU: batch 1 vs 4
 
 Pairs are breast phantoms (:func:`jaxreg.phantom.breast_pair`, task ``--task``, seed =
@@ -37,6 +38,10 @@ _SHAPE = flags.DEFINE_list("shape", "48,48,36", "phantom grid (H, W, D)")
 _TASK = flags.DEFINE_string("task", "date", "phantom task")
 _ITERATIONS = flags.DEFINE_integer("iterations", 80, "Adam iterations")
 _PLATFORM = flags.DEFINE_string("platform", "", "JAX_PLATFORMS for the children ('' keeps it)")
+_ONE_THREAD = flags.DEFINE_bool(
+    "one_thread_per_device", False, "CPU: run each host device on one thread (XLA's Eigen "
+    "thread pool off), so that n host devices use n cores and scaling up to the core count "
+    "shows the cost of sharding itself")
 _SINGLE = flags.DEFINE_integer("_single", 0, "internal: measure this device count here")
 
 
@@ -99,6 +104,9 @@ def main(argv):
             env = dict(os.environ)
             kept = [f for f in env.get("XLA_FLAGS", "").split()
                     if not f.startswith("--xla_force_host_platform_device_count")]
+            kept = [f for f in kept if not f.startswith("--xla_cpu_multi_thread_eigen")]
+            if _ONE_THREAD.value:
+                kept.append("--xla_cpu_multi_thread_eigen=false")
             env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={n}"])
             if _PLATFORM.value:
                 env["JAX_PLATFORMS"] = _PLATFORM.value
@@ -115,7 +123,8 @@ def main(argv):
     print(f"jaxreg batched ConvexAdam + MIND-SSC, phantom {_TASK.value} "
           f"{'x'.join(_SHAPE.value)} (bucket {'x'.join(map(str, rows[0]['bucket']))}), "
           f"{_ITERATIONS.value} Adam iterations, device {rows[0]['device']}, "
-          f"{cores} CPU cores available")
+          f"{cores} CPU cores available"
+          + (", one thread per host device" if _ONE_THREAD.value else ""))
     print(f"{'devices':>7} {'batch/dev':>9} {'pairs':>5} {'first call s':>12} {'seconds':>8} "
           f"{'pairs/hour':>10} {'efficiency':>10}")
     for r in rows:
