@@ -72,6 +72,7 @@ def _config(variant):
     c.features.mask = _MASK.value
     if _ITERATIONS.value:
         c.solver.iterations = _ITERATIONS.value
+    c.features.pyramid = "none"  # the last layer, whatever the encoder's default
     if variant in ("pyramid", "c2f"):
         c.features.pyramid = "joint" if variant == "pyramid" else "coarse_to_fine"
     elif variant == "triplanar":
