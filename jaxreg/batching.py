@@ -212,8 +212,8 @@ def register_padded_features(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLik
     :func:`jaxreg.solver.convex_adam` of the unpadded features on the real voxels.
     """
     mask = jnp.asarray(mask, jnp.float32)
-    f = jnp.asarray(fixed, jnp.float32) * mask[..., None]
-    m = jnp.asarray(moving, jnp.float32) * mask[..., None]
+    f = jnp.asarray(fixed, jnp.float32)
+    m = jnp.asarray(moving, jnp.float32)
     if f.ndim != 4 or f.shape != m.shape or f.shape[:3] != mask.shape:
         raise ValueError(f"register_padded_features: features (H, W, D, C) of one shape and "
                          f"an (H, W, D) mask, got {f.shape}, {m.shape} and {mask.shape}")

@@ -96,6 +96,14 @@ def _masked(x, mask):
     return x * (mask if x.ndim == mask.ndim else mask[..., None])
 
 
+def _real_cells(pooled_shape, extent, factor):
+    """For a padded grid pooled by ``factor``: the 0/1 mask of its real cells and the
+    ``(voxels, cells)`` real sizes (for :func:`filters.resize`'s ``extents``)."""
+    extent = jnp.asarray(extent, jnp.int32)
+    cells = extent // factor
+    return filters.extent_mask(pooled_shape, cells), (extent, cells)
+
+
 def correlation_cost(fixed: ArrayLike, moving: ArrayLike, *, disp_hw: int,
                      mask: ArrayLike | None = None) -> jax.Array:
     """Dense SSD cost of every integer displacement in a cube, box-filtered twice.
@@ -193,10 +201,8 @@ def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
     pm = filters.avg_pool(moving, config.grid_sp)
     mask, sizes = None, None
     if extent is not None:
-        extent = jnp.asarray(extent, jnp.int32)
-        cells = extent // config.grid_sp
-        mask = filters.extent_mask(pf.shape, cells)
-        sizes = (cells, extent)
+        mask, sizes = _real_cells(pf.shape, extent, config.grid_sp)
+        sizes = sizes[::-1]  # cells -> voxels
     solve = functools.partial(coupled_convex, disp_hw=config.disp_hw, coupling=config.coupling,
                               mask=mask)
     field = solve(correlation_cost(pf, pm, disp_hw=config.disp_hw, mask=mask))
@@ -245,9 +251,8 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
     pm = filters.avg_pool(moving, g)
     mask, down, up = None, None, None
     if extent is not None:
-        extent = jnp.asarray(extent, jnp.int32)
-        mask = filters.extent_mask(pf.shape, extent // g)
-        down, up = (extent, extent // g), (extent // g, extent)
+        mask, down = _real_cells(pf.shape, extent, g)
+        up = down[::-1]
         pf, pm = _masked(pf, mask), _masked(pm, mask)
     if similarity is None:
         similarity = lambda a, b: config.similarity_weight * losses.ssd(a, b, mask=mask)
