@@ -11,18 +11,26 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 __all__ = ["box_filter", "avg_pool", "resize", "replicate_pad", "extent_mask", "continue_edge"]
 
 
 def _box_1d(x: jax.Array, axis: int, size: int, mode: str) -> jax.Array:
+    # A 1-D reduce_window per axis: XLA:CPU runs each as one pass, where a sum of shifted
+    # slices gets fused across the three axes and filters into one kernel that recomputes
+    # its inputs (measured 6x slower for three chained 3-wide filters).
     half = size // 2
     pad = [(0, 0)] * x.ndim
     pad[axis] = (half, size - 1 - half)
-    xp = jnp.pad(x, pad, mode="edge" if mode == "edge" else "constant")
-    n = x.shape[axis]
-    total = sum(jax.lax.slice_in_dim(xp, k, k + n, axis=axis) for k in range(size))
+    window = [1] * x.ndim
+    window[axis] = size
+    if mode == "edge":
+        x = jnp.pad(x, pad, mode="edge")
+        pad = [(0, 0)] * x.ndim
+    total = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add, tuple(window),
+                                  (1,) * x.ndim, pad)
     return total / size
 
 
