@@ -106,15 +106,15 @@ def _sample_bwd(res, g):
     rows = moving.reshape(-1, moving.shape[-1])
     # d out[n, c] / d coords[n, a] = sum_k slope[k][a][n] * moving[corner_k(n), c], so
     # the field's cotangent needs only gathers: sum_k slope[k] * <moving[corner_k], g>.
-    g_coords = [0.0, 0.0, 0.0]
-    for k in range(8):
-        dot = jnp.einsum("nc,nc->n", rows[flat[k]], g)
-        g_coords = [g_coords[a] + slope[k][a] * dot for a in range(3)]
+    corners = [rows[flat[k]] for k in range(8)]
+    deriv = jnp.stack([sum(slope[k][a][:, None] * corners[k] for k in range(8))
+                       for a in range(3)], axis=-1)
+    g_coords = jnp.sum(deriv * g[:, :, None], axis=1)
     # Moving-image cotangent: the transpose of the interpolation (a scatter-add);
     # XLA removes it when only the field's gradient is used.
     _, vjp = jax.vjp(lambda m: _trilinear(m, coords), moving)
     (g_moving,) = vjp(g)
-    return g_moving, jnp.stack(g_coords, axis=-1)
+    return g_moving, g_coords
 
 
 _sample.defvjp(_sample_fwd, _sample_bwd)
