@@ -8,6 +8,7 @@ The pieces, each a module of its own name:
   bending regularisers, Jacobian determinant;
 * :mod:`jaxreg.mind`: MIND-SSC features;
 * :mod:`jaxreg.solver`: ConvexAdam (coupled convex coarse stage, Adam fine stage);
+* :mod:`jaxreg.compilation`: ``jax.jit`` with the XLA options the warp's loss needs on CPU;
 * :mod:`jaxreg.metrics`: Dice, HD95, Jacobian statistics, TRE, field error;
 * :mod:`jaxreg.io`: NIfTI/NRRD volumes and label maps with their affines;
 * :mod:`jaxreg.phantom`: the built-in breast MRI phantom;
@@ -22,6 +23,7 @@ Importing jaxreg registers nothing and leaves ``jax.config`` alone.
 """
 
 from jaxreg.batching import register_batch
+from jaxreg.compilation import jit
 from jaxreg.features import FeatureConfig
 from jaxreg.features import SliceEncoder
 from jaxreg.features import pair_features
@@ -62,6 +64,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "register_batch",
+    "jit",
     "FeatureConfig", "SliceEncoder", "pair_features",
     "InputError", "Volume", "field_to_mm", "field_to_voxels", "load_labels", "load_volume",
     "resample_to", "save_volume",

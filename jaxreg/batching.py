@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
+from jaxreg import compilation
 from jaxreg import mind
 from jaxreg import solver
 
@@ -155,7 +156,7 @@ def pad_to(volume: ArrayLike, shape: Sequence[int]) -> tuple[np.ndarray, np.ndar
     return padded, mask
 
 
-@functools.partial(jax.jit, static_argnames=("config", "radius", "dilation"))
+@compilation.jit(static_argnames=("config", "radius", "dilation"))
 def register_padded(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
                     config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
                     radius: int = 1, dilation: int = 2) -> jax.Array:
@@ -202,7 +203,7 @@ def _extent(mask: jax.Array) -> jax.Array:
     return jnp.stack(sizes).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@compilation.jit(static_argnames=("config",))
 def register_padded_features(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
                              config: solver.ConvexAdamConfig = solver.ConvexAdamConfig()
                              ) -> jax.Array:
@@ -261,12 +262,12 @@ def _batched(config: solver.ConvexAdamConfig, radius: int | None, dilation: int,
                                 dilation=dilation)
     many = jax.vmap(one)
     if mesh is None:
-        return jax.jit(many)
+        return compilation.jit(many)
     spec = PartitionSpec(batch_axis)
     # shard_map: each device runs the vmap on its own slice of pairs, no communication.
     sharded = jax.shard_map(many, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
     sharding = NamedSharding(mesh, spec)
-    return jax.jit(sharded, in_shardings=(sharding,) * 3, out_shardings=sharding)
+    return compilation.jit(sharded, in_shardings=(sharding,) * 3, out_shardings=sharding)
 
 
 def register_batch(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,

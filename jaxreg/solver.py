@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from jaxreg import compilation
 from jaxreg import filters
 from jaxreg import losses
 from jaxreg import mind
@@ -281,7 +282,7 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
     return field
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@compilation.jit(static_argnames=("config",))
 def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
                 config: ConvexAdamConfig = ConvexAdamConfig(),
                 coarse_fixed: ArrayLike | None = None,
@@ -322,7 +323,7 @@ def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
     return field
 
 
-@functools.partial(jax.jit, static_argnames=("config", "radius", "dilation"))
+@compilation.jit(static_argnames=("config", "radius", "dilation"))
 def register_mind(fixed: ArrayLike, moving: ArrayLike, *,
                   config: ConvexAdamConfig = ConvexAdamConfig(),
                   radius: int = 1, dilation: int = 2) -> jax.Array:
