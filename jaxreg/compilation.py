@@ -49,6 +49,10 @@ class _Jitted:
         return self._top_level()(*args, **kwargs)
 
     def __getattr__(self, name):  # lower, trace, eval_shape, ... of the top-level jit
+        if name.startswith("__"):
+            # Not a jit method: answering would pick a backend, and inspect.signature()
+            # asks for __signature__ at import time, before jax.distributed.initialize().
+            raise AttributeError(name)
         return getattr(self._top_level(), name)
 
 

@@ -52,7 +52,8 @@ def mind_ssc(image: ArrayLike, *, radius: int = 1, dilation: int = 2,
         variance); the padding's values are meaningless.
 
     Returns:
-      ``(H, W, D, 12)`` float32 descriptor in (0, 1].
+      ``(H, W, D, 12)`` float32 descriptor in (0, 1]; all ones on a constant image.
+      Any size works, down to one voxel along an axis (the border is replicated).
 
     >>> import jax.numpy as jnp
     >>> mind_ssc(jnp.zeros((4, 4, 4)).at[1, 2, 3].set(1.0)).shape
@@ -86,4 +87,8 @@ def mind_ssc(image: ArrayLike, *, radius: int = 1, dilation: int = 2,
         inside = filters.extent_mask(img.shape, extent)
         mean_var = jnp.sum(var * inside) / jnp.maximum(jnp.sum(inside), 1.0)
     var = jnp.clip(var, mean_var * 0.001, mean_var * 1000.0)
+    # A constant image has no patch differences: mean_var is 0, and 0 / 0 would make
+    # every channel NaN. The floor is below any clipped variance of a non-flat image,
+    # so it changes nothing there; a flat image gets exp(-0 / tiny) = 1.
+    var = jnp.maximum(var, jnp.finfo(jnp.float32).tiny)
     return jnp.moveaxis(jnp.exp(-mind / var), 0, -1)

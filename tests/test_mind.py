@@ -1,16 +1,16 @@
-"""MIND-SSC against convexadam's PyTorch implementation."""
+"""MIND-SSC against convexadam's PyTorch implementation (when installed), and on
+constant and tiny images."""
 
 import numpy as np
 import pytest
 
 from jaxreg import mind
 
-torch = pytest.importorskip("torch")
-convex_utils = pytest.importorskip("convexAdam.convex_adam_utils")
-
 
 @pytest.mark.parametrize("radius, dilation", [(1, 2), (2, 2), (1, 1), (2, 3)])
 def test_mind_ssc_matches_convexadam(radius, dilation):
+    torch = pytest.importorskip("torch")
+    convex_utils = pytest.importorskip("convexAdam.convex_adam_utils")
     img = np.random.default_rng(radius * 10 + dilation).normal(size=(14, 17, 12)).astype(np.float32)
     ref = convex_utils.MINDSSC(torch.from_numpy(img)[None, None], radius, dilation, device="cpu")
     ref = ref[0].permute(1, 2, 3, 0).numpy()
@@ -37,3 +37,20 @@ def test_padded_image_with_its_extent_gets_the_unpadded_descriptor():
     got = np.asarray(mind.mind_ssc(padded, extent=(11, 9, 7)))[:11, :9, :7]
     np.testing.assert_allclose(got, np.asarray(mind.mind_ssc(img)), atol=1e-6)
     assert not np.allclose(np.asarray(mind.mind_ssc(padded))[:11, :9, :7], got, atol=1e-3)
+
+
+def test_mind_ssc_of_a_constant_image_is_all_ones():
+    for value in (0.0, 3.0):
+        out = np.asarray(mind.mind_ssc(np.full((6, 5, 4), value, np.float32)))
+        np.testing.assert_array_equal(out, np.ones((6, 5, 4, 12), np.float32))
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])
+@pytest.mark.parametrize("axis", [0, 2])
+def test_mind_ssc_on_tiny_sizes(size, axis):
+    shape = [7, 8, 6]
+    shape[axis] = size
+    img = np.random.default_rng(size).normal(size=shape).astype(np.float32)
+    out = np.asarray(mind.mind_ssc(img))
+    assert out.shape == tuple(shape) + (12,)
+    assert np.all(np.isfinite(out)) and out.min() > 0 and out.max() <= 1

@@ -117,3 +117,160 @@ def test_dice_at_least_as_high_as_convexadam_package(mni_small):
     score = lambda u: np.mean(list(metrics.dice(
         moving_labels, np.asarray(W.warp_labels(fixed_labels, u))).values()))
     assert score(ours) >= score(theirs) - 0.01, (score(ours), score(theirs))
+
+
+# --- Settings, tiny volumes, bad inputs -------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(iterations=-1), "iterations must be an integer >= 0, got -1"),
+    (dict(ic_iterations=-2), "ic_iterations must be an integer >= 0"),
+    (dict(grid_sp=0), "grid_sp must be an integer >= 1, got 0"),
+    (dict(grid_sp_adam=-1), "grid_sp_adam must be an integer >= 1"),
+    (dict(grid_sp=6.0), "grid_sp must be an integer >= 1, got 6.0"),
+    (dict(disp_hw=-1), "disp_hw must be an integer >= 0, got -1"),
+    (dict(smooth_num=-1), "smooth_num must be an integer >= 0"),
+    (dict(iterations=True), "iterations must be an integer >= 0, got True"),
+    (dict(smooth_kernel=4), "smooth_kernel must be an odd integer >= 1"),
+    (dict(smooth_kernel=0), "smooth_kernel must be an odd integer >= 1"),
+    (dict(final_smooth=2), "final_smooth must be 0 .off. or an odd integer"),
+    (dict(final_smooth=-1), "final_smooth must be 0 .off. or an odd integer"),
+    (dict(learning_rate=float("nan")), "learning_rate must be a finite number > 0, got nan"),
+    (dict(learning_rate=float("inf")), "learning_rate must be a finite number > 0, got inf"),
+    (dict(learning_rate=0.0), "learning_rate must be a finite number > 0, got 0.0"),
+    (dict(lambda_weight=-0.5), "lambda_weight must be a finite number >= 0, got -0.5"),
+    (dict(lambda_weight=float("nan")), "lambda_weight must be a finite number >= 0"),
+    (dict(similarity_weight=0), "similarity_weight must be a finite number > 0, got 0"),
+    (dict(similarity_weight=False), "similarity_weight must be a finite number > 0"),
+    (dict(coupling=()), "coupling must be a non-empty tuple of finite numbers > 0, got \\(\\)"),
+    (dict(coupling=(0.1, float("nan"))), "coupling must be a non-empty tuple"),
+    (dict(coupling=(0.1, -1.0)), "coupling must be a non-empty tuple"),
+    (dict(coupling=[0.1, 1.0]), "coupling must be a non-empty tuple"),
+    (dict(ic=1), "ic must be a bool, got 1"),
+])
+def test_config_rejects_nonsense_settings(kwargs, message):
+    with pytest.raises(ValueError, match="ConvexAdamConfig." + message):
+        solver.ConvexAdamConfig(**kwargs)
+
+
+def test_config_accepts_edge_values_and_numpy_numbers():
+    solver.ConvexAdamConfig(grid_sp=1, grid_sp_adam=1, disp_hw=0, iterations=0,
+                            ic_iterations=0, smooth_kernel=1, smooth_num=0, final_smooth=0,
+                            lambda_weight=0, coupling=(1,), ic=np.bool_(False))
+    config = solver.ConvexAdamConfig(grid_sp=np.int64(4), learning_rate=np.float32(2.0),
+                                     lambda_weight=2, final_smooth=5)
+    assert hash(config) == hash(solver.ConvexAdamConfig(grid_sp=4, learning_rate=2.0,
+                                                        lambda_weight=2.0, final_smooth=5))
+
+
+@pytest.mark.parametrize("shape", [(5, 5, 5), (24, 24, 1), (1, 20, 14), (7, 1, 3)])
+def test_volumes_smaller_than_a_cell_register(shape):
+    rng = np.random.default_rng(6)
+    fixed, moving = (rng.random(shape).astype(np.float32) for _ in range(2))
+    u = np.asarray(solver.register_mind(fixed, moving, config=FAST))
+    assert u.shape == shape + (3,) and np.all(np.isfinite(u))
+    feats = rng.random(shape + (3,)).astype(np.float32)
+    u = np.asarray(solver.convex_adam(feats, feats[::-1, ::-1], config=FAST))
+    assert u.shape == shape + (3,) and np.all(np.isfinite(u))
+
+
+def _smooth_volume(shape, seed, sigma):
+    rng = np.random.default_rng(seed)
+    return ndimage.gaussian_filter(rng.normal(size=shape), sigma).astype(np.float32)
+
+
+def test_a_5x5x5_pair_with_a_known_shift_moves_the_right_way():
+    # One coarse cell and 2x2x2 fine cells: the solver cannot recover a full voxel, but
+    # the field must point along the shift, stay small and reduce the mismatch.
+    big = _smooth_volume((24, 24, 24), 7, 1.5)
+    fixed = big[8:13, 8:13, 8:13]
+    moving = big[8:13, 9:14, 8:13]  # moving(x - (0, 1, 0)) == fixed(x)
+    u = np.asarray(solver.register_mind(fixed, moving))
+    assert u.shape == (5, 5, 5, 3) and np.all(np.isfinite(u))
+    mean = u.reshape(-1, 3).mean(axis=0)
+    assert mean[1] < -0.1 and abs(mean[0]) < 0.05 and abs(mean[2]) < 0.05, mean
+    assert np.abs(u).max() < 1.0
+    warped = np.asarray(W.warp(moving, u, mode="edge"))
+    assert np.abs(warped - fixed).mean() < 0.95 * np.abs(moving - fixed).mean()
+
+
+def test_a_single_slice_with_a_known_shift_is_recovered():
+    big = _smooth_volume((40, 40, 1), 8, (2, 2, 0))
+    fixed, moving = big[6:30, 6:30], big[4:28, 6:30]  # moving(x + (2, 0, 0)) == fixed(x)
+    u = np.asarray(solver.register_mind(fixed, moving))
+    assert u.shape == (24, 24, 1, 3)
+    np.testing.assert_allclose(u[4:-4, 4:-4].reshape(-1, 3).mean(axis=0), [2, 0, 0], atol=0.3)
+
+
+def test_an_explicit_extent_on_a_grid_smaller_than_a_cell_is_refused():
+    feats = np.random.default_rng(9).random((5, 12, 12, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match="at least 6 voxels per side"):
+        solver.convex_adam(feats, feats, config=FAST, extent=(4, 12, 12))
+    with pytest.raises(ValueError, match="at least grid_sp=6 voxels"):
+        solver.coarse_stage(feats, feats, config=FAST)
+    with pytest.raises(ValueError, match="at least grid_sp_adam=8 voxels"):
+        solver.fine_stage(feats, feats, np.zeros(feats.shape[:3] + (3,)),
+                          config=solver.ConvexAdamConfig(grid_sp_adam=8))
+
+
+def test_register_mind_rejects_nan_and_constant_images():
+    img = _smooth_volume((12, 12, 12), 10, 1.0)
+    bad = img.copy()
+    bad[3, 4, 5] = np.nan
+    message = r"register_mind: fixed image has 1 NaN or Inf voxel\(s\) \(of 1728\)"
+    with pytest.raises(ValueError, match=message):
+        solver.register_mind(bad, img, config=FAST)
+    bad[1, 1, 1] = -np.inf
+    with pytest.raises(ValueError, match="register_mind: moving image has 2 NaN or Inf"):
+        solver.register_mind(img, bad, config=FAST)
+    with pytest.raises(ValueError, match=r"register_mind: fixed image is constant \(all 0.0\); "
+                                         "nothing to register"):
+        solver.register_mind(np.zeros_like(img), img, config=FAST)
+    with pytest.raises(ValueError, match=r"moving image is constant \(all 2.5\)"):
+        solver.register_mind(img, np.full_like(img, 2.5), config=FAST)
+
+
+def test_convex_adam_rejects_nonfinite_features_and_a_wrong_extent():
+    f = np.random.default_rng(11).random((12, 12, 12, 2)).astype(np.float32)
+    bad = f.copy()
+    bad[0, 0, 0, 1] = np.inf
+    with pytest.raises(ValueError, match=r"convex_adam: moving features have 1 NaN or Inf"):
+        solver.convex_adam(f, bad, config=FAST)
+    with pytest.raises(ValueError, match="convex_adam: coarse_fixed features have 1 NaN"):
+        solver.convex_adam(f, f, config=FAST, coarse_fixed=bad, coarse_moving=f)
+    with pytest.raises(ValueError, match=r"extent must be 3 sizes in \[1, \(12, 12, 12\)\]"):
+        solver.convex_adam(f, f, config=FAST, extent=(12, 0, 12))
+
+
+def test_checks_are_left_to_the_caller_when_traced():
+    # Inside a user's jit or vmap the inputs are tracers: no check, no host sync. A
+    # constant image then still gives a finite field (its MIND-SSC is all ones), and a
+    # NaN field is what check_field is for.
+    img = _smooth_volume((12, 12, 12), 12, 1.0)
+    flat = np.zeros_like(img)
+    run = jax.jit(lambda f, m: solver.register_mind(f, m, config=FAST))
+    assert np.all(np.isfinite(run(flat, img)))
+    batched = jax.vmap(lambda f, m: solver.register_mind(f, m, config=FAST))(
+        np.stack([flat, img]), np.stack([img, img]))
+    assert batched.shape == (2, 12, 12, 12, 3) and np.all(np.isfinite(batched))
+    bad = img.copy()
+    bad[2, 2, 2] = np.nan
+    with pytest.raises(ValueError, match="field has .* NaN/Inf values"):
+        solver.check_field(run(bad, img))
+
+
+def test_check_field():
+    solver.check_field(np.zeros((4, 4, 4, 3), np.float32))
+    solver.check_field(jax.numpy.zeros((4, 4, 4, 3)))
+    u = np.zeros((4, 4, 4, 3), np.float32)
+    u[0, 0, 0] = np.nan
+    u[1, 1, 1, 2] = np.inf
+    message = ("u has 4 NaN/Inf values \\(of 192\\): the registration diverged; check the "
+               "learning rate and the inputs")
+    with pytest.raises(ValueError, match=message):
+        solver.check_field(u, name="u")
+    with pytest.raises(ValueError, match="^field has 4 NaN/Inf values"):
+        solver.check_field(jax.numpy.asarray(u))
+    with pytest.raises(TypeError, match="traced"):
+        jax.jit(solver.check_field)(u)
+    assert "check_field" in solver.__all__
