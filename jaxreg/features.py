@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 
@@ -47,6 +46,7 @@ from absl import logging
 from flax import nnx
 from jax.typing import ArrayLike
 
+from jaxreg import atomic
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 
 __all__ = [
@@ -483,14 +483,8 @@ class FeatureCache:
         from safetensors.numpy import save_file
 
         os.makedirs(self.directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic.atomic_path(path) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in features.items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def _encode(volume: np.ndarray, plan: SlicePlan, encoder: SliceEncoder,

@@ -3,7 +3,30 @@
 Every loader returns a :class:`Volume`: the voxel array and the 4x4 affine that maps
 voxel indices to world millimetres in RAS+ (NIfTI's convention; NRRD files written in
 LPS are converted). Anything wrong with an input file raises :class:`InputError`, whose
-message names the file and the problem.
+one-line message starts with the file's path and names the problem, e.g.
+``/x/a.nii.gz: file is corrupt (gzip: CRC check failed ...)``.
+
+Loading verifies before it trusts:
+
+* Compressed data (``.nii.gz``, gzip-encoded NRRD) is decompressed once and checked to
+  the end of the stream (every member's CRC-32 and length), so damaged bytes are
+  reported as a corrupt or truncated file instead of loading as wrong voxels.
+* The size the header claims (voxels x bytes per voxel + data offset) is compared with
+  what the file holds before the voxels are used, and memory grows only with the data
+  actually present, so a small file with a lying header fails fast.
+* Plausibility limits, all module constants:
+
+  - :data:`MAX_VOXELS` (``2**30``, about 1.07e9 voxels, 4 GiB as float32): the most
+    voxels (all axes) a file may hold. Raise it per call with ``max_voxels=`` or for
+    the process with the environment variable ``JAXREG_MAX_VOXELS``.
+  - :data:`MIN_SIDE` (4): every spatial axis needs at least this many voxels; a side one
+    voxel thick is a 2D image, not a volume.
+  - :data:`MIN_SPACING_MM`, :data:`MAX_SPACING_MM` (1e-3 and 1e3 mm): the plausible
+    range of voxel spacing (column norms of the affine's 3x3 part).
+  - :data:`MAX_ABS_VALUE` (1e9): the largest plausible image voxel magnitude, after
+    scaling. CT is about -1024..3071 HU (raw uint16 at most 65535), MRI and PET
+    (Bq/ml) stay below about 1e7; only a broken header or scaling factor gets near
+    1e9. Label maps are not held to it.
 
 Displacement fields elsewhere in jaxreg are in voxels of the fixed image;
 :func:`field_to_mm` and :func:`field_to_voxels` convert them through the affine.
@@ -11,29 +34,54 @@ Displacement fields elsewhere in jaxreg are in voxels of the fixed image;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gzip
+import math
 import os
 import re
-import tempfile
+import zlib
 from collections.abc import Mapping
 
 import nibabel as nib
 import nrrd
 import numpy as np
+from nibabel.volumeutils import apply_read_scaling
 from scipy import ndimage
+
+from jaxreg import atomic
 
 __all__ = [
     "InputError",
     "Volume",
+    "MAX_VOXELS",
+    "MIN_SIDE",
+    "MIN_SPACING_MM",
+    "MAX_SPACING_MM",
+    "MAX_ABS_VALUE",
     "load_volume",
     "load_labels",
     "save_volume",
     "resample_to",
     "same_grid",
+    "coverage",
     "field_to_mm",
     "field_to_voxels",
 ]
 
+MAX_VOXELS = 2**30
+"""Default limit on the voxels of a file; see ``max_voxels`` and ``JAXREG_MAX_VOXELS``."""
+MIN_SIDE = 4
+"""Fewest voxels along each spatial axis of a volume."""
+MIN_SPACING_MM = 1e-3
+"""Smallest plausible voxel spacing, millimetres."""
+MAX_SPACING_MM = 1e3
+"""Largest plausible voxel spacing, millimetres."""
+MAX_ABS_VALUE = 1e9
+"""Largest plausible magnitude of an image voxel (after scaling); not applied to labels."""
+
+_MAX_VOXELS_ENV = "JAXREG_MAX_VOXELS"
+_CHUNK = 1 << 24  # bytes per read while decompressing
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _NRRD_SUFFIXES = (".nrrd", ".nhdr")
 # NRRD world spaces and the sign flips that take them to RAS.
@@ -112,29 +160,256 @@ def _nrrd_affine(header: Mapping, spatial_axes: list[int], path: str) -> np.ndar
     return np.diag(_SPACE_TO_RAS[space] + (1.0,)) @ affine
 
 
-def _read(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict, str]:
-    """Reads a file into (data, affine, nrrd header or {}, path string), checks the axes."""
-    path = os.fspath(path)
+def _voxel_limit(max_voxels: int | None) -> int:
+    """The voxel limit: ``max_voxels`` if given, else $JAXREG_MAX_VOXELS, else MAX_VOXELS."""
+    source = "max_voxels"
+    if max_voxels is None:
+        text = os.environ.get(_MAX_VOXELS_ENV, "").strip()
+        if not text:
+            return MAX_VOXELS
+        source = _MAX_VOXELS_ENV
+        try:
+            max_voxels = int(text)
+        except ValueError:
+            raise ValueError(f"{source} must be a positive integer, got {text!r}") from None
+    if isinstance(max_voxels, bool) or not isinstance(max_voxels, (int, np.integer)) \
+            or max_voxels < 1:
+        raise ValueError(f"{source} must be a positive integer, got {max_voxels!r}")
+    return int(max_voxels)
+
+
+def _check_voxels(shape, limit: int, path: str) -> int:
+    """Refuses a header's shape before anything is allocated for it; returns the voxels."""
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise InputError(f"{path}: header gives a negative size in shape {shape}")
+    count = math.prod(shape)
+    if count > limit:
+        raise InputError(f"{path}: image has {count} voxels (shape {shape}), more than the "
+                         f"limit of {limit}; to load it anyway pass max_voxels= or set the "
+                         f"environment variable {_MAX_VOXELS_ENV}")
+    return count
+
+
+def _size_error(path: str, claim: int, holds: int, compressed: bool) -> InputError:
+    unit = " once decompressed" if compressed else ""
+    return InputError(f"{path}: file is truncated or its header is wrong: header claims "
+                      f"{claim} bytes of data, file holds {holds}{unit}")
+
+
+@contextlib.contextmanager
+def _gzip_damage(path: str):
+    """Reports a damaged or cut gzip stream as an InputError naming the file."""
+    try:
+        yield
+    except EOFError as err:
+        raise InputError(f"{path}: file is truncated (gzip stream ends before its end "
+                         f"marker)") from err
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise InputError(f"{path}: file is corrupt (gzip: {err})") from err
+
+
+def _gzip_isize(fh) -> int | None:
+    """The gzip trailer's ISIZE (uncompressed size mod 2**32 of the last member)."""
+    start = fh.tell()
+    end = fh.seek(0, os.SEEK_END)
+    isize = None
+    if end - start >= 18:  # smallest gzip member: 10 header + 2 deflate + 8 trailer
+        fh.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(fh.read(4), "little")
+    fh.seek(start)
+    return isize
+
+
+def _read_stream(stream, *, want: int | None, prefix: bytes = b"", capacity: int,
+                 drain: bool) -> tuple[np.ndarray, int]:
+    """Reads up to ``want`` bytes (all if None) into a uint8 array, ``prefix`` first.
+
+    The array starts at ``capacity`` bytes and doubles as data arrives, so memory
+    follows the bytes present, not what a header claims. With ``drain`` the rest of
+    the stream is read and dropped (for gzip: every member's CRC and length are checked).
+    Returns the array (``min(want, total)`` bytes) and the total bytes in the stream.
+    """
+    limit = math.inf if want is None else want
+    buf = np.empty(int(max(min(limit, capacity), len(prefix), 1)), np.uint8)
+    filled = len(prefix)
+    buf[:filled] = np.frombuffer(prefix, np.uint8)
+    while filled < limit:
+        if filled == buf.size:
+            bigger = np.empty(int(min(limit, 2 * buf.size)), np.uint8)
+            bigger[:filled] = buf[:filled]
+            buf = bigger
+        with memoryview(buf) as view:
+            count = stream.readinto(view[filled:min(buf.size, filled + _CHUNK)])
+        if not count:
+            break
+        filled += count
+    total = filled
+    while drain and (chunk := stream.read(_CHUNK)):
+        total += len(chunk)
+    kept = int(min(filled, limit))
+    return buf[:kept], total
+
+
+def _drain(stream) -> None:
+    """Reads a stream to its end, dropping the bytes (gzip checks every CRC on the way)."""
+    while stream.read(_CHUNK):
+        pass
+
+
+def _nifti_header(head: bytes, path: str):
+    """Parses the fixed NIfTI-1 or NIfTI-2 header of a single-file ``.nii``."""
+    for header_class in (nib.Nifti2Header, nib.Nifti1Header):
+        if header_class.may_contain_header(head):
+            header = header_class(head[:header_class.sizeof_hdr], check=True)
+            if header["magic"].item() == header_class.single_magic:
+                return header
+    hint = "; the file is gzip-compressed, name it .nii.gz" if head[:2] == b"\x1f\x8b" else ""
+    raise InputError(f"{path}: cannot read file (no single-file NIfTI-1 or NIfTI-2 header{hint})")
+
+
+def _read_nifti(fh, path: str, *, compressed: bool, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a ``.nii``/``.nii.gz`` from an open file: checked sizes, verified gzip."""
+    size = os.fstat(fh.fileno()).st_size
+    isize = _gzip_isize(fh) if compressed else None
+    stream = gzip.GzipFile(fileobj=fh, mode="rb") if compressed else fh
+    with _gzip_damage(path):
+        head = stream.read(nib.Nifti2Header.sizeof_hdr)
+        try:
+            header = _nifti_header(head, path)
+            shape = header.get_data_shape()
+            dtype = header.get_data_dtype()
+            offset = int(header.get_data_offset())
+            slope, inter = header.get_slope_inter()
+            affine = header.get_best_affine()
+            count = math.prod(int(s) for s in shape)
+            claim = offset + count * dtype.itemsize
+        except Exception:
+            if compressed:  # damaged bytes explain a garbled header: report those first
+                _drain(stream)
+            raise
+        # The trailer's ISIZE (size mod 2**32) agreeing with the header is good evidence
+        # that the header is intact. It is only evidence: a multi-member (bgzip) or
+        # truncated file makes it disagree, so it steers work, never decides.
+        hinted = compressed and isize is not None and claim % 2**32 == isize
+        if compressed and not hinted and (count > limit or min(shape, default=0) < 0):
+            _drain(stream)  # verify the stream before blaming a size that may be garbled
+        _check_voxels(shape, limit, path)
+        if compressed:
+            buf, holds = _read_stream(stream, want=claim, prefix=head, drain=True,
+                                      capacity=claim if hinted else _CHUNK)
+        else:
+            if size < claim:
+                raise _size_error(path, claim, size, compressed=False)
+            buf, holds = _read_stream(stream, want=claim, prefix=head, capacity=claim,
+                                      drain=False)
+    if buf.size < claim:
+        raise _size_error(path, claim, holds, compressed)
+    raw = buf[offset:claim].view(dtype).reshape(shape, order="F")
+    # As nibabel's ArrayProxy: slope/intercept in the slope's precision (upcast if needed).
+    slope = np.asanyarray(1.0 if slope is None else slope)
+    inter = np.asanyarray(0.0 if inter is None else inter)
+    if np.can_cast(inter, slope.dtype):
+        inter = inter.astype(slope.dtype)
+    return apply_read_scaling(raw, slope, inter), affine
+
+
+def _open(path: str, what: str = "file"):
+    """Opens a regular file for reading; a missing, folder or unreadable path is refused."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder, expected a file")
+    if not os.path.exists(path):
+        raise InputError(f"{path}: {what} not found")
     if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{path}: is not a regular file")
+    try:
+        return open(path, "rb")
+    except PermissionError as err:
+        raise InputError(f"{path}: {what} is not readable (permission denied)") from err
+
+
+def _read_nrrd(fh, path: str, *, limit: int) -> tuple[np.ndarray, dict]:
+    """Reads a ``.nrrd``/``.nhdr``: header first, checked sizes, verified gzip data."""
+    header = nrrd.read_header(fh)
+    for field in ("type", "encoding", "sizes"):
+        if field not in header:
+            raise InputError(f"{path}: cannot read file (NRRD header has no {field!r} field)")
+    sizes = [int(s) for s in np.atleast_1d(header["sizes"])]
+    count = _check_voxels(sizes, limit, path)
+    dtype = nrrd.reader._determine_datatype(header)  # pynrrd's type + endian -> numpy
+    need = count * dtype.itemsize
+    encoding = str(header["encoding"]).lower()
+    line_skip = int(header.get("lineskip", header.get("line skip", 0)))
+    byte_skip = int(header.get("byteskip", header.get("byte skip", 0)))
+    data_name = header.get("datafile", header.get("data file"))
+    if encoding not in ("raw", "gzip", "gz") or line_skip < 0 or byte_skip < -1:
+        # Text or bzip2 (self-checking) data, or skips pynrrd refuses: leave it to pynrrd.
+        return nrrd.read_data(header, fh, path), header
+
+    with contextlib.ExitStack() as stack:
+        source = fh
+        if data_name is not None:
+            data_path = os.path.join(os.path.dirname(path), str(data_name))
+            try:
+                source = stack.enter_context(_open(data_path, "data file"))
+            except InputError as err:
+                raise InputError(f"{path}: {err}") from None
+        for _ in range(line_skip):
+            source.readline()
+        if encoding == "raw":
+            if byte_skip >= 0:
+                source.seek(byte_skip, os.SEEK_CUR)
+            available = os.fstat(source.fileno()).st_size - source.tell()
+            if available < need:
+                claim = need + max(byte_skip, 0)
+                raise _size_error(path, claim, available + max(byte_skip, 0), compressed=False)
+            if byte_skip == -1:
+                source.seek(-need, os.SEEK_END)
+            buf, _ = _read_stream(source, want=need, capacity=need, drain=False)
+            start = 0
+        else:  # gzip; NRRD's byte skip applies after decompression
+            want = None if byte_skip == -1 else byte_skip + need
+            isize = _gzip_isize(source)
+            hinted = want is not None and isize is not None and want % 2**32 == isize
+            with _gzip_damage(path):
+                buf, holds = _read_stream(gzip.GzipFile(fileobj=source, mode="rb"), want=want,
+                                          capacity=want if hinted else _CHUNK, drain=True)
+            start = buf.size - need if byte_skip == -1 else byte_skip
+            if start < 0 or buf.size - start < need:
+                raise _size_error(path, need + max(byte_skip, 0), holds, compressed=True)
+    data = buf[start:start + need].view(dtype).reshape(sizes, order="F")
+    return data, header
+
+
+def _read(path: str | os.PathLike, *, max_voxels: int | None = None
+          ) -> tuple[np.ndarray, np.ndarray, dict, str]:
+    """Reads a file into (data, affine, nrrd header or {}, path string) and checks it.
+
+    Checks shared by images and labels: the file itself (exists, is a readable file,
+    complete and, if compressed, undamaged), the voxel limit, 3 spatial axes of at
+    least MIN_SIDE voxels, an invertible affine with plausible spacing.
+    """
+    path = os.fspath(path)
+    limit = _voxel_limit(max_voxels)
     suffix = _suffix(path)
     header: dict = {}
-    try:
-        if suffix in _NIFTI_SUFFIXES:
-            image = nib.load(path)
-            data = np.asanyarray(image.dataobj)
-            affine = image.affine
-        elif suffix in _NRRD_SUFFIXES:
-            data, header = nrrd.read(path)
-            affine = None
-        else:
+    with _open(path) as fh:
+        if suffix not in _NIFTI_SUFFIXES + _NRRD_SUFFIXES:
             raise InputError(f"{path}: unknown file type (expected .nii, .nii.gz, .nrrd or .nhdr)")
-    except InputError:
-        raise
-    except Exception as err:  # nibabel/pynrrd/gzip raise many kinds for a bad file
-        raise InputError(f"{path}: cannot read file ({type(err).__name__}: {err})") from err
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise InputError(f"{path}: file is empty (0 bytes)")
+        try:
+            if suffix in _NIFTI_SUFFIXES:
+                data, affine = _read_nifti(fh, path, compressed=suffix == ".nii.gz",
+                                           limit=limit)
+            else:
+                data, header = _read_nrrd(fh, path, limit=limit)
+                affine = None
+        except InputError:
+            raise
+        except Exception as err:  # nibabel/pynrrd raise many kinds for a bad file
+            raise InputError(f"{path}: cannot read file ({type(err).__name__}: {err})") from err
 
-    data = np.asarray(data)
     if header:
         # An NRRD may carry a non-spatial axis (e.g. Slicer's segment layers); it goes last.
         directions = header.get("space directions")
@@ -151,24 +426,40 @@ def _read(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict, str]:
         data = data[..., 0]
     if data.ndim < 3:
         raise InputError(f"{path}: volume is {data.ndim}D with shape {data.shape}, expected 3D")
-    return data, _check_affine(affine, path), header, path
+    if min(data.shape[:3]) < MIN_SIDE:
+        raise InputError(f"{path}: volume has shape {data.shape}; needs at least {MIN_SIDE} "
+                         f"voxels along each axis")
+    affine = _check_affine(affine, path)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.all((spacing >= MIN_SPACING_MM) & (spacing <= MAX_SPACING_MM)):
+        shown = ", ".join(f"{s:.3g}" for s in spacing)
+        raise InputError(f"{path}: voxel spacing ({shown}) mm is implausible; each must be "
+                         f"between {MIN_SPACING_MM:g} and {MAX_SPACING_MM:g} mm")
+    return data, affine, header, path
 
 
-def load_volume(path: str | os.PathLike) -> Volume:
+def load_volume(path: str | os.PathLike, *, max_voxels: int | None = None) -> Volume:
     """Reads a 3D image and checks that it can be registered.
 
     Args:
       path: a ``.nii``, ``.nii.gz``, ``.nrrd`` or ``.nhdr`` file.
+      max_voxels: the most voxels the file may hold; None means the environment
+        variable ``JAXREG_MAX_VOXELS`` if set, else :data:`MAX_VOXELS` (``2**30``).
 
     Returns:
       A :class:`Volume` with float32 data (scaling slopes applied) and a RAS+ affine.
 
     Raises:
-      InputError: the file is missing or unreadable, the image is not 3D (a trailing
-        singleton 4th axis is dropped), holds NaN or Inf voxels, is constant, or its
-        affine is not invertible.
+      InputError: the path is missing, a folder or unreadable; the file is corrupt or
+        truncated (compressed data are checked to the end), its header claims more data
+        than the file holds or more than ``max_voxels`` voxels; the image is not 3D (a
+        trailing singleton 4th axis is dropped) or has a side shorter than
+        :data:`MIN_SIDE` voxels; its affine is not invertible or its spacing is outside
+        :data:`MIN_SPACING_MM`..:data:`MAX_SPACING_MM`; it holds NaN or Inf voxels or
+        values beyond :data:`MAX_ABS_VALUE` in magnitude, or is constant.
+      ValueError: ``max_voxels`` or ``JAXREG_MAX_VOXELS`` is not a positive integer.
     """
-    data, affine, _, path = _read(path)
+    data, affine, _, path = _read(path, max_voxels=max_voxels)
     if data.ndim != 3:
         raise InputError(f"{path}: volume is {data.ndim}D with shape {data.shape}, expected 3D")
     try:
@@ -178,8 +469,13 @@ def load_volume(path: str | os.PathLike) -> Volume:
     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise InputError(f"{path}: {bad} voxels are NaN or Inf")
-    if data.size == 0 or data.min() == data.max():
+    low, high = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    if low == high:
         raise InputError(f"{path}: image is constant (empty), nothing to register")
+    peak = max(-low, high)
+    if peak > MAX_ABS_VALUE:
+        raise InputError(f"{path}: voxel values reach {peak:.3g} in magnitude, implausible for "
+                         f"an image (limit {MAX_ABS_VALUE:.3g}; broken header or scaling?)")
     return Volume(data=data, affine=affine, path=path)
 
 
@@ -192,7 +488,7 @@ def _segment_fields(header: Mapping) -> dict[int, dict[str, str]]:
     return dict(sorted(segments.items()))
 
 
-def load_labels(path: str | os.PathLike) -> Volume:
+def load_labels(path: str | os.PathLike, *, max_voxels: int | None = None) -> Volume:
     """Reads a label map; a 3D Slicer segmentation (``.seg.nrrd``) becomes one label map.
 
     A ``.seg.nrrd`` with ``SegmentN_*`` header fields is read either as a labelmap
@@ -203,16 +499,20 @@ def load_labels(path: str | os.PathLike) -> Volume:
 
     Args:
       path: a ``.nii``, ``.nii.gz``, ``.nrrd`` or ``.seg.nrrd`` file.
+      max_voxels: the most voxels the file may hold (all layers of a ``.seg.nrrd``
+        counted); None means ``JAXREG_MAX_VOXELS`` if set, else :data:`MAX_VOXELS`.
 
     Returns:
       A :class:`Volume` with integer data (int16 or wider if needed; an empty map is
       allowed) and a RAS+ affine.
 
     Raises:
-      InputError: the file is missing or unreadable, not 3D, holds NaN/Inf or
-        non-integer values, or its affine is not invertible.
+      InputError: the file fails the same file, size, shape (3D, sides of at least
+        :data:`MIN_SIDE`) and geometry checks as in :func:`load_volume`, or holds
+        NaN/Inf or non-integer values (label values have no magnitude bound).
+      ValueError: ``max_voxels`` or ``JAXREG_MAX_VOXELS`` is not a positive integer.
     """
-    data, affine, header, path = _read(path)
+    data, affine, header, path = _read(path, max_voxels=max_voxels)
     names: dict[int, str] = {}
     segments = _segment_fields(header)
     if segments:
@@ -283,6 +583,46 @@ def same_grid(a: Volume, b: Volume, *, atol: float = 1e-3) -> bool:
     return a.shape[:3] == b.shape[:3] and bool(np.allclose(a.affine, b.affine, atol=atol, rtol=0))
 
 
+def coverage(volume: Volume, shape: tuple[int, int, int], affine: np.ndarray, *,
+             step: int = 4) -> float:
+    """Fraction of a target grid's voxels that lie inside a volume's grid.
+
+    Target voxel j is covered when ``inv(volume.affine) @ affine @ j`` falls within the
+    source's voxel centres, index 0 to n - 1 along every axis: where :func:`resample_to`
+    returns source values rather than its zero fill. Use it to notice a label map that
+    covers only part of its image. Every ``step``-th target voxel along each axis is
+    tested (a lattice centred in the grid), which is exact to about ``step`` voxels at
+    the edges of the overlap and cheap for any grid size.
+
+    Args:
+      volume: the source volume (its shape and affine are used, not its data).
+      shape: the target grid's shape (H, W, D).
+      affine: the target grid's (4, 4) voxel -> world affine.
+      step: lattice spacing in target voxels; 1 tests every voxel.
+
+    Returns:
+      The covered fraction, between 0.0 and 1.0.
+    """
+    affine = _check_affine(affine, "target grid")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape must be 3 positive sizes, got {shape}")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step must be a positive integer, got {step!r}")
+    matrix = np.linalg.inv(_check_affine(volume.affine, "volume")) @ affine
+    lattice = [np.arange((n - 1) % step // 2, n, step, dtype=np.float64) for n in shape]
+    top = np.asarray(volume.shape[:3], np.float64)[:, None, None] - 1
+    tolerance = 1e-6  # voxels; resample_to snaps round-off of this order
+    covered = 0
+    for i in lattice[0]:  # one plane of the lattice at a time keeps memory small
+        index = (matrix[:3, 0, None, None] * i + matrix[:3, 3, None, None]
+                 + matrix[:3, 1, None, None] * lattice[1][None, :, None]
+                 + matrix[:3, 2, None, None] * lattice[2][None, None, :])
+        inside = (index >= -tolerance) & (index <= top + tolerance)
+        covered += int(np.count_nonzero(np.all(inside, axis=0)))
+    return covered / math.prod(len(axis) for axis in lattice)
+
+
 def _storage_dtype(data: np.ndarray) -> np.dtype:
     if data.dtype.kind in "biu":
         if data.size == 0:
@@ -327,11 +667,7 @@ def save_volume(path: str | os.PathLike, data, affine: np.ndarray) -> None:
     affine = _check_affine(affine, path)
     data = data.astype(_storage_dtype(data), copy=False)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                                    suffix=suffix)
-    os.close(handle)
-    try:
+    with atomic.atomic_path(path, suffix=suffix) as temp:
         if suffix == ".nrrd":
             lps = np.diag(_SPACE_TO_RAS["lps"] + (1.0,)) @ affine
             header = {"space": "left-posterior-superior",
@@ -347,11 +683,6 @@ def save_volume(path: str | os.PathLike, data, affine: np.ndarray) -> None:
             if data.ndim == 4:
                 image.header.set_intent("vector")
             nib.save(image, temp)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
 
 
 def field_to_mm(disp, affine: np.ndarray):

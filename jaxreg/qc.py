@@ -6,8 +6,6 @@ matplotlib's backend or ``rcParams``, so it is safe in library code and in threa
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -15,6 +13,7 @@ from jax.typing import ArrayLike
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jaxreg import atomic
 from jaxreg.regularisers import jacobian_determinant
 
 __all__ = ["save_qc_png"]
@@ -132,14 +131,6 @@ def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: Array
     if title:
         fig.suptitle(title)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path

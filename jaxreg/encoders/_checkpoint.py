@@ -11,12 +11,13 @@ torch is imported only to read ``.pth`` files; ``.safetensors`` files need no to
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import nnx
+
+from jaxreg import atomic
 
 __all__ = [
     "CheckpointError",
@@ -110,15 +111,8 @@ def write_safetensors(params: Mapping[str, np.ndarray], path: str | os.PathLike)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic.atomic_path(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _path_name(path: tuple) -> str:
