@@ -10,6 +10,10 @@
 
 See ``experiments/configs/breast.py`` for every setting and ``jaxreg.experiment`` for
 the pairs CSV and the outputs.
+
+Exit codes: 0 every pair done; 1 some pairs failed (each named on stderr with its file
+and problem, the others done); 2 a user error (bad setting, pairs CSV, workdir, weights),
+printed as one line ``error: <file or setting>: <problem>``, with nothing registered.
 """
 
 import os
@@ -20,16 +24,107 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxreg import experiment
-from jaxreg.encoders import registry
+from jaxreg import io
+from jaxreg.encoders import _checkpoint
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "breast.py")
+
+# Errors of the user's files and settings: printed as one line, no traceback.
+_USER_ERRORS = (io.InputError, _checkpoint.CheckpointError)
+
+
+def _with_encoder_config(argv: list[str]) -> list[str]:
+    """``--encoder=X`` selects the config file's defaults for X (``--config=...:X``), so
+    that every ``--config.a.b=v`` applies on top of that encoder's defaults."""
+    encoder, rest = None, []
+    args = iter(argv[1:])
+    for arg in args:
+        if arg.startswith("--encoder="):
+            encoder = arg.split("=", 1)[1]
+        elif arg == "--encoder":
+            encoder = next(args, "")
+        else:
+            rest.append(arg)
+    if encoder is None:
+        return argv
+    if encoder not in experiment.ENCODERS:
+        raise flags.Error(f"--encoder={encoder}: choose from {', '.join(experiment.ENCODERS)}")
+    configs = [i for i, a in enumerate(rest) if a == "--config" or a.startswith("--config=")]
+    if not configs:
+        return [argv[0], f"--config={_DEFAULT_CONFIG}:{encoder}", f"--encoder={encoder}"] + rest
+    i = configs[-1]
+    value = rest[i].split("=", 1)[1] if "=" in rest[i] else rest[i + 1]
+    path, _, given = value.partition(":")
+    if given and given != encoder:
+        raise flags.Error(f"--encoder={encoder} contradicts --config={value}")
+    rest[i:i + (1 if "=" in rest[i] else 2)] = [f"--config={path}:{encoder}"]
+    return [argv[0], f"--encoder={encoder}"] + rest
+
+
+def _check_overrides(argv: list[str]) -> None:
+    """Names an unknown ``--config.a.b`` field and the fields that exist there."""
+    from experiments.configs import breast
+
+    config = breast.get_config()
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        node, seen = config, "config"
+        for key in path:
+            if not hasattr(node, "keys") or key not in node:
+                fields = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+                raise flags.Error(f"{arg}: {seen} has no field {key!r} (fields: {fields})")
+            node, seen = node[key], f"{seen}.{key}"
+
+
+def _prepare_argv(argv: list[str]) -> list[str]:
+    """The command line with ``--encoder`` folded into ``--config``, overrides checked.
+
+    Runs before the flags are defined: ``DEFINE_config_file`` applies ``--config.a.b=v``
+    from ``sys.argv`` as it is defined, and raises a traceback on an unknown field.
+    """
+    try:
+        argv = _with_encoder_config(argv)
+        _check_overrides(argv)
+    except flags.Error as e:
+        sys.exit(_one_line_error(e))
+    return argv
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one-line errors (``error: ...``, exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(_one_line_error(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections' own
+        sys.exit(_one_line_error(f"a --config value cannot be used: {e}"))
+
+
+def _one_line_error(error) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.argv = _prepare_argv(sys.argv)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "breast.py"),
+    "config", _DEFAULT_CONFIG,
     "Experiment config file (path[:encoder]); fields overridable as --config.a.b=v.")
 _ENCODER = flags.DEFINE_enum("encoder", None, list(experiment.ENCODERS),
-                             "Feature extractor; overrides config.encoder.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with pairs.csv; default: phantom.")
-_PAIRS = flags.DEFINE_string("pairs", None, "Pairs CSV (mov_volume,fix_volume,...).")
+                             "Feature extractor: the config file's defaults for it "
+                             "(same as --config=experiments/configs/breast.py:ENCODER).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with the volumes and pairs.csv; "
+                                "default: the built-in phantom.")
+_PAIRS = flags.DEFINE_string("pairs", None, "Pairs CSV (mov_volume,fix_volume,...); a "
+                             "relative path is resolved against --data_dir when given, "
+                             "else against the current folder.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/breast", "Output folder.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo finished pairs whose recorded "
+                               "settings or inputs differ; without it such a workdir is "
+                               "refused.")
 _BATCH = flags.DEFINE_integer("batch_per_device", None, "Pairs per device at once (vmap); "
                               "capped by the memory plan. Overrides config.batch.")
 _DEVICES = flags.DEFINE_string("devices", None, "Local devices to use: all (default), a "
@@ -43,28 +138,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Encoder checkpoint (file or Hugging Face "
                                "folder); default: searched, see jaxreg/encoders/registry.py.")
 
-
-def _apply_changes(config, changed, default):
-    """Copies into ``config`` the fields where ``changed`` differs from ``default``."""
-    for key, value in changed.items():
-        if key == "encoder":
-            continue
-        if hasattr(value, "items"):
-            _apply_changes(config[key], value, default[key])
-        elif value != default[key]:
-            config[key] = value
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    if _ENCODER.value and _ENCODER.value != config.encoder:
-        # The encoder's own defaults, keeping every field set on the command line.
-        from experiments.configs import breast
-        overrides = config
-        config = breast.get_config(_ENCODER.value)
-        _apply_changes(config, overrides, breast.get_config(overrides.encoder))
     if _DATA_DIR.value is not None:
         config.data_dir = _DATA_DIR.value
     if _PAIRS.value is not None:
@@ -82,9 +159,10 @@ def main(argv):
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
     try:
-        rows, failures = experiment.run_study(config, _WORKDIR.value)
-    except registry.WeightsNotFoundError as e:
-        sys.exit(f"error: {e}")
+        rows, failures = experiment.run_study(config, _WORKDIR.value,
+                                              overwrite=_OVERWRITE.value)
+    except _USER_ERRORS as e:
+        sys.exit(_one_line_error(e))
     import jax
 
     if jax.process_index() == 0:
@@ -96,4 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

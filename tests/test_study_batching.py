@@ -50,7 +50,7 @@ def _config(csv_path, encoder="mind"):
 def test_sharded_study_of_mixed_sizes_equals_the_sequential_study(tmp_path):
     csv_path = _mixed_pairs_csv(tmp_path)
     pairs = experiment.read_pairs(csv_path)
-    buckets = batching.plan_buckets([experiment._grid_shape(p.fixed) for p in pairs], multiple=6)
+    buckets = batching.plan_buckets([experiment.grid_shape(p.fixed) for p in pairs], multiple=6)
     assert len(buckets) == 2  # the two sizes are not merged (too much padding)
     c = _config(csv_path)
     c.batch.batch_per_device = 2  # 2 host devices in the test session: 4 pairs at once
@@ -60,7 +60,7 @@ def test_sharded_study_of_mixed_sizes_equals_the_sequential_study(tmp_path):
     plain_rows, failures = experiment.run_study(c, str(tmp_path / "plain"), progress=False)
     assert failures == [] and len(plain_rows) == 4
     for pair in pairs:
-        got, expected = (experiment._load_field(
+        got, expected = (experiment.load_field(
             str(tmp_path / run / "pairs" / pair.name / "field_voxels.nii.gz"))
             for run in ("batched", "plain"))
         assert got.shape == expected.shape

@@ -1,0 +1,38 @@
+"""A registration study over a list of subject pairs: the library behind the CLIs.
+
+``run_study(config, workdir)`` reads the pairs (a CSV, or the built-in breast phantom),
+registers each, writes per pair the field (voxels and millimetres), the warped moving
+image and warped label maps, and a metrics row, then a summary table. It is what
+``python -m experiments.breast`` calls; it can be called from Python the same way.
+
+The modules, by job:
+
+- :mod:`~jaxreg.experiment.pairs`: the pairs CSV (columns, safe pair names, where
+  relative paths start) and the built-in phantom.
+- :mod:`~jaxreg.experiment.settings`: the config checked at start, the typed solver and
+  feature configs made from it, the settings recorded per pair.
+- :mod:`~jaxreg.experiment.pipeline`: one pair loaded onto the fixed grid, its features
+  made and registered.
+- :mod:`~jaxreg.experiment.outputs`: a pair's files and scores, the summary table.
+- :mod:`~jaxreg.experiment.workdir`: one run per workdir (a lock), pair folders written
+  whole (staging, then rename), leftovers of a killed run removed, settings recorded.
+- :mod:`~jaxreg.experiment.study`: every pair, one at a time or batched over devices
+  and hosts; a pair that fails is reported and skipped, the others go on.
+"""
+
+from jaxreg.experiment.outputs import format_summary, load_field, write_pair
+from jaxreg.experiment.pairs import Pair, check_name, find_pairs_csv, read_pairs
+from jaxreg.experiment.pairs import write_phantom_pairs
+from jaxreg.experiment.pipeline import LoadedPair, load_pair, make_encoder, register_volumes
+from jaxreg.experiment.settings import ENCODERS, PYRAMIDS, ConfigError, check_config
+from jaxreg.experiment.settings import feature_config, solver_config
+from jaxreg.experiment.study import grid_shape, run_pair, run_study, select_devices
+from jaxreg.experiment.workdir import Workdir, WorkdirError
+
+__all__ = [
+    "ENCODERS", "PYRAMIDS", "ConfigError", "LoadedPair", "Pair", "Workdir", "WorkdirError",
+    "check_config", "check_name", "feature_config", "find_pairs_csv", "format_summary",
+    "grid_shape", "load_field", "load_pair", "make_encoder", "read_pairs",
+    "register_volumes", "run_pair", "run_study", "select_devices", "solver_config",
+    "write_pair", "write_phantom_pairs",
+]

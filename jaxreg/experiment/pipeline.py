@@ -1,0 +1,178 @@
+"""One pair through the pipeline: load and put on the fixed grid, make features, solve."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxreg import features as feat_lib
+from jaxreg import io
+from jaxreg import solver
+from jaxreg.encoders import registry
+from jaxreg.experiment import settings
+from jaxreg.experiment.pairs import Pair
+
+__all__ = ["LoadedPair", "load_pair", "make_encoder", "register_volumes",
+           "normalised_pair"]
+
+# A label map whose grid covers less of its image than this gets a warning.
+_MIN_LABEL_COVERAGE = 0.99
+
+
+def make_encoder(config: Any, *, devices: Sequence[jax.Device] | None = None
+                 ) -> feat_lib.SliceEncoder | None:
+    """Loads the experiment's encoder once (None for ``mind``).
+
+    Args:
+      config: the experiment config.
+      devices: when several, the encoder's slice chunks are sharded over them.
+
+    Raises:
+      registry.WeightsNotFoundError: no weights where they were looked for.
+      CheckpointError: the weights do not fit the encoder.
+    """
+    if config.encoder == "mind":
+        return None
+    if config.encoder not in registry.ENCODERS:
+        raise settings.ConfigError(f"config.encoder={config.encoder!r}: must be one of "
+                                   f"{', '.join(settings.ENCODERS)}")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.features.dtype)
+    if dtype is None:  # "auto": bfloat16 on accelerators, float32 on CPU
+        dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    weights = config.weights or None
+    model, spec = registry.load_encoder(config.encoder, weights, dtype=dtype)
+    fc = settings.feature_config(config)
+    return feat_lib.SliceEncoder(model, spec, layers=fc.layers, image_size=fc.image_size,
+                                 chunk=fc.chunk, devices=devices,
+                                 name=f"{config.encoder}:{registry.find_weights(config.encoder, weights)}")
+
+
+def normalised_pair(fixed: np.ndarray, moving: np.ndarray, config: Any
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Both images clipped to ``config.features.percentiles`` and scaled to [0, 1]."""
+    norm = functools.partial(feat_lib.normalise_intensity,
+                             percentiles=tuple(config.features.percentiles))
+    return norm(fixed), norm(moving)
+
+
+def register_volumes(fixed: io.Volume, moving: io.Volume, *, config: Any,
+                     encoder: feat_lib.SliceEncoder | None = None,
+                     masks: tuple[np.ndarray, np.ndarray] | None = None,
+                     cache: feat_lib.FeatureCache | None = None,
+                     timings: dict[str, float] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The displacement field (voxels of the fixed grid) aligning ``moving`` to ``fixed``.
+
+    ``moving`` must already be on the fixed grid (see :func:`io.resample_to`).
+
+    Args:
+      config: the experiment config (``encoder``, ``features``, ``solver``, ``mind``).
+      encoder: from :func:`make_encoder`; None for MIND-SSC.
+      masks: ``(fixed, moving)`` foreground masks restricting the PCA fit.
+      cache: encoded-token cache.
+      timings: seconds per stage are added to it (slicing, encoding, pca, resizing, solving).
+
+    Returns:
+      ``(field, fixed_features)``: the ``(H, W, D, 3)`` field, and the fixed image's
+      features used by the fine stage (None for MIND), for QC pictures.
+    """
+    timings = {} if timings is None else timings
+    solver_config = settings.solver_config(config)
+    if config.encoder == "mind":
+        start = time.perf_counter()
+        f, m = normalised_pair(fixed.data, moving.data, config)
+        field = solver.register_mind(f, m, config=solver_config,
+                                     radius=config.mind.radius, dilation=config.mind.dilation)
+        field = np.asarray(jax.block_until_ready(field))
+        timings["solving"] = timings.get("solving", 0.0) + time.perf_counter() - start
+        return field, None
+    if encoder is None:
+        raise ValueError(f"encoder {config.encoder!r} needs a SliceEncoder (make_encoder)")
+    fc = settings.feature_config(config)
+    fixed_mask, moving_mask = masks if masks is not None else (None, None)
+    layers = feat_lib.pair_features(fixed.data, moving.data, encoder, config=fc,
+                                    fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                    cache=cache, timings=timings)
+    start = time.perf_counter()
+    f = jnp.concatenate([layers[k][0] for k in fc.layers], axis=-1)
+    m = jnp.concatenate([layers[k][1] for k in fc.layers], axis=-1)
+    coarse = {}
+    if config.features.pyramid == "coarse_to_fine":
+        coarse = dict(coarse_fixed=layers[fc.layers[-1]][0], coarse_moving=layers[fc.layers[-1]][1])
+    field = solver.convex_adam(f, m, config=solver_config, **coarse)
+    field = np.asarray(jax.block_until_ready(field))
+    timings["solving"] = timings.get("solving", 0.0) + time.perf_counter() - start
+    return field, np.asarray(f)
+
+
+@dataclasses.dataclass
+class LoadedPair:
+    """A pair read and put on the fixed grid: volumes, label maps, PCA masks."""
+
+    pair: Pair
+    fixed: io.Volume
+    moving: io.Volume
+    labels: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (moving, fixed)
+    masks: tuple[np.ndarray, np.ndarray] | None  # (fixed, moving) foreground for the PCA
+
+
+def _check_exists(pair: Pair) -> None:
+    for column, path in pair.files().items():
+        if not os.path.exists(path):
+            raise io.InputError(f"{path}: file not found ({column} of {pair.source or pair.name})")
+
+
+def _on_grid(volume: io.Volume, target: io.Volume, *, order: int) -> io.Volume:
+    if io.same_grid(volume, target):
+        return volume
+    return io.resample_to(volume, target.shape, target.affine, order=order)
+
+
+def _labels_on_fixed_grid(path: str, image: io.Volume, fixed: io.Volume) -> np.ndarray:
+    """A label map read, checked against its image's extent, put on the fixed grid."""
+    labels = io.load_labels(path)
+    if not io.same_grid(labels, image):
+        covered = io.coverage(labels, image.shape, image.affine)
+        if covered < _MIN_LABEL_COVERAGE:
+            logging.warning("%s: the label map covers only %.0f%% of its image %s; voxels "
+                            "outside it count as background", path, 100 * covered, image.path)
+    return _on_grid(labels, fixed, order=0).data
+
+
+def load_pair(pair: Pair, *, config: Any) -> LoadedPair:
+    """Reads a pair, resamples the moving image and labels onto the fixed grid.
+
+    Raises:
+      io.InputError: a file is missing, unreadable or invalid, or the PCA mask is not
+        in the pair.
+    """
+    _check_exists(pair)
+    fixed = io.load_volume(pair.fixed)
+    moving_own = io.load_volume(pair.moving)
+    moving = _on_grid(moving_own, fixed, order=1)
+    labels = {}
+    for name, (mov_path, fix_path) in pair.labels.items():
+        labels[name] = (_labels_on_fixed_grid(mov_path, moving_own, fixed),
+                        _labels_on_fixed_grid(fix_path, fixed, fixed))
+
+    masks = None
+    mask_name = config.features.mask if config.encoder != "mind" else ""
+    if mask_name == "auto":
+        masks = (feat_lib.foreground_mask(fixed.data), feat_lib.foreground_mask(moving.data))
+    elif mask_name:
+        if mask_name not in labels:
+            raise io.InputError(f"pair {pair.name}: features.mask={mask_name!r} but the pair "
+                                f"has no mov_{mask_name}/fix_{mask_name} columns "
+                                f"(it has {sorted(labels)})")
+        masks = (labels[mask_name][1] > 0, labels[mask_name][0] > 0)
+
+    return LoadedPair(pair, fixed, moving, labels, masks)

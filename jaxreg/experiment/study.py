@@ -1,0 +1,340 @@
+"""The study: every pair registered, one at a time or in batches over devices and hosts."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+import traceback
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxreg import features as feat_lib
+from jaxreg import atomic
+from jaxreg.experiment import outputs
+from jaxreg.experiment import pairs as pairs_lib
+from jaxreg.experiment import pipeline
+from jaxreg.experiment import settings
+from jaxreg.experiment import workdir as workdir_lib
+from jaxreg.experiment.pairs import Pair
+
+__all__ = ["run_study", "run_pair", "select_devices"]
+
+# What a pair's failure may be without being a bug: bad files, settings, a diverged field.
+_PAIR_ERRORS = (ValueError, OSError)
+
+
+def run_pair(pair: Pair, out_dir: str, *, config: Any,
+             encoder: feat_lib.SliceEncoder | None = None,
+             cache: feat_lib.FeatureCache | None = None) -> dict[str, Any]:
+    """Registers one pair and writes its outputs into ``out_dir`` (created here).
+
+    Returns:
+      The metrics row (also saved as ``metrics.json``), with the seconds per stage.
+    """
+    loaded = pipeline.load_pair(pair, config=config)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    field, fixed_features = pipeline.register_volumes(
+        loaded.fixed, loaded.moving, config=config, encoder=encoder, masks=loaded.masks,
+        cache=cache, timings=timings)
+    seconds = time.perf_counter() - start
+    return outputs.write_pair(loaded, field, out_dir, config=config,
+                              fixed_features=fixed_features, seconds=seconds, timings=timings)
+
+
+def select_devices(spec: str = "") -> list[jax.Device]:
+    """This host's devices to use: ``""`` all, ``"4"`` the first four, ``"0,2"`` those ids.
+
+    Raises:
+      settings.ConfigError: an id that is not a local device, or a count above the local
+        count.
+    """
+    local = jax.local_devices()
+    spec = str(spec).strip()
+    if not spec:
+        return local
+    try:
+        parts = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise settings.ConfigError(f"--devices={spec}: expected a count or ids like 0,2") from None
+    if len(parts) == 1 and "," not in spec:
+        if not 1 <= parts[0] <= len(local):
+            raise settings.ConfigError(f"--devices={spec}: this host has {len(local)} device(s)")
+        return local[: parts[0]]
+    by_id = {d.id: d for d in local}
+    missing = [i for i in parts if i not in by_id]
+    if missing:
+        raise settings.ConfigError(f"--devices={spec}: no local device with id {missing}; "
+                                   f"local ids {sorted(by_id)}")
+    return [by_id[i] for i in parts]
+
+
+def grid_shape(path: str) -> tuple[int, ...]:
+    """The voxel grid of an image file from its header (cheap), for bucketing."""
+    try:
+        if path.endswith(".nrrd"):
+            import nrrd
+
+            return tuple(int(x) for x in nrrd.read_header(path)["sizes"][:3])
+        import nibabel as nib
+
+        return tuple(int(x) for x in nib.load(path).shape[:3])
+    except Exception:  # unreadable: load_pair reports it properly later
+        return (0, 0, 0)
+
+
+def _csv_pairs(config: Any) -> list[Pair] | None:
+    """The pairs of ``--pairs``/``--data_dir``, or None for the phantom."""
+    if config.pairs or config.data_dir:
+        csv_path = pairs_lib.find_pairs_csv(config.pairs, config.data_dir)
+        return pairs_lib.read_pairs(csv_path, data_dir=config.data_dir or None)
+    return None
+
+
+def _phantom_pairs(config: Any, workdir: str) -> list[Pair]:
+    phantom_dir = os.path.join(workdir, "phantom")
+    if jax.process_index() == 0:
+        pairs_lib.write_phantom_pairs(phantom_dir, tasks=tuple(config.phantom.tasks),
+                                      shape=tuple(config.phantom.shape),
+                                      seed=config.phantom.seed)
+    _sync("phantom written")
+    return pairs_lib.read_pairs(os.path.join(phantom_dir, "pairs.csv"))
+
+
+def _sync(name: str) -> None:
+    """A barrier of all hosts (nothing on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class _Progress:
+    """A bar over every pair of the study, shown by host 0 only. It counts the pairs'
+    finished folders in the (shared) workdir, so it stays right with several hosts."""
+
+    def __init__(self, pairs: list[Pair], work: workdir_lib.Workdir, enabled: bool):
+        self.pairs, self.work, self.bar = pairs, work, None
+        if enabled and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(pairs), desc="pairs", unit="pair")
+            self.update()
+
+    def update(self, failed: int = 0) -> None:
+        if self.bar is not None:
+            done = sum(self.work.is_done(p.name) for p in self.pairs)
+            self.bar.n = min(done + failed, len(self.pairs))
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _pair_settings(config: Any, pair: Pair) -> dict[str, Any]:
+    return {"settings": settings.result_settings(config), "inputs": pair.files()}
+
+
+def _refuse_changed(work: workdir_lib.Workdir, config: Any, pairs: list[Pair]) -> None:
+    changed = workdir_lib.changed_pairs(work, {p.name: _pair_settings(config, p) for p in pairs})
+    if changed:
+        name, diff = next(iter(changed.items()))
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise settings.ConfigError(
+            f"{work.path}: {len(changed)} finished pair(s) were made with other settings or "
+            f"inputs (e.g. {name}: {'; '.join(diff[:3])}{more}); rerun with --overwrite to "
+            f"redo them, or use another --workdir")
+
+
+def run_study(config: Any, workdir: str, *, progress: bool = True,
+              overwrite: bool = False) -> tuple[list[dict], list[str]]:
+    """Registers every pair of the study; see :mod:`jaxreg.experiment`.
+
+    Args:
+      config: an ``ml_collections.ConfigDict`` as built by ``experiments/configs/breast.py``.
+      workdir: output folder (created; shared by all hosts; one run at a time).
+      progress: show a progress bar over pairs (host 0).
+      overwrite: redo finished pairs whose recorded settings or inputs differ from now;
+        without it such a workdir is refused before anything runs.
+
+    Returns:
+      ``(rows, failures)``: the metrics rows of all pairs done (now or by an earlier run;
+      on several hosts, host 0 returns every host's rows), and one message per pair that
+      failed on this host.
+
+    Raises:
+      io.InputError (or its subclasses settings.ConfigError, workdir.WorkdirError): bad
+        settings, a bad pairs CSV, an unusable or busy workdir, or changed settings.
+      CheckpointError: the encoder's weights are missing or do not fit.
+    """
+    settings.check_config(config)
+    devices = select_devices(config.batch.devices)
+    pairs = _csv_pairs(config)  # a bad CSV is refused before the workdir is touched
+    with workdir_lib.Workdir(workdir, lock=jax.process_index() == 0) as work:
+        _sync("workdir ready")
+        pairs = pairs or _phantom_pairs(config, work.path)
+        if not overwrite:
+            _refuse_changed(work, config, pairs)
+        if jax.process_index() == 0:
+            atomic.write_text(os.path.join(work.path, "config.json"),
+                                    config.to_json_best_effort(indent=1))
+        encoder = pipeline.make_encoder(config, devices=devices)
+        cache = None
+        if encoder is not None and config.features.cache:
+            cache = feat_lib.FeatureCache(os.path.join(work.path, "feature_cache"))
+        failures = _register_all(config, work, pairs, encoder, cache, devices, progress)
+        _sync("study done")
+        rows = []
+        mine = pairs[jax.process_index()::jax.process_count()]
+        for pair in pairs if jax.process_index() == 0 else mine:
+            if work.is_done(pair.name):
+                with open(os.path.join(work.pair_dir(pair.name), "metrics.json")) as f:
+                    rows.append(json.load(f))
+        if jax.process_index() == 0:
+            outputs.write_summary(os.path.join(work.path, "summary.csv"), rows)
+    return rows, failures
+
+
+def _register_all(config, work, pairs, encoder, cache, devices, progress) -> list[str]:
+    """This host's share of the pairs not done yet; returns the failures."""
+    mine = pairs[jax.process_index()::jax.process_count()]
+    recorded = {p.name: _pair_settings(config, p) for p in mine}
+    changed = workdir_lib.changed_pairs(work, recorded)  # only with overwrite=True
+    todo = [p for p in mine if not work.is_done(p.name) or p.name in changed]
+    for p in mine:
+        if p not in todo:
+            logging.info("%s: done earlier with the same settings, skipped", p.name)
+        elif p.name in changed:
+            logging.warning("%s: redone (%s)", p.name, "; ".join(changed[p.name]))
+    bar = _Progress(pairs, work, progress)
+    failures: list[str] = []
+
+    def finish(pair, job):
+        """Runs ``job(out_dir)`` into a staging folder moved into place when complete."""
+        try:
+            work.write_pair(pair.name, recorded[pair.name], job)
+        except _PAIR_ERRORS as e:  # io.InputError is a ValueError
+            failures.append(f"{pair.name}: {e}")
+            logging.error("pair %s failed: %s", pair.name, e)
+        except Exception as e:  # a bug: keep its traceback, but let the other pairs run
+            failures.append(f"{pair.name}: internal error {type(e).__name__}: {e} "
+                            f"(a bug: please report it with the traceback in the log)")
+            logging.error("pair %s failed with an internal error:\n%s", pair.name,
+                          traceback.format_exc())
+        bar.update(len(failures))
+
+    batched = len(devices) * config.batch.batch_per_device > 1
+    if batched and encoder is not None and config.features.pyramid == "coarse_to_fine":
+        # Each pair's coarse stage picks its own fine features: no common batch program.
+        # The encoder still shards its slice chunks over ``devices``.
+        if config.batch.batch_per_device > 1:
+            logging.warning("features.pyramid=coarse_to_fine registers one pair at a time; "
+                            "batch_per_device=%d is ignored", config.batch.batch_per_device)
+        batched = False
+    if batched:
+        _run_batched(todo, config, encoder, cache, devices, finish)
+    else:
+        for pair in todo:
+            finish(pair, functools.partial(run_pair, pair, config=config, encoder=encoder,
+                                           cache=cache))
+    bar.close()
+    return failures
+
+
+def _run_batched(todo: list[Pair], config: Any, encoder: feat_lib.SliceEncoder | None,
+                 cache: feat_lib.FeatureCache | None, devices: list[jax.Device],
+                 finish) -> None:
+    """Buckets of one padded shape, registered a batch at a time over ``devices``."""
+    from jaxreg import batching
+
+    solver_config = settings.solver_config(config)
+    mesh = jax.sharding.Mesh(np.array(devices), ("pairs",))
+    multiple = math.lcm(solver_config.grid_sp, solver_config.grid_sp_adam)
+    shapes = [grid_shape(p.fixed) for p in todo]
+    for pair, shape in zip(todo, shapes):
+        if 0 in shape:  # unreadable header: load_pair names the problem
+            finish(pair, lambda out, pair=pair: pipeline.load_pair(pair, config=config))
+    todo = [p for p, shape in zip(todo, shapes) if 0 not in shape]
+    buckets = batching.plan_buckets([s for s in shapes if 0 not in s], multiple=multiple)
+    fc = settings.feature_config(config) if encoder is not None else None
+    channels = 12 if encoder is None else len(fc.layers) * fc.pca_dims * (
+        len(fc.axes) if fc.fusion == "concat" else 1)
+    for bucket in buckets:
+        members = [todo[i] for i in bucket.indices]
+        try:
+            per_device = batching.plan_batch(
+                bucket.shape, config=solver_config, channels=channels,
+                device_bytes=batching.device_memory_bytes(devices[0]),
+                batch_per_device=config.batch.batch_per_device)
+        except ValueError as e:
+            for pair in members:
+                finish(pair, functools.partial(_raise, e))
+            continue
+        size = per_device * len(devices)
+        logging.info("bucket %s: %d pair(s), %d per device on %d device(s)", bucket.shape,
+                     len(members), per_device, len(devices))
+        for start in range(0, len(members), size):
+            _register_group(members[start:start + size], bucket.shape, config, encoder,
+                            cache, fc, solver_config, mesh, finish)
+
+
+def _register_group(group, shape, config, encoder, cache, fc, solver_config, mesh, finish):
+    from jaxreg import batching
+
+    loaded = []
+    for pair in group:
+        try:
+            loaded.append(pipeline.load_pair(pair, config=config))
+        except _PAIR_ERRORS as e:
+            finish(pair, functools.partial(_raise, e))
+    if not loaded:
+        return
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    fixed, moving, feats = [], [], []
+    for lp in loaded:
+        if encoder is None:
+            f, m = pipeline.normalised_pair(lp.fixed.data, lp.moving.data, config)
+        else:
+            layers = feat_lib.pair_features(
+                lp.fixed.data, lp.moving.data, encoder, config=fc,
+                fixed_mask=lp.masks[0] if lp.masks else None,
+                moving_mask=lp.masks[1] if lp.masks else None,
+                cache=cache, timings=timings)
+            f = np.concatenate([np.asarray(layers[k][0]) for k in fc.layers], -1)
+            m = np.concatenate([np.asarray(layers[k][1]) for k in fc.layers], -1)
+            feats.append(f)
+        fixed.append(_pad(f, shape))
+        moving.append(_pad(m, shape))
+    masks = np.stack([batching.pad_to(np.zeros(lp.fixed.shape, np.float32), shape)[1]
+                      for lp in loaded])
+    t1 = time.perf_counter()
+    fields = np.asarray(batching.register_batch(
+        np.stack(fixed), np.stack(moving), masks, config=solver_config,
+        mesh=mesh, radius=config.mind.radius, dilation=config.mind.dilation,
+        features=encoder is not None))
+    timings["solving"] = time.perf_counter() - t1
+    seconds = (time.perf_counter() - t0) / len(loaded)
+    per_pair = {k: v / len(loaded) for k, v in timings.items()}
+    for j, lp in enumerate(loaded):
+        h, w, d = lp.fixed.shape
+        field = np.ascontiguousarray(fields[j, :h, :w, :d])
+        finish(lp.pair, functools.partial(
+            outputs.write_pair, lp, field, config=config, seconds=seconds, timings=per_pair,
+            fixed_features=feats[j] if feats else None))
+
+
+def _pad(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    pad = [(0, t - s) for s, t in zip(x.shape[:3], shape)] + [(0, 0)] * (x.ndim - 3)
+    return np.pad(x, pad)
+
+
+def _raise(error: Exception, out_dir: str) -> None:
+    raise error
