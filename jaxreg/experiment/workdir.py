@@ -87,7 +87,7 @@ class Workdir:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.read(fd, 500).decode(errors="replace").strip() or "another process"
+            holder = _holder(os.read(fd, 500).decode(errors="replace").strip())
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 raise WorkdirError(f"{self.path}: workdir is in use by another jaxreg run "
@@ -140,6 +140,19 @@ class Workdir:
             os.replace(out, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _holder(text: str) -> str:
+    """The lock file's ``pid N on HOST since T``, unless it is stale (that pid is gone)."""
+    parts = text.split()
+    if len(parts) >= 4 and parts[0] == "pid" and parts[3] == socket.gethostname():
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return "a process that is not a jaxreg run"
+        except (ValueError, PermissionError):
+            pass
+    return text or "another process"
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
