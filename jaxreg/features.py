@@ -1,6 +1,9 @@
 """Foundation-model features of a volume pair, stage by stage.
 
-The reference method (``../shared/REFERENCE.md``) as separate functions, each replaceable:
+The reference method (Gu et al., "Are Vision Foundation Models Ready for Out-of-the-Box
+Medical Image Registration?", arXiv 2507.11569: features of a frozen pretrained 2D encoder,
+matched by DINO-Reg/ConvexAdam instance optimisation, no training) as separate functions,
+each replaceable:
 
 1. :func:`normalise_intensity`: robust min-max of a volume to [0, 1] (percentile clipping,
    0.5 / 99.5 by default), one mapping for the whole volume so every slice sees the same

@@ -34,22 +34,18 @@ Displacement fields elsewhere in jaxreg are in voxels of the fixed image;
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gzip
 import math
 import os
-import re
-import zlib
 from collections.abc import Mapping
 
 import nibabel as nib
 import nrrd
 import numpy as np
-from nibabel.volumeutils import apply_read_scaling
 from scipy import ndimage
 
-from jaxreg import atomic
+from jaxreg import _reading, atomic
+from jaxreg._reading import InputError
 
 __all__ = [
     "InputError",
@@ -80,24 +76,6 @@ MAX_SPACING_MM = 1e3
 MAX_ABS_VALUE = 1e9
 """Largest plausible magnitude of an image voxel (after scaling); not applied to labels."""
 
-_MAX_VOXELS_ENV = "JAXREG_MAX_VOXELS"
-_CHUNK = 1 << 24  # bytes per read while decompressing
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_NRRD_SUFFIXES = (".nrrd", ".nhdr")
-# NRRD world spaces and the sign flips that take them to RAS.
-_SPACE_TO_RAS = {
-    "left-posterior-superior": (-1.0, -1.0, 1.0),
-    "lps": (-1.0, -1.0, 1.0),
-    "right-anterior-superior": (1.0, 1.0, 1.0),
-    "ras": (1.0, 1.0, 1.0),
-    "left-anterior-superior": (-1.0, 1.0, 1.0),
-    "las": (-1.0, 1.0, 1.0),
-}
-
-
-class InputError(ValueError):
-    """An input file that is missing, unreadable or unfit for registration."""
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Volume:
@@ -126,14 +104,6 @@ class Volume:
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
 
-def _suffix(path: str) -> str:
-    lower = path.lower()
-    for suffix in _NIFTI_SUFFIXES[::-1] + _NRRD_SUFFIXES:
-        if lower.endswith(suffix):
-            return suffix
-    return ""
-
-
 def _check_affine(affine: np.ndarray, path: str) -> np.ndarray:
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
@@ -145,242 +115,6 @@ def _check_affine(affine: np.ndarray, path: str) -> np.ndarray:
     return affine
 
 
-def _nrrd_affine(header: Mapping, spatial_axes: list[int], path: str) -> np.ndarray:
-    space = str(header.get("space", "left-posterior-superior")).lower()
-    if space not in _SPACE_TO_RAS:
-        raise InputError(f"{path}: NRRD space {space!r} is not supported")
-    directions = header.get("space directions")
-    if directions is None:
-        raise InputError(f"{path}: NRRD header has no 'space directions'")
-    directions = np.asarray(directions, dtype=np.float64)[spatial_axes]
-    origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
-    affine = np.eye(4)
-    affine[:3, :3] = directions.T  # row i of 'space directions' is axis i's step
-    affine[:3, 3] = origin
-    return np.diag(_SPACE_TO_RAS[space] + (1.0,)) @ affine
-
-
-def _voxel_limit(max_voxels: int | None) -> int:
-    """The voxel limit: ``max_voxels`` if given, else $JAXREG_MAX_VOXELS, else MAX_VOXELS."""
-    source = "max_voxels"
-    if max_voxels is None:
-        text = os.environ.get(_MAX_VOXELS_ENV, "").strip()
-        if not text:
-            return MAX_VOXELS
-        source = _MAX_VOXELS_ENV
-        try:
-            max_voxels = int(text)
-        except ValueError:
-            raise ValueError(f"{source} must be a positive integer, got {text!r}") from None
-    if isinstance(max_voxels, bool) or not isinstance(max_voxels, (int, np.integer)) \
-            or max_voxels < 1:
-        raise ValueError(f"{source} must be a positive integer, got {max_voxels!r}")
-    return int(max_voxels)
-
-
-def _check_voxels(shape, limit: int, path: str) -> int:
-    """Refuses a header's shape before anything is allocated for it; returns the voxels."""
-    shape = tuple(int(s) for s in shape)
-    if any(s < 0 for s in shape):
-        raise InputError(f"{path}: header gives a negative size in shape {shape}")
-    count = math.prod(shape)
-    if count > limit:
-        raise InputError(f"{path}: image has {count} voxels (shape {shape}), more than the "
-                         f"limit of {limit}; to load it anyway pass max_voxels= or set the "
-                         f"environment variable {_MAX_VOXELS_ENV}")
-    return count
-
-
-def _size_error(path: str, claim: int, holds: int, compressed: bool) -> InputError:
-    unit = " once decompressed" if compressed else ""
-    return InputError(f"{path}: file is truncated or its header is wrong: header claims "
-                      f"{claim} bytes of data, file holds {holds}{unit}")
-
-
-@contextlib.contextmanager
-def _gzip_damage(path: str):
-    """Reports a damaged or cut gzip stream as an InputError naming the file."""
-    try:
-        yield
-    except EOFError as err:
-        raise InputError(f"{path}: file is truncated (gzip stream ends before its end "
-                         f"marker)") from err
-    except (gzip.BadGzipFile, zlib.error) as err:
-        raise InputError(f"{path}: file is corrupt (gzip: {err})") from err
-
-
-def _gzip_isize(fh) -> int | None:
-    """The gzip trailer's ISIZE (uncompressed size mod 2**32 of the last member)."""
-    start = fh.tell()
-    end = fh.seek(0, os.SEEK_END)
-    isize = None
-    if end - start >= 18:  # smallest gzip member: 10 header + 2 deflate + 8 trailer
-        fh.seek(-4, os.SEEK_END)
-        isize = int.from_bytes(fh.read(4), "little")
-    fh.seek(start)
-    return isize
-
-
-def _read_stream(stream, *, want: int | None, prefix: bytes = b"", capacity: int,
-                 drain: bool) -> tuple[np.ndarray, int]:
-    """Reads up to ``want`` bytes (all if None) into a uint8 array, ``prefix`` first.
-
-    The array starts at ``capacity`` bytes and doubles as data arrives, so memory
-    follows the bytes present, not what a header claims. With ``drain`` the rest of
-    the stream is read and dropped (for gzip: every member's CRC and length are checked).
-    Returns the array (``min(want, total)`` bytes) and the total bytes in the stream.
-    """
-    limit = math.inf if want is None else want
-    buf = np.empty(int(max(min(limit, capacity), len(prefix), 1)), np.uint8)
-    filled = len(prefix)
-    buf[:filled] = np.frombuffer(prefix, np.uint8)
-    while filled < limit:
-        if filled == buf.size:
-            bigger = np.empty(int(min(limit, 2 * buf.size)), np.uint8)
-            bigger[:filled] = buf[:filled]
-            buf = bigger
-        with memoryview(buf) as view:
-            count = stream.readinto(view[filled:min(buf.size, filled + _CHUNK)])
-        if not count:
-            break
-        filled += count
-    total = filled
-    while drain and (chunk := stream.read(_CHUNK)):
-        total += len(chunk)
-    kept = int(min(filled, limit))
-    return buf[:kept], total
-
-
-def _drain(stream) -> None:
-    """Reads a stream to its end, dropping the bytes (gzip checks every CRC on the way)."""
-    while stream.read(_CHUNK):
-        pass
-
-
-def _nifti_header(head: bytes, path: str):
-    """Parses the fixed NIfTI-1 or NIfTI-2 header of a single-file ``.nii``."""
-    for header_class in (nib.Nifti2Header, nib.Nifti1Header):
-        if header_class.may_contain_header(head):
-            header = header_class(head[:header_class.sizeof_hdr], check=True)
-            if header["magic"].item() == header_class.single_magic:
-                return header
-    hint = "; the file is gzip-compressed, name it .nii.gz" if head[:2] == b"\x1f\x8b" else ""
-    raise InputError(f"{path}: cannot read file (no single-file NIfTI-1 or NIfTI-2 header{hint})")
-
-
-def _read_nifti(fh, path: str, *, compressed: bool, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a ``.nii``/``.nii.gz`` from an open file: checked sizes, verified gzip."""
-    size = os.fstat(fh.fileno()).st_size
-    isize = _gzip_isize(fh) if compressed else None
-    stream = gzip.GzipFile(fileobj=fh, mode="rb") if compressed else fh
-    with _gzip_damage(path):
-        head = stream.read(nib.Nifti2Header.sizeof_hdr)
-        try:
-            header = _nifti_header(head, path)
-            shape = header.get_data_shape()
-            dtype = header.get_data_dtype()
-            offset = int(header.get_data_offset())
-            slope, inter = header.get_slope_inter()
-            affine = header.get_best_affine()
-            count = math.prod(int(s) for s in shape)
-            claim = offset + count * dtype.itemsize
-        except Exception:
-            if compressed:  # damaged bytes explain a garbled header: report those first
-                _drain(stream)
-            raise
-        # The trailer's ISIZE (size mod 2**32) agreeing with the header is good evidence
-        # that the header is intact. It is only evidence: a multi-member (bgzip) or
-        # truncated file makes it disagree, so it steers work, never decides.
-        hinted = compressed and isize is not None and claim % 2**32 == isize
-        if compressed and not hinted and (count > limit or min(shape, default=0) < 0):
-            _drain(stream)  # verify the stream before blaming a size that may be garbled
-        _check_voxels(shape, limit, path)
-        if compressed:
-            buf, holds = _read_stream(stream, want=claim, prefix=head, drain=True,
-                                      capacity=claim if hinted else _CHUNK)
-        else:
-            if size < claim:
-                raise _size_error(path, claim, size, compressed=False)
-            buf, holds = _read_stream(stream, want=claim, prefix=head, capacity=claim,
-                                      drain=False)
-    if buf.size < claim:
-        raise _size_error(path, claim, holds, compressed)
-    raw = buf[offset:claim].view(dtype).reshape(shape, order="F")
-    # As nibabel's ArrayProxy: slope/intercept in the slope's precision (upcast if needed).
-    slope = np.asanyarray(1.0 if slope is None else slope)
-    inter = np.asanyarray(0.0 if inter is None else inter)
-    if np.can_cast(inter, slope.dtype):
-        inter = inter.astype(slope.dtype)
-    return apply_read_scaling(raw, slope, inter), affine
-
-
-def _open(path: str, what: str = "file"):
-    """Opens a regular file for reading; a missing, folder or unreadable path is refused."""
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a folder, expected a file")
-    if not os.path.exists(path):
-        raise InputError(f"{path}: {what} not found")
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: is not a regular file")
-    try:
-        return open(path, "rb")
-    except PermissionError as err:
-        raise InputError(f"{path}: {what} is not readable (permission denied)") from err
-
-
-def _read_nrrd(fh, path: str, *, limit: int) -> tuple[np.ndarray, dict]:
-    """Reads a ``.nrrd``/``.nhdr``: header first, checked sizes, verified gzip data."""
-    header = nrrd.read_header(fh)
-    for field in ("type", "encoding", "sizes"):
-        if field not in header:
-            raise InputError(f"{path}: cannot read file (NRRD header has no {field!r} field)")
-    sizes = [int(s) for s in np.atleast_1d(header["sizes"])]
-    count = _check_voxels(sizes, limit, path)
-    dtype = nrrd.reader._determine_datatype(header)  # pynrrd's type + endian -> numpy
-    need = count * dtype.itemsize
-    encoding = str(header["encoding"]).lower()
-    line_skip = int(header.get("lineskip", header.get("line skip", 0)))
-    byte_skip = int(header.get("byteskip", header.get("byte skip", 0)))
-    data_name = header.get("datafile", header.get("data file"))
-    if encoding not in ("raw", "gzip", "gz") or line_skip < 0 or byte_skip < -1:
-        # Text or bzip2 (self-checking) data, or skips pynrrd refuses: leave it to pynrrd.
-        return nrrd.read_data(header, fh, path), header
-
-    with contextlib.ExitStack() as stack:
-        source = fh
-        if data_name is not None:
-            data_path = os.path.join(os.path.dirname(path), str(data_name))
-            try:
-                source = stack.enter_context(_open(data_path, "data file"))
-            except InputError as err:
-                raise InputError(f"{path}: {err}") from None
-        for _ in range(line_skip):
-            source.readline()
-        if encoding == "raw":
-            if byte_skip >= 0:
-                source.seek(byte_skip, os.SEEK_CUR)
-            available = os.fstat(source.fileno()).st_size - source.tell()
-            if available < need:
-                claim = need + max(byte_skip, 0)
-                raise _size_error(path, claim, available + max(byte_skip, 0), compressed=False)
-            if byte_skip == -1:
-                source.seek(-need, os.SEEK_END)
-            buf, _ = _read_stream(source, want=need, capacity=need, drain=False)
-            start = 0
-        else:  # gzip; NRRD's byte skip applies after decompression
-            want = None if byte_skip == -1 else byte_skip + need
-            isize = _gzip_isize(source)
-            hinted = want is not None and isize is not None and want % 2**32 == isize
-            with _gzip_damage(path):
-                buf, holds = _read_stream(gzip.GzipFile(fileobj=source, mode="rb"), want=want,
-                                          capacity=want if hinted else _CHUNK, drain=True)
-            start = buf.size - need if byte_skip == -1 else byte_skip
-            if start < 0 or buf.size - start < need:
-                raise _size_error(path, need + max(byte_skip, 0), holds, compressed=True)
-    data = buf[start:start + need].view(dtype).reshape(sizes, order="F")
-    return data, header
-
-
 def _read(path: str | os.PathLike, *, max_voxels: int | None = None
           ) -> tuple[np.ndarray, np.ndarray, dict, str]:
     """Reads a file into (data, affine, nrrd header or {}, path string) and checks it.
@@ -390,38 +124,9 @@ def _read(path: str | os.PathLike, *, max_voxels: int | None = None
     least MIN_SIDE voxels, an invertible affine with plausible spacing.
     """
     path = os.fspath(path)
-    limit = _voxel_limit(max_voxels)
-    suffix = _suffix(path)
-    header: dict = {}
-    with _open(path) as fh:
-        if suffix not in _NIFTI_SUFFIXES + _NRRD_SUFFIXES:
-            raise InputError(f"{path}: unknown file type (expected .nii, .nii.gz, .nrrd or .nhdr)")
-        if os.fstat(fh.fileno()).st_size == 0:
-            raise InputError(f"{path}: file is empty (0 bytes)")
-        try:
-            if suffix in _NIFTI_SUFFIXES:
-                data, affine = _read_nifti(fh, path, compressed=suffix == ".nii.gz",
-                                           limit=limit)
-            else:
-                data, header = _read_nrrd(fh, path, limit=limit)
-                affine = None
-        except InputError:
-            raise
-        except Exception as err:  # nibabel/pynrrd raise many kinds for a bad file
-            raise InputError(f"{path}: cannot read file ({type(err).__name__}: {err})") from err
-
-    if header:
-        # An NRRD may carry a non-spatial axis (e.g. Slicer's segment layers); it goes last.
-        directions = header.get("space directions")
-        if directions is None:
-            raise InputError(f"{path}: NRRD header has no 'space directions'")
-        spatial = [i for i, row in enumerate(np.asarray(directions, dtype=np.float64))
-                   if np.all(np.isfinite(row))]
-        if len(spatial) != 3:
-            raise InputError(f"{path}: NRRD has {len(spatial)} spatial axes, expected 3")
-        others = [i for i in range(data.ndim) if i not in spatial]
-        data = np.transpose(data, spatial + others)
-        affine = _nrrd_affine(header, spatial, path)
+    # MAX_VOXELS is looked up here, at call time, so that changing it takes effect.
+    limit = _reading.voxel_limit(max_voxels, MAX_VOXELS)
+    data, affine, header = _reading.read_file(path, limit)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim < 3:
@@ -479,15 +184,6 @@ def load_volume(path: str | os.PathLike, *, max_voxels: int | None = None) -> Vo
     return Volume(data=data, affine=affine, path=path)
 
 
-def _segment_fields(header: Mapping) -> dict[int, dict[str, str]]:
-    segments: dict[int, dict[str, str]] = {}
-    for key, value in header.items():
-        match = re.fullmatch(r"Segment(\d+)_(\w+)", str(key))
-        if match:
-            segments.setdefault(int(match.group(1)), {})[match.group(2)] = str(value)
-    return dict(sorted(segments.items()))
-
-
 def load_labels(path: str | os.PathLike, *, max_voxels: int | None = None) -> Volume:
     """Reads a label map; a 3D Slicer segmentation (``.seg.nrrd``) becomes one label map.
 
@@ -513,24 +209,7 @@ def load_labels(path: str | os.PathLike, *, max_voxels: int | None = None) -> Vo
       ValueError: ``max_voxels`` or ``JAXREG_MAX_VOXELS`` is not a positive integer.
     """
     data, affine, header, path = _read(path, max_voxels=max_voxels)
-    names: dict[int, str] = {}
-    segments = _segment_fields(header)
-    if segments:
-        stack = data if data.ndim == 4 else data[..., None]
-        one_hot = data.ndim == 4 and all("Layer" not in s for s in segments.values())
-        values = [int(s.get("LabelValue", 1)) for s in segments.values()]
-        distinct = len(set(values)) == len(values) and min(values) > 0
-        out = np.zeros(stack.shape[:3], dtype=np.int16)
-        for n, (index, fields) in enumerate(segments.items()):
-            layer = n if one_hot else int(fields.get("Layer", 0))
-            if layer >= stack.shape[3]:
-                raise InputError(f"{path}: Segment{index} is in layer {layer}, "
-                                 f"file has {stack.shape[3]}")
-            mask = stack[..., layer] == (1 if one_hot else values[n])
-            label = values[n] if distinct else n + 1
-            out[mask] = label
-            names[label] = fields.get("Name", f"Segment{index}")
-        data = out
+    data, names = _reading.merge_segments(data, header, path)
     if data.ndim != 3:
         raise InputError(f"{path}: label map is {data.ndim}D with shape {data.shape}, expected 3D")
     if data.dtype.kind == "f":
@@ -657,8 +336,8 @@ def save_volume(path: str | os.PathLike, data, affine: np.ndarray) -> None:
     """
     path = os.fspath(path)
     data = np.asarray(data)
-    suffix = _suffix(path)
-    if suffix not in _NIFTI_SUFFIXES + (".nrrd",):
+    suffix = _reading.suffix(path)
+    if suffix not in _reading.NIFTI_SUFFIXES + (".nrrd",):
         raise InputError(f"{path}: unknown file type (expected .nii, .nii.gz or .nrrd)")
     if not (data.ndim == 3 or (data.ndim == 4 and data.shape[3] == 3)):
         raise ValueError(f"{path}: data must be (H, W, D) or (H, W, D, 3), got {data.shape}")
@@ -669,7 +348,7 @@ def save_volume(path: str | os.PathLike, data, affine: np.ndarray) -> None:
 
     with atomic.atomic_path(path, suffix=suffix) as temp:
         if suffix == ".nrrd":
-            lps = np.diag(_SPACE_TO_RAS["lps"] + (1.0,)) @ affine
+            lps = np.diag(_reading.SPACE_TO_RAS["lps"] + (1.0,)) @ affine
             header = {"space": "left-posterior-superior",
                       "space directions": lps[:3, :3].T,
                       "space origin": lps[:3, 3],

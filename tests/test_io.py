@@ -10,7 +10,7 @@ import nrrd
 import numpy as np
 import pytest
 
-from jaxreg import io
+from jaxreg import _reading, io
 
 MNI_T1 = os.path.join(
     os.path.dirname(__import__("nilearn").__file__), "datasets", "data",
@@ -402,7 +402,8 @@ def test_unreadable_file_says_so(tmp_path, monkeypatch):
     def denied(name, *args, **kwargs):
         raise PermissionError(13, "Permission denied", name)
 
-    monkeypatch.setattr(io, "open", denied, raising=False)  # shadows the builtin in io
+    # Shadows the builtin in the private module that opens the files.
+    monkeypatch.setattr(_reading, "open", denied, raising=False)
     with pytest.raises(io.InputError, match="not readable \\(permission denied\\)") as info:
         io.load_volume(path)
     assert str(info.value).startswith(str(path))

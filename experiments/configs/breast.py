@@ -17,8 +17,9 @@ breast and FGT masks rising on every phantom task, no folding.
 import ml_collections
 
 # Fine-stage settings per encoder. "mind" uses the convexadam package's defaults;
-# foundation features use the reference paper's Adam settings (REFERENCE.md): lr 3,
-# 1000 iterations, lambda 2, grid 2, a width-7 pool applied 5 times. Their PCA features
+# foundation features use the Adam settings of the reference paper's code (Gu et al.,
+# arXiv 2507.11569; github.com/mazurowski-lab/Foundation-based-reg): lr 3, 1000
+# iterations, lambda 2, grid 2, a width-7 pool applied 5 times, SSD loss. Their PCA features
 # are scaled to a unit first component (jaxreg.features.FeatureConfig.scale), so the
 # similarity weight is 1 instead of MIND-SSC's 12 channels.
 _REFERENCE_ADAM = dict(lambda_weight=2.0, iterations=1000, learning_rate=3.0,
