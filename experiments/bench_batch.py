@@ -50,7 +50,7 @@ def _measure(devices: int, batch_per_device: str) -> dict:
     import jax
     import numpy as np
 
-    from jaxreg import batching, phantom, solver
+    from jaxreg import batching, phantom, solver, sources
 
     if jax.device_count() < devices:
         raise ValueError(f"asked for {devices} devices, jax sees {jax.devices()}")
@@ -64,20 +64,20 @@ def _measure(devices: int, batch_per_device: str) -> dict:
     bpd = min(bpd, -(-_PAIRS.value // devices))  # no batch beyond the pairs there are
     mesh = jax.make_mesh((devices,), ("pairs",), devices=jax.devices()[:devices])
 
-    fixed, moving, mask = [], [], []
+    source = sources.MindSource()
+    fixed, moving = [], []
     for i in range(_PAIRS.value):
         pair = phantom.breast_pair(_TASK.value, shape=shape, seed=i)
-        f, k = batching.pad_to(pair["fixed"], bucket)
-        m, _ = batching.pad_to(pair["moving"], bucket)
-        fixed.append(f)
-        moving.append(m)
-        mask.append(k)
-    fixed, moving, mask = np.stack(fixed), np.stack(moving), np.stack(mask)
+        feats = source(pair["fixed"], pair["moving"])
+        fixed.append(batching.pad_to(np.asarray(feats.fixed), bucket))
+        moving.append(batching.pad_to(np.asarray(feats.moving), bucket))
+    fixed, moving = np.stack(fixed), np.stack(moving)
+    extents = np.array([shape] * _PAIRS.value)
     step = devices * bpd
 
     def run(start):
         sl = slice(start, start + step)
-        return batching.register_batch(fixed[sl], moving[sl], mask[sl], config=config,
+        return batching.register_batch(fixed[sl], moving[sl], extents[sl], config=config,
                                        mesh=mesh).block_until_ready()
 
     t0 = time.perf_counter()

@@ -83,7 +83,7 @@ def _config(variant):
 
 
 def benchmark():
-    from jaxreg import experiment, features, io, metrics, warping
+    from jaxreg import experiment, features, io, metrics, sources, warping
     from jaxreg.encoders import registry
 
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="jaxreg-bench-features-")
@@ -94,6 +94,12 @@ def benchmark():
         # One encoder producing every pyramid map, so the variants share cached tokens.
         encoder = features.SliceEncoder(model, spec, layers=registry.ENCODERS[c.encoder].pyramid,
                                         name=c.encoder)
+
+    def source(c, cache):
+        if c.encoder == "mind":
+            return experiment.make_source(c)
+        return sources.EncoderSource(encoder, experiment.feature_config(c), cache=cache,
+                                     coarse_to_fine=c.features.pyramid == "coarse_to_fine")
     pairs = _phantom_pairs() if _DATASET.value == "phantom" else _mni_pairs()
     rows = []
     for task, p in pairs:
@@ -106,12 +112,13 @@ def benchmark():
                 masks = (features.foreground_mask(p["fixed"]), features.foreground_mask(p["moving"]))
             timings = {}
             start = time.perf_counter()
-            field, _ = experiment.register_volumes(fixed, moving, config=c, encoder=encoder,
-                                                   masks=masks, cache=cache, timings=timings)
+            field, _ = experiment.register_volumes(fixed, moving, config=c,
+                                                   source=source(c, cache), masks=masks,
+                                                   timings=timings)
             total = time.perf_counter() - start
             row = dict(pair=task, variant=variant, seconds=total,
                        **{k: timings.get(k, 0.0) for k in
-                          ("slicing", "encoding", "pca", "resizing", "solving")})
+                          ("features", "slicing", "encoding", "pca", "resizing", "solving")})
             for name, (mov, fix) in p["labels"].items():
                 warped = np.asarray(warping.warp_labels(mov, field))
                 row[f"{name}_before"] = metrics.dice(fix, mov, labels=[1])[1]

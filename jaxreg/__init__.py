@@ -54,6 +54,9 @@ from jaxreg.solver import coarse_stage
 from jaxreg.solver import convex_adam
 from jaxreg.solver import fine_stage
 from jaxreg.solver import register_mind
+from jaxreg.sources import EncoderSource
+from jaxreg.sources import MindSource
+from jaxreg.sources import PairFeatures
 from jaxreg.warping import compose
 from jaxreg.warping import identity_grid
 from jaxreg.warping import resize_field
@@ -74,5 +77,6 @@ __all__ = [
     "breast_pair", "random_field",
     "bending_energy", "diffusion", "jacobian_determinant",
     "ConvexAdamConfig", "coarse_stage", "convex_adam", "fine_stage", "register_mind",
+    "EncoderSource", "MindSource", "PairFeatures",
     "compose", "identity_grid", "resize_field", "warp", "warp_labels",
 ]

@@ -5,22 +5,27 @@ they must share one shape, so this module
 
 1. groups pairs into buckets of one padded shape (:func:`plan_buckets`), each side a
    multiple of the pooling factors so that pooling divides evenly;
-2. pads each pair at the end of every axis (:func:`pad_to`) and registers it with the
-   padding kept out of every stage (:func:`register_padded`), so that a padded pair's
-   field on its own voxels is the one the unpadded pair gets;
+2. pads each pair's features at the end of every axis (:func:`pad_to`) and registers
+   them with the padding kept out of every stage (:func:`register_padded`, given the
+   pair's real size, its ``extent``), so that a padded pair's field on its own voxels is
+   the one the unpadded pair gets;
 3. runs a stack of padded pairs with ``jax.vmap`` on one device and, given a 1-D
    :class:`jax.sharding.Mesh`, shards the pair axis over its devices
    (:func:`register_batch`): one compilation per bucket shape and batch size;
 4. estimates the peak memory of one pair (:func:`estimate_pair_bytes`) and how many
    pairs fit a device (:func:`plan_batch`, :func:`device_memory_bytes`).
 
-A typical loop over a data set::
+The solver sees feature volumes only, whatever made them (:mod:`jaxreg.sources`:
+MIND-SSC or an encoder). A typical loop over a data set::
 
     mesh = jax.make_mesh((jax.device_count(),), ("pairs",))
+    source = jaxreg.sources.MindSource()
     for bucket in plan_buckets([p["fixed"].shape for p in pairs]):
-        padded = [pad_to(pairs[i]["fixed"], bucket.shape) for i in bucket.indices]
-        ...  # stack fixed, moving (padded the same way) and masks, then
-        fields = register_batch(fixed, moving, mask, config=config, mesh=mesh)
+        feats = [source(pairs[i]["fixed"], pairs[i]["moving"]) for i in bucket.indices]
+        fixed = np.stack([pad_to(f.fixed, bucket.shape) for f in feats])
+        moving = np.stack([pad_to(f.moving, bucket.shape) for f in feats])
+        extents = np.array([pairs[i]["fixed"].shape for i in bucket.indices])
+        fields = register_batch(fixed, moving, extents, config=config, mesh=mesh)
         # crop fields[j][:h, :w, :d] back to pair j's own shape.
 """
 
@@ -39,7 +44,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from jaxreg import compilation
-from jaxreg import mind
 from jaxreg import solver
 
 __all__ = [
@@ -130,95 +134,63 @@ def plan_buckets(shapes: Sequence[Sequence[int]], *, multiple: int = 6,
     return [Bucket(tuple(shape), tuple(sorted(members))) for shape, members in buckets]
 
 
-def pad_to(volume: ArrayLike, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def pad_to(volume: ArrayLike, shape: Sequence[int]) -> np.ndarray | jax.Array:
     """Zero-pads a volume at the end of each spatial axis to ``shape``.
 
     Args:
-      volume: ``(h, w, d)`` or ``(h, w, d, C)``, each side at most the target's.
+      volume: ``(h, w, d)`` or ``(h, w, d, C)``, each side at most the target's; a jax
+        array stays on its device, anything else becomes numpy (a batch is then stacked
+        on the host and goes to the devices once, already split).
       shape: the target ``(H, W, D)``.
 
     Returns:
-      ``(padded, mask)``: ``padded`` ``(H, W, D[, C])`` in the input's dtype (numpy, so
-      that a batch is stacked on the host), and a float32 ``(H, W, D)`` mask, 1 on the
-      original voxels and 0 in the padding.
+      ``(H, W, D[, C])`` in the input's dtype. The pair's real size, its ``extent``, is
+      its own shape ``(h, w, d)``.
 
     Raises:
       ValueError: the volume is larger than ``shape`` along some axis.
     """
-    volume = np.asarray(volume)
+    xp = jnp if isinstance(volume, jax.Array) else np
+    volume = xp.asarray(volume)
     shape = tuple(int(s) for s in shape)
     if volume.ndim < 3 or len(shape) != 3 or any(v > s for v, s in zip(volume.shape, shape)):
         raise ValueError(f"pad_to: volume of shape {volume.shape} does not fit in {shape}")
     widths = [(0, s - v) for v, s in zip(volume.shape[:3], shape)]
-    padded = np.pad(volume, widths + [(0, 0)] * (volume.ndim - 3))
-    mask = np.zeros(shape, np.float32)
-    mask[: volume.shape[0], : volume.shape[1], : volume.shape[2]] = 1.0
-    return padded, mask
+    return xp.pad(volume, widths + [(0, 0)] * (volume.ndim - 3))
 
 
-@compilation.jit(static_argnames=("config", "radius", "dilation"))
-def register_padded(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
-                    config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
-                    radius: int = 1, dilation: int = 2) -> jax.Array:
-    """ConvexAdam on MIND-SSC features of one padded pair, the padding kept out.
+@compilation.jit(static_argnames=("config",))
+def register_padded(fixed: ArrayLike, moving: ArrayLike, extent: ArrayLike, *,
+                    config: solver.ConvexAdamConfig = solver.ConvexAdamConfig()
+                    ) -> jax.Array:
+    """ConvexAdam on the ``(H, W, D, C)`` features of one pair padded at the end.
 
-    The pair's real size is read from ``mask``; MIND-SSC and both solver stages then
-    treat the padding as outside the image (``extent`` of :func:`jaxreg.mind.mind_ssc`
-    and :func:`jaxreg.solver.convex_adam`), so that the field on the real voxels equals
-    :func:`jaxreg.solver.register_mind` of the unpadded pair up to float rounding.
+    The padding is kept out of every stage (``extent`` of
+    :func:`jaxreg.solver.convex_adam`), so the field on the real voxels ``[:h, :w, :d]``
+    equals :func:`jaxreg.solver.convex_adam` of the unpadded features up to float
+    rounding, whatever the padding holds.
 
     Args:
-      fixed, moving: ``(H, W, D)`` images on one (padded) grid, each side a multiple of
-        ``lcm(grid_sp, grid_sp_adam)``.
-      mask: ``(H, W, D)``, 1 on the real voxels ``[:h, :w, :d]`` and 0 in the padding
-        (from :func:`pad_to`).
+      fixed, moving: ``(H, W, D, C)`` features on one padded grid, each side a multiple
+        of ``lcm(grid_sp, grid_sp_adam)``.
+      extent: ``(3,)`` integers, the pair's real size ``(h, w, d)`` (may be traced).
       config: solver settings (static: one compilation per config and shape).
-      radius, dilation: MIND-SSC settings, as in :func:`jaxreg.mind.mind_ssc`.
 
     Returns:
       ``(H, W, D, 3)`` float32 voxel displacement (pull convention); crop it to the
       pair's own shape.
 
     Raises:
-      ValueError: the three inputs are not ``(H, W, D)`` of one shape.
+      ValueError: the features are not two ``(H, W, D, C)`` of one shape, or ``extent``
+        is not 3 sizes.
     """
-    fixed = jnp.asarray(fixed, jnp.float32)
-    moving = jnp.asarray(moving, jnp.float32)
-    mask = jnp.asarray(mask, jnp.float32)
-    if fixed.ndim != 3 or fixed.shape != moving.shape or fixed.shape != mask.shape:
-        raise ValueError(f"register_padded: fixed, moving and mask must be (H, W, D) of one "
-                         f"shape, got {fixed.shape}, {moving.shape} and {mask.shape}")
-    extent = _extent(mask)
-    f = mind.mind_ssc(fixed, radius=radius, dilation=dilation, extent=extent)
-    m = mind.mind_ssc(moving, radius=radius, dilation=dilation, extent=extent)
-    return register_padded_features(f, m, mask, config=config)
-
-
-def _extent(mask: jax.Array) -> jax.Array:
-    """``(h, w, d)`` int32: the real size of a pair padded at the end (``pad_to``'s mask)."""
-    sizes = []
-    for a in range(3):
-        others = tuple(b for b in range(3) if b != a)
-        sizes.append(jnp.sum(jnp.max(mask, axis=others) > 0))
-    return jnp.stack(sizes).astype(jnp.int32)
-
-
-@compilation.jit(static_argnames=("config",))
-def register_padded_features(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
-                             config: solver.ConvexAdamConfig = solver.ConvexAdamConfig()
-                             ) -> jax.Array:
-    """ConvexAdam on ``(H, W, D, C)`` feature volumes of one padded pair (any encoder).
-
-    As :func:`register_padded` after its MIND-SSC step: equals
-    :func:`jaxreg.solver.convex_adam` of the unpadded features on the real voxels.
-    """
-    mask = jnp.asarray(mask, jnp.float32)
     f = jnp.asarray(fixed, jnp.float32)
     m = jnp.asarray(moving, jnp.float32)
-    if f.ndim != 4 or f.shape != m.shape or f.shape[:3] != mask.shape:
-        raise ValueError(f"register_padded_features: features (H, W, D, C) of one shape and "
-                         f"an (H, W, D) mask, got {f.shape}, {m.shape} and {mask.shape}")
-    return solver.convex_adam(f, m, config=config, extent=_extent(mask))
+    extent = jnp.asarray(extent, jnp.int32)
+    if f.ndim != 4 or f.shape != m.shape or extent.shape != (3,):
+        raise ValueError(f"register_padded: features (H, W, D, C) of one shape and a (3,) "
+                         f"extent, got {f.shape}, {m.shape} and {extent.shape}")
+    return solver.convex_adam(f, m, config=config, extent=extent)
 
 
 def pad_batch(x: ArrayLike, multiple: int) -> tuple[np.ndarray | jax.Array, int]:
@@ -250,17 +222,10 @@ def pad_batch(x: ArrayLike, multiple: int) -> tuple[np.ndarray | jax.Array, int]
 
 
 @functools.lru_cache(maxsize=None)
-def _batched(config: solver.ConvexAdamConfig, radius: int | None, dilation: int,
-             mesh: Mesh | None, batch_axis: str):
+def _batched(config: solver.ConvexAdamConfig, mesh: Mesh | None, batch_axis: str):
     """The jitted batched registration for one config and mesh (cached: one jit object,
-    so jax's own cache compiles once per bucket shape and batch size). ``radius=None``:
-    the inputs are feature volumes, not images."""
-    if radius is None:
-        one = functools.partial(register_padded_features, config=config)
-    else:
-        one = functools.partial(register_padded, config=config, radius=radius,
-                                dilation=dilation)
-    many = jax.vmap(one)
+    so jax's own cache compiles once per bucket shape and batch size)."""
+    many = jax.vmap(functools.partial(register_padded, config=config))
     if mesh is None:
         return compilation.jit(many)
     spec = PartitionSpec(batch_axis)
@@ -270,52 +235,51 @@ def _batched(config: solver.ConvexAdamConfig, radius: int | None, dilation: int,
     return compilation.jit(sharded, in_shardings=(sharding,) * 3, out_shardings=sharding)
 
 
-def register_batch(fixed: ArrayLike, moving: ArrayLike, mask: ArrayLike, *,
+def register_batch(fixed: ArrayLike, moving: ArrayLike, extents: ArrayLike, *,
                    config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
-                   mesh: Mesh | None = None, batch_axis: str = "pairs",
-                   radius: int = 1, dilation: int = 2, features: bool = False) -> jax.Array:
+                   mesh: Mesh | None = None, batch_axis: str = "pairs") -> jax.Array:
     """Registers a stack of padded pairs: ``vmap`` on a device, sharded across a mesh.
 
     Args:
-      fixed, moving, mask: ``(B, H, W, D)`` stacks, as :func:`register_padded` takes
-        one pair; with ``features=True``, ``fixed`` and ``moving`` are ``(B, H, W, D, C)``
-        feature volumes (:func:`register_padded_features`).
+      fixed, moving: ``(B, H, W, D, C)`` feature stacks, each pair padded at the end as
+        :func:`register_padded` takes one.
+      extents: ``(B, 3)`` integers, each pair's real size.
       config: solver settings.
       mesh: a 1-D mesh whose axis ``batch_axis`` the pairs are split over; ``None`` runs
         the whole batch with ``jax.vmap`` on the default device. ``B`` need not be a
         multiple of the mesh size: the batch is padded with copies of the last pair
         (:func:`pad_batch`) and the copies' results dropped.
       batch_axis: the mesh axis name.
-      radius, dilation: MIND-SSC settings.
-      features: the stacks are feature volumes (any encoder) rather than images.
 
     Returns:
       ``(B, H, W, D, 3)`` float32 fields, sharded over ``mesh`` when given and ``B`` is a
       multiple of its size, else replicated over it.
 
     Raises:
-      ValueError: the stacks differ in shape or are not ``(B, H, W, D)``, or ``mesh``
-        does not have the axis ``batch_axis``.
+      ValueError: the stacks are not ``(B, H, W, D, C)`` of one shape with ``(B, 3)``
+        extents within the grid, or ``mesh`` does not have the axis ``batch_axis``.
     """
-    shapes = [tuple(jnp.shape(a)) for a in (fixed, moving, mask)]
-    images = shapes[:2] if not features else [s[:4] for s in shapes[:2]]
-    if (len(shapes[2]) != 4 or images[0] != shapes[2] or images[1] != shapes[2]
-            or (features and (len(shapes[0]) != 5 or shapes[0] != shapes[1]))):
-        raise ValueError(f"register_batch: fixed, moving and mask must be (B, H, W, D"
-                         f"{', C' if features else ''}) and (B, H, W, D), got {shapes[0]}, "
-                         f"{shapes[1]} and {shapes[2]}")
-    fn = _batched(config, None if features else radius, dilation, mesh, batch_axis)
+    shapes = [tuple(jnp.shape(a)) for a in (fixed, moving)]
+    extents = np.asarray(extents)
+    if (len(shapes[0]) != 5 or shapes[0] != shapes[1] or extents.shape != (shapes[0][0], 3)
+            or np.any(extents < 1) or np.any(extents > np.asarray(shapes[0][1:4]))):
+        raise ValueError(f"register_batch: fixed and moving must be (B, H, W, D, C) of one "
+                         f"shape and extents (B, 3) sizes within (H, W, D), got {shapes[0]}, "
+                         f"{shapes[1]} and extents {extents.tolist()}")
+    extents = extents.astype(np.int32)
+    fn = _batched(config, mesh, batch_axis)
     if mesh is None:
-        return fn(fixed, moving, mask)
+        return fn(fixed, moving, extents)
     if batch_axis not in mesh.axis_names:
         raise ValueError(f"register_batch: mesh axes {mesh.axis_names} lack {batch_axis!r}")
     devices = mesh.shape[batch_axis]
     sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
     args = []
-    for a in (fixed, moving, mask):
+    for a in (fixed, moving):
         a = a.astype(jnp.float32) if isinstance(a, jax.Array) else np.asarray(a, np.float32)
         a, n = pad_batch(a, devices)
         args.append(jax.device_put(a, sharding))
+    args.append(jax.device_put(pad_batch(extents, devices)[0], sharding))
     out = fn(*args)
     if out.shape[0] != n:
         # A batch of n pairs cannot be split evenly: drop the copies from a replicated view.
@@ -332,16 +296,13 @@ def estimate_pair_bytes(shape: Sequence[int], *,
     ``n_c = N / grid_sp**3`` and the fine grid ``n_f = N / grid_sp_adam**3``, with
     ``C = channels`` and ``K = (2 * disp_hw + 1)**3`` offsets:
 
-    * always held: the inputs (two images and the mask) and the output field, ``6 N``;
-      both feature volumes, ``2 C N``;
-    * plus the largest of the three stages:
+    * always held: both feature volumes ``2 C N`` and the output field ``3 N``;
+    * plus the larger of the two stages:
 
-      - MIND-SSC of one image: ``C N`` patch distances, their normalisation and the
-        edge-padded image, ``(C + 2) N + (H + 4)(W + 4)(D + 4)``;
       - coarse stage: the cost volume of each direction (``K n_c``, two with inverse
         consistency), the pooled features ``2 C n_c``, and ``(C + 13) N`` of
         full-resolution temporaries XLA keeps alive alongside (the upsampled field and
-        its resize steps, MIND buffers not yet reused): a calibrated term;
+        its resize steps): a calibrated term;
       - fine stage: the coarse field ``3 N`` and ``14 C n_f`` for the pooled features,
         the warped features and their residuals and gradients inside the Adam scan
         (independent of the number of iterations);
@@ -350,7 +311,8 @@ def estimate_pair_bytes(shape: Sequence[int], *,
     :func:`register_padded` (arguments + output + temporaries), which it bounds from
     above within a factor 1.5 (``pytest tests/test_batching.py -k memory_estimate``
     checks three shapes and configs). Other backends assign buffers differently; a
-    ``vmap`` over ``B`` pairs needs about ``B`` times this.
+    ``vmap`` over ``B`` pairs needs about ``B`` times this. The features themselves are
+    made before (:mod:`jaxreg.sources`), one pair at a time.
 
     Args:
       shape: the padded grid ``(H, W, D)``.
@@ -365,9 +327,8 @@ def estimate_pair_bytes(shape: Sequence[int], *,
     nc = n / config.grid_sp**3
     nf = n / config.grid_sp_adam**3
     k = (2 * config.disp_hw + 1) ** 3
-    held = 6 * n + 2 * channels * n
+    held = 3 * n + 2 * channels * n
     stages = [
-        (channels + 2) * n + (h + 4) * (w + 4) * (d + 4),
         (channels + 13) * n + ((2 if config.ic else 1) * k + 2 * channels) * nc,
     ]
     if config.lambda_weight > 0:

@@ -1,4 +1,4 @@
-"""Batching: bucket planning, padding masks, vmap and sharded batches equal to a loop of
+"""Batching: bucket planning, padding, vmap and sharded batches equal to a loop of
 the one-pair function, one compilation per bucket, memory estimate against XLA's own
 accounting, and a four-device run in a subprocess."""
 
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from jaxreg import batching
+from jaxreg import mind
 from jaxreg import phantom
 from jaxreg import solver
+from jaxreg import sources
 
 FAST = solver.ConvexAdamConfig(iterations=5)
 SMALL = (24, 30, 18)  # already a multiple of 6
@@ -22,27 +24,24 @@ LARGE = (30, 36, 24)  # a bucket of its own
 
 
 def _pairs(shapes, seed=0):
+    """MIND-SSC features of phantom pairs of these shapes."""
     out = []
     for i, s in enumerate(shapes):
         p = phantom.breast_pair("date", shape=s, seed=seed + i, amplitude=2.0)
-        out.append((p["fixed"], p["moving"]))
+        feats = sources.MindSource()(p["fixed"], p["moving"])
+        out.append((np.asarray(feats.fixed), np.asarray(feats.moving)))
     return out
 
 
 def _stack(pairs, shape):
-    fixed, moving, mask = [], [], []
-    for f, m in pairs:
-        pf, mk = batching.pad_to(f, shape)
-        pm, _ = batching.pad_to(m, shape)
-        fixed.append(pf)
-        moving.append(pm)
-        mask.append(mk)
-    return np.stack(fixed), np.stack(moving), np.stack(mask)
+    fixed = np.stack([batching.pad_to(f, shape) for f, _ in pairs])
+    moving = np.stack([batching.pad_to(m, shape) for _, m in pairs])
+    return fixed, moving, np.array([f.shape[:3] for f, _ in pairs])
 
 
-def _loop(fixed, moving, mask, config=FAST):
-    return np.stack([np.asarray(batching.register_padded(f, m, k, config=config))
-                     for f, m, k in zip(fixed, moving, mask)])
+def _loop(fixed, moving, extents, config=FAST):
+    return np.stack([np.asarray(batching.register_padded(f, m, e, config=config))
+                     for f, m, e in zip(fixed, moving, extents)])
 
 
 def test_plan_buckets_rounds_and_merges():
@@ -60,15 +59,13 @@ def test_plan_buckets_rounds_and_merges():
         batching.plan_buckets([(24, 30)])
 
 
-def test_pad_to_pads_at_the_end_with_a_mask():
+def test_pad_to_pads_at_the_end():
     vol = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) + 1
-    padded, mask = batching.pad_to(vol, (4, 3, 6))
-    assert padded.shape == mask.shape == (4, 3, 6) and mask.dtype == np.float32
+    padded = batching.pad_to(vol, (4, 3, 6))
     np.testing.assert_array_equal(padded[:2, :, :4], vol)
-    assert padded.sum() == vol.sum()
-    np.testing.assert_array_equal(mask, (padded != 0).astype(np.float32))
-    feats, _ = batching.pad_to(np.ones((2, 3, 4, 5)), (4, 3, 6))
-    assert feats.shape == (4, 3, 6, 5)
+    assert padded.shape == (4, 3, 6) and padded.sum() == vol.sum()
+    feats = batching.pad_to(jax.numpy.ones((2, 3, 4, 5)), (4, 3, 6))
+    assert isinstance(feats, jax.Array) and float(feats[:2, :, :4].sum()) == feats.sum() == 120
     with pytest.raises(ValueError, match="does not fit"):
         batching.pad_to(vol, (1, 3, 4))
 
@@ -97,19 +94,23 @@ def test_vmap_batch_equals_loop(small_bucket):
 
 @pytest.mark.parametrize("shape,bucket", [(OTHER, SMALL), ((23, 29, 17), LARGE)])
 def test_padded_pair_equals_unpadded(shape, bucket):
-    # The padding is outside the image for MIND-SSC, the costs, every average, the
-    # inverse consistency and the resizes: the same field on the pair's own voxels,
-    # whether or not its sides are multiples of the pooling factors.
+    # The padding is outside the image for the costs, every average, the inverse
+    # consistency and the resizes: the same field on the pair's own voxels, whether or
+    # not its sides are multiples of the pooling factors.
     config = solver.ConvexAdamConfig(iterations=20, final_smooth=3)
     p = phantom.breast_pair("date", shape=shape, seed=1, amplitude=3.0)
     plain = np.asarray(solver.register_mind(p["fixed"], p["moving"], config=config))
-    (f, m, k), = [(f[0], m[0], k[0]) for f, m, k in [_stack([(p["fixed"], p["moving"])], bucket)]]
+    f, m = (np.asarray(mind.mind_ssc(p[k])) for k in ("fixed", "moving"))
     crop = tuple(slice(0, s) for s in shape)
-    padded = np.asarray(batching.register_padded(f, m, k, config=config))
+    padded = np.asarray(batching.register_padded(batching.pad_to(f, bucket),
+                                                 batching.pad_to(m, bucket), shape,
+                                                 config=config))
     assert np.abs(plain).max() > 1.0
     np.testing.assert_allclose(padded[crop], plain, atol=1e-5)
-    # Without the mask the padding is image content: the field differs.
-    unmasked = np.asarray(batching.register_padded(f, m, np.ones_like(k), config=config))
+    # With the whole grid as extent the padding is image content: the field differs.
+    unmasked = np.asarray(batching.register_padded(batching.pad_to(f, bucket),
+                                                   batching.pad_to(m, bucket), bucket,
+                                                   config=config))
     assert np.abs(unmasked[crop] - plain).max() > 1e-2
 
 
@@ -121,9 +122,9 @@ def test_padded_features_equal_unpadded():
     moving = np.roll(base, 1, axis=0) + 0.1 * rng.normal(size=base.shape).astype(np.float32)
     config = solver.ConvexAdamConfig(iterations=10, similarity_weight=1.0)
     plain = np.asarray(solver.convex_adam(fixed, moving, config=config))
-    f, k = batching.pad_to(fixed, bucket)
-    m, _ = batching.pad_to(moving, bucket)
-    padded = np.asarray(batching.register_padded_features(f, m, k, config=config))
+    padded = np.asarray(batching.register_padded(batching.pad_to(fixed, bucket),
+                                                 batching.pad_to(moving, bucket), shape,
+                                                 config=config))
     np.testing.assert_allclose(padded[:22, :26, :14], plain, atol=1e-5)
 
 
@@ -139,16 +140,16 @@ def test_sharded_mixed_sizes_equal_sequential():
 
 
 def test_a_bucket_compiles_once(small_bucket):
-    _, (fixed, moving, mask), _ = small_bucket
+    _, (fixed, moving, extents), _ = small_bucket
     mesh = jax.make_mesh((2,), ("pairs",), devices=jax.devices()[:2])
-    fn = batching._batched(FAST, 1, 2, mesh, "pairs")
-    batching.register_batch(fixed[:2], moving[:2], mask[:2], config=FAST, mesh=mesh)
+    fn = batching._batched(FAST, mesh, "pairs")
+    batching.register_batch(fixed[:2], moving[:2], extents[:2], config=FAST, mesh=mesh)
     size = fn._cache_size()
     # Other pairs of the same bucket shape and batch size: no new compilation.
-    batching.register_batch(fixed[1:3], moving[1:3], mask[1:3], config=FAST, mesh=mesh)
-    batching.register_batch(fixed[::-1][:2], moving[:2], mask[:2], config=FAST, mesh=mesh)
+    batching.register_batch(fixed[1:3], moving[1:3], extents[1:3], config=FAST, mesh=mesh)
+    batching.register_batch(fixed[::-1][:2], moving[:2], extents[:2], config=FAST, mesh=mesh)
     assert fn._cache_size() == size
-    assert batching._batched(FAST, 1, 2, mesh, "pairs") is fn
+    assert batching._batched(FAST, mesh, "pairs") is fn
 
 
 def test_plan_batch_fits_and_refuses_clearly():
@@ -168,8 +169,9 @@ def test_plan_batch_fits_and_refuses_clearly():
     ((36, 36, 36), solver.ConvexAdamConfig(iterations=5, disp_hw=6, grid_sp_adam=1)),
 ])
 def test_memory_estimate_bounds_xla_accounting(shape, config):
-    x = jax.ShapeDtypeStruct(shape, np.float32)
-    compiled = batching.register_padded.lower(x, x, x, config=config).compile()
+    x = jax.ShapeDtypeStruct(shape + (12,), np.float32)
+    extent = jax.ShapeDtypeStruct((3,), np.int32)
+    compiled = batching.register_padded.lower(x, x, extent, config=config).compile()
     m = compiled.memory_analysis()
     measured = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
     estimate = batching.estimate_pair_bytes(shape, config=config)

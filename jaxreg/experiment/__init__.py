@@ -23,7 +23,7 @@ The modules, by job:
 from jaxreg.experiment.outputs import format_summary, load_field, write_pair
 from jaxreg.experiment.pairs import Pair, check_name, find_pairs_csv, read_pairs
 from jaxreg.experiment.pairs import write_phantom_pairs
-from jaxreg.experiment.pipeline import LoadedPair, load_pair, make_encoder, register_volumes
+from jaxreg.experiment.pipeline import LoadedPair, load_pair, make_source, register_volumes
 from jaxreg.experiment.settings import ENCODERS, PYRAMIDS, ConfigError, check_config
 from jaxreg.experiment.settings import feature_config, solver_config
 from jaxreg.experiment.study import grid_shape, run_pair, run_study, select_devices
@@ -32,7 +32,7 @@ from jaxreg.experiment.workdir import Workdir, WorkdirError
 __all__ = [
     "ENCODERS", "PYRAMIDS", "ConfigError", "LoadedPair", "Pair", "Workdir", "WorkdirError",
     "check_config", "check_name", "feature_config", "find_pairs_csv", "format_summary",
-    "grid_shape", "load_field", "load_pair", "make_encoder", "read_pairs",
+    "grid_shape", "load_field", "load_pair", "make_source", "read_pairs",
     "register_volumes", "run_pair", "run_study", "select_devices", "solver_config",
     "write_pair", "write_phantom_pairs",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 from collections.abc import Sequence
@@ -17,31 +16,33 @@ from absl import logging
 from jaxreg import features as feat_lib
 from jaxreg import io
 from jaxreg import solver
+from jaxreg import sources
 from jaxreg.encoders import registry
 from jaxreg.experiment import settings
 from jaxreg.experiment.pairs import Pair
 
-__all__ = ["LoadedPair", "load_pair", "make_encoder", "register_volumes",
-           "normalised_pair"]
+__all__ = ["LoadedPair", "load_pair", "make_source", "register_volumes"]
 
 # A label map whose grid covers less of its image than this gets a warning.
 _MIN_LABEL_COVERAGE = 0.99
 
 
-def make_encoder(config: Any, *, devices: Sequence[jax.Device] | None = None
-                 ) -> feat_lib.SliceEncoder | None:
-    """Loads the experiment's encoder once (None for ``mind``).
+def make_source(config: Any, *, devices: Sequence[jax.Device] | None = None,
+                cache: feat_lib.FeatureCache | None = None) -> sources.FeatureSource:
+    """The experiment's feature source, loaded once: MIND-SSC or an encoder.
 
     Args:
       config: the experiment config.
-      devices: when several, the encoder's slice chunks are sharded over them.
+      devices: when several, an encoder's slice chunks are sharded over them.
+      cache: encoded-slice cache for an encoder.
 
     Raises:
       registry.WeightsNotFoundError: no weights where they were looked for.
       CheckpointError: the weights do not fit the encoder.
     """
     if config.encoder == "mind":
-        return None
+        return sources.MindSource(radius=config.mind.radius, dilation=config.mind.dilation,
+                                  percentiles=tuple(config.features.percentiles))
     if config.encoder not in registry.ENCODERS:
         raise settings.ConfigError(f"config.encoder={config.encoder!r}: must be one of "
                                    f"{', '.join(settings.ENCODERS)}")
@@ -51,67 +52,44 @@ def make_encoder(config: Any, *, devices: Sequence[jax.Device] | None = None
     weights = config.weights or None
     model, spec = registry.load_encoder(config.encoder, weights, dtype=dtype)
     fc = settings.feature_config(config)
-    return feat_lib.SliceEncoder(model, spec, layers=fc.layers, image_size=fc.image_size,
-                                 chunk=fc.chunk, devices=devices,
-                                 name=f"{config.encoder}:{registry.find_weights(config.encoder, weights)}")
-
-
-def normalised_pair(fixed: np.ndarray, moving: np.ndarray, config: Any
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Both images clipped to ``config.features.percentiles`` and scaled to [0, 1]."""
-    norm = functools.partial(feat_lib.normalise_intensity,
-                             percentiles=tuple(config.features.percentiles))
-    return norm(fixed), norm(moving)
+    encoder = feat_lib.SliceEncoder(
+        model, spec, layers=fc.layers, image_size=fc.image_size, chunk=fc.chunk,
+        devices=devices,
+        name=f"{config.encoder}:{registry.find_weights(config.encoder, weights)}")
+    return sources.EncoderSource(encoder, fc, cache=cache,
+                                 coarse_to_fine=config.features.pyramid == "coarse_to_fine")
 
 
 def register_volumes(fixed: io.Volume, moving: io.Volume, *, config: Any,
-                     encoder: feat_lib.SliceEncoder | None = None,
+                     source: sources.FeatureSource,
                      masks: tuple[np.ndarray, np.ndarray] | None = None,
-                     cache: feat_lib.FeatureCache | None = None,
                      timings: dict[str, float] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
+                     ) -> tuple[np.ndarray, jax.Array]:
     """The displacement field (voxels of the fixed grid) aligning ``moving`` to ``fixed``.
 
     ``moving`` must already be on the fixed grid (see :func:`io.resample_to`).
 
     Args:
-      config: the experiment config (``encoder``, ``features``, ``solver``, ``mind``).
-      encoder: from :func:`make_encoder`; None for MIND-SSC.
-      masks: ``(fixed, moving)`` foreground masks restricting the PCA fit.
-      cache: encoded-token cache.
-      timings: seconds per stage are added to it (slicing, encoding, pca, resizing, solving).
+      config: the experiment config (its ``solver``).
+      source: from :func:`make_source`.
+      masks: ``(fixed, moving)`` foreground masks (an encoder's PCA fit).
+      timings: seconds per stage are added to it (the source's stages, and solving).
 
     Returns:
       ``(field, fixed_features)``: the ``(H, W, D, 3)`` field, and the fixed image's
-      features used by the fine stage (None for MIND), for QC pictures.
+      features used by the fine stage, for QC pictures.
     """
     timings = {} if timings is None else timings
-    solver_config = settings.solver_config(config)
-    if config.encoder == "mind":
-        start = time.perf_counter()
-        f, m = normalised_pair(fixed.data, moving.data, config)
-        field = solver.register_mind(f, m, config=solver_config,
-                                     radius=config.mind.radius, dilation=config.mind.dilation)
-        field = np.asarray(jax.block_until_ready(field))
-        timings["solving"] = timings.get("solving", 0.0) + time.perf_counter() - start
-        return field, None
-    if encoder is None:
-        raise ValueError(f"encoder {config.encoder!r} needs a SliceEncoder (make_encoder)")
-    fc = settings.feature_config(config)
     fixed_mask, moving_mask = masks if masks is not None else (None, None)
-    layers = feat_lib.pair_features(fixed.data, moving.data, encoder, config=fc,
-                                    fixed_mask=fixed_mask, moving_mask=moving_mask,
-                                    cache=cache, timings=timings)
+    feats = source(fixed.data, moving.data, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                   timings=timings)
     start = time.perf_counter()
-    f = jnp.concatenate([layers[k][0] for k in fc.layers], axis=-1)
-    m = jnp.concatenate([layers[k][1] for k in fc.layers], axis=-1)
-    coarse = {}
-    if config.features.pyramid == "coarse_to_fine":
-        coarse = dict(coarse_fixed=layers[fc.layers[-1]][0], coarse_moving=layers[fc.layers[-1]][1])
-    field = solver.convex_adam(f, m, config=solver_config, **coarse)
+    field = solver.convex_adam(feats.fixed, feats.moving, config=settings.solver_config(config),
+                               coarse_fixed=feats.coarse_fixed,
+                               coarse_moving=feats.coarse_moving)
     field = np.asarray(jax.block_until_ready(field))
     timings["solving"] = timings.get("solving", 0.0) + time.perf_counter() - start
-    return field, np.asarray(f)
+    return field, feats.fixed
 
 
 @dataclasses.dataclass

@@ -11,10 +11,12 @@ import traceback
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from jaxreg import features as feat_lib
+from jaxreg import sources
 from jaxreg import atomic
 from jaxreg.experiment import outputs
 from jaxreg.experiment import pairs as pairs_lib
@@ -30,8 +32,7 @@ _PAIR_ERRORS = (ValueError, OSError)
 
 
 def run_pair(pair: Pair, out_dir: str, *, config: Any,
-             encoder: feat_lib.SliceEncoder | None = None,
-             cache: feat_lib.FeatureCache | None = None) -> dict[str, Any]:
+             source: sources.FeatureSource) -> dict[str, Any]:
     """Registers one pair and writes its outputs into ``out_dir`` (created here).
 
     Returns:
@@ -41,8 +42,8 @@ def run_pair(pair: Pair, out_dir: str, *, config: Any,
     timings: dict[str, float] = {}
     start = time.perf_counter()
     field, fixed_features = pipeline.register_volumes(
-        loaded.fixed, loaded.moving, config=config, encoder=encoder, masks=loaded.masks,
-        cache=cache, timings=timings)
+        loaded.fixed, loaded.moving, config=config, source=source, masks=loaded.masks,
+        timings=timings)
     seconds = time.perf_counter() - start
     return outputs.write_pair(loaded, field, out_dir, config=config,
                               fixed_features=fixed_features, seconds=seconds, timings=timings)
@@ -185,11 +186,11 @@ def run_study(config: Any, workdir: str, *, progress: bool = True,
         if jax.process_index() == 0:
             atomic.write_text(os.path.join(work.path, "config.json"),
                                     config.to_json_best_effort(indent=1))
-        encoder = pipeline.make_encoder(config, devices=devices)
         cache = None
-        if encoder is not None and config.features.cache:
+        if config.features.cache and config.encoder != "mind":
             cache = feat_lib.FeatureCache(os.path.join(work.path, "feature_cache"))
-        failures = _register_all(config, work, pairs, encoder, cache, devices, progress)
+        source = pipeline.make_source(config, devices=devices, cache=cache)
+        failures = _register_all(config, work, pairs, source, devices, progress)
         _sync("study done")
         rows = []
         mine = pairs[jax.process_index()::jax.process_count()]
@@ -202,7 +203,7 @@ def run_study(config: Any, workdir: str, *, progress: bool = True,
     return rows, failures
 
 
-def _register_all(config, work, pairs, encoder, cache, devices, progress) -> list[str]:
+def _register_all(config, work, pairs, source, devices, progress) -> list[str]:
     """This host's share of the pairs not done yet; returns the failures."""
     mine = pairs[jax.process_index()::jax.process_count()]
     recorded = {p.name: _pair_settings(config, p) for p in mine}
@@ -231,7 +232,7 @@ def _register_all(config, work, pairs, encoder, cache, devices, progress) -> lis
         bar.update(len(failures))
 
     batched = len(devices) * config.batch.batch_per_device > 1
-    if batched and encoder is not None and config.features.pyramid == "coarse_to_fine":
+    if batched and getattr(source, "coarse_to_fine", False):
         # Each pair's coarse stage picks its own fine features: no common batch program.
         # The encoder still shards its slice chunks over ``devices``.
         if config.batch.batch_per_device > 1:
@@ -239,18 +240,16 @@ def _register_all(config, work, pairs, encoder, cache, devices, progress) -> lis
                             "batch_per_device=%d is ignored", config.batch.batch_per_device)
         batched = False
     if batched:
-        _run_batched(todo, config, encoder, cache, devices, finish)
+        _run_batched(todo, config, source, devices, finish)
     else:
         for pair in todo:
-            finish(pair, functools.partial(run_pair, pair, config=config, encoder=encoder,
-                                           cache=cache))
+            finish(pair, functools.partial(run_pair, pair, config=config, source=source))
     bar.close()
     return failures
 
 
-def _run_batched(todo: list[Pair], config: Any, encoder: feat_lib.SliceEncoder | None,
-                 cache: feat_lib.FeatureCache | None, devices: list[jax.Device],
-                 finish) -> None:
+def _run_batched(todo: list[Pair], config: Any, source: sources.FeatureSource,
+                 devices: list[jax.Device], finish) -> None:
     """Buckets of one padded shape, registered a batch at a time over ``devices``."""
     from jaxreg import batching
 
@@ -263,14 +262,11 @@ def _run_batched(todo: list[Pair], config: Any, encoder: feat_lib.SliceEncoder |
             finish(pair, lambda out, pair=pair: pipeline.load_pair(pair, config=config))
     todo = [p for p, shape in zip(todo, shapes) if 0 not in shape]
     buckets = batching.plan_buckets([s for s in shapes if 0 not in s], multiple=multiple)
-    fc = settings.feature_config(config) if encoder is not None else None
-    channels = 12 if encoder is None else len(fc.layers) * fc.pca_dims * (
-        len(fc.axes) if fc.fusion == "concat" else 1)
     for bucket in buckets:
         members = [todo[i] for i in bucket.indices]
         try:
             per_device = batching.plan_batch(
-                bucket.shape, config=solver_config, channels=channels,
+                bucket.shape, config=solver_config, channels=source.channels,
                 device_bytes=batching.device_memory_bytes(devices[0]),
                 batch_per_device=config.batch.batch_per_device)
         except ValueError as e:
@@ -281,11 +277,12 @@ def _run_batched(todo: list[Pair], config: Any, encoder: feat_lib.SliceEncoder |
         logging.info("bucket %s: %d pair(s), %d per device on %d device(s)", bucket.shape,
                      len(members), per_device, len(devices))
         for start in range(0, len(members), size):
-            _register_group(members[start:start + size], bucket.shape, config, encoder,
-                            cache, fc, solver_config, mesh, finish)
+            _register_group(members[start:start + size], bucket.shape, config, source,
+                            solver_config, mesh, finish)
 
 
-def _register_group(group, shape, config, encoder, cache, fc, solver_config, mesh, finish):
+def _register_group(group, shape, config, source, solver_config, mesh, finish):
+    """One batch: each pair's features (one at a time), padded, then solved together."""
     from jaxreg import batching
 
     loaded = []
@@ -298,28 +295,18 @@ def _register_group(group, shape, config, encoder, cache, fc, solver_config, mes
         return
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    fixed, moving, feats = [], [], []
+    fixed, moving, unpadded = [], [], []
     for lp in loaded:
-        if encoder is None:
-            f, m = pipeline.normalised_pair(lp.fixed.data, lp.moving.data, config)
-        else:
-            layers = feat_lib.pair_features(
-                lp.fixed.data, lp.moving.data, encoder, config=fc,
-                fixed_mask=lp.masks[0] if lp.masks else None,
-                moving_mask=lp.masks[1] if lp.masks else None,
-                cache=cache, timings=timings)
-            f = np.concatenate([np.asarray(layers[k][0]) for k in fc.layers], -1)
-            m = np.concatenate([np.asarray(layers[k][1]) for k in fc.layers], -1)
-            feats.append(f)
-        fixed.append(_pad(f, shape))
-        moving.append(_pad(m, shape))
-    masks = np.stack([batching.pad_to(np.zeros(lp.fixed.shape, np.float32), shape)[1]
-                      for lp in loaded])
+        feats = source(lp.fixed.data, lp.moving.data,
+                       fixed_mask=lp.masks[0] if lp.masks else None,
+                       moving_mask=lp.masks[1] if lp.masks else None, timings=timings)
+        fixed.append(batching.pad_to(feats.fixed, shape))
+        moving.append(batching.pad_to(feats.moving, shape))
+        unpadded.append(feats.fixed)
     t1 = time.perf_counter()
     fields = np.asarray(batching.register_batch(
-        np.stack(fixed), np.stack(moving), masks, config=solver_config,
-        mesh=mesh, radius=config.mind.radius, dilation=config.mind.dilation,
-        features=encoder is not None))
+        jnp.stack(fixed), jnp.stack(moving), [lp.fixed.shape for lp in loaded],
+        config=solver_config, mesh=mesh))
     timings["solving"] = time.perf_counter() - t1
     seconds = (time.perf_counter() - t0) / len(loaded)
     per_pair = {k: v / len(loaded) for k, v in timings.items()}
@@ -328,12 +315,7 @@ def _register_group(group, shape, config, encoder, cache, fc, solver_config, mes
         field = np.ascontiguousarray(fields[j, :h, :w, :d])
         finish(lp.pair, functools.partial(
             outputs.write_pair, lp, field, config=config, seconds=seconds, timings=per_pair,
-            fixed_features=feats[j] if feats else None))
-
-
-def _pad(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    pad = [(0, t - s) for s, t in zip(x.shape[:3], shape)] + [(0, 0)] * (x.ndim - 3)
-    return np.pad(x, pad)
+            fixed_features=unpadded[j]))
 
 
 def _raise(error: Exception, out_dir: str) -> None:

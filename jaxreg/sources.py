@@ -1,0 +1,126 @@
+"""Feature sources: what the solver registers.
+
+A source turns two images on one voxel grid into two channels-last feature volumes
+``(H, W, D, C)``; the solver (:func:`jaxreg.solver.convex_adam`) and the batched solver
+(:func:`jaxreg.batching.register_batch`) only ever see those. Handcrafted MIND-SSC is a
+source like any foundation-model encoder, so one code path serves both, and a new
+objective can mix their channels.
+
+>>> import numpy as np
+>>> img = np.zeros((24, 24, 24), np.float32); img[8:16, 8:16, 8:16] = 1
+>>> feats = MindSource()(img, np.roll(img, 1, axis=0))
+>>> feats.fixed.shape, MindSource().channels
+((24, 24, 24, 12), 12)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxreg import features as feat_lib
+from jaxreg import mind
+
+__all__ = ["PairFeatures", "FeatureSource", "MindSource", "EncoderSource"]
+
+
+class PairFeatures(NamedTuple):
+    """A pair's features on the fixed grid, ``(H, W, D, C)`` float32 each.
+
+    ``coarse_fixed`` / ``coarse_moving``: other features for the solver's coarse stage
+    only (a coarse-to-fine pyramid), or None.
+    """
+
+    fixed: jax.Array
+    moving: jax.Array
+    coarse_fixed: jax.Array | None = None
+    coarse_moving: jax.Array | None = None
+
+
+class FeatureSource(Protocol):
+    """What every source provides.
+
+    Attributes:
+      name: for logs and QC titles.
+      channels: ``C`` of the features it makes (memory planning).
+    """
+
+    name: str
+    channels: int
+
+    def __call__(self, fixed: ArrayLike, moving: ArrayLike, *,
+                 fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
+                 timings: dict[str, float] | None = None) -> PairFeatures:
+        """Features of ``(H, W, D)`` images on one grid; masks mark the foreground (a
+        source may use them, e.g. for the PCA fit); seconds are added to ``timings``."""
+
+
+@functools.partial(jax.jit, static_argnames=("radius", "dilation"))
+def _mind_pair(fixed, moving, *, radius, dilation):
+    return (mind.mind_ssc(fixed, radius=radius, dilation=dilation),
+            mind.mind_ssc(moving, radius=radius, dilation=dilation))
+
+
+@dataclasses.dataclass(frozen=True)
+class MindSource:
+    """MIND-SSC of both images, after clipping each to two percentiles and scaling to
+    [0, 1] (:func:`jaxreg.features.normalise_intensity`), 12 channels.
+
+    Attributes:
+      radius, dilation: as in :func:`jaxreg.mind.mind_ssc`.
+      percentiles: intensity clipping.
+    """
+
+    radius: int = 1
+    dilation: int = 2
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    name = "mind"
+    channels = 12
+
+    def __call__(self, fixed, moving, *, fixed_mask=None, moving_mask=None, timings=None):
+        start = time.perf_counter()
+        norm = functools.partial(feat_lib.normalise_intensity, percentiles=self.percentiles)
+        f, m = jax.block_until_ready(_mind_pair(norm(fixed), norm(moving), radius=self.radius,
+                                                dilation=self.dilation))
+        if timings is not None:
+            timings["features"] = timings.get("features", 0.0) + time.perf_counter() - start
+        return PairFeatures(f, m)
+
+
+class EncoderSource:
+    """PCA-reduced features of a frozen encoder, slice by slice
+    (:func:`jaxreg.features.pair_features`), the output maps of ``config.layers``
+    concatenated along channels.
+
+    Args:
+      encoder: the slice encoder.
+      config: slicing, PCA, fusion and the output maps to use.
+      cache: reuse encoded slices from disk.
+      coarse_to_fine: the solver's coarse stage gets the last of ``config.layers`` alone
+        (a deeper map), the fine stage all of them.
+    """
+
+    def __init__(self, encoder: feat_lib.SliceEncoder, config: feat_lib.FeatureConfig, *,
+                 cache: feat_lib.FeatureCache | None = None, coarse_to_fine: bool = False):
+        self.encoder, self.config, self.cache = encoder, config, cache
+        self.coarse_to_fine = coarse_to_fine
+        self.name = encoder.name
+        per_map = config.pca_dims * (len(config.axes) if config.fusion == "concat" else 1)
+        self.channels = len(config.layers) * per_map
+
+    def __call__(self, fixed, moving, *, fixed_mask=None, moving_mask=None, timings=None):
+        layers = feat_lib.pair_features(fixed, moving, self.encoder, config=self.config,
+                                        fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                        cache=self.cache, timings=timings)
+        names = self.config.layers
+        f = jnp.concatenate([layers[k][0] for k in names], axis=-1)
+        m = jnp.concatenate([layers[k][1] for k in names], axis=-1)
+        if self.coarse_to_fine:
+            return PairFeatures(f, m, *layers[names[-1]])
+        return PairFeatures(f, m)
