@@ -309,7 +309,8 @@ def audit(a: Audit, bad: dict[str, str]) -> None:
 
     run = a.cli("litemedsam", "--encoder=litemedsam", f"--pairs={good_csv}", *fast(7))
     problems, config = common(run, 0), _json(os.path.join(run.workdir, "config.json"))
-    found = (config.get("encoder"), config.get("solver", {}).get("iterations"))
+    registration = config.get("registration", {})
+    found = (registration.get("encoder"), registration.get("solver", {}).get("iterations"))
     problems += [] if found == ("litemedsam", 7) else [f"config.json: {found}"]
     a.check("litemedsam iterations=7", problems,
             f"config.json: encoder {found[0]}, solver.iterations {found[1]}", run)

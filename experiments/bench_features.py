@@ -19,7 +19,6 @@ MNI T1 192x224x184, smooth field up to 6 voxels), grey / white matter Dice.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 
@@ -96,10 +95,11 @@ def benchmark():
                                         name=c.encoder)
 
     def source(c, cache):
-        if c.encoder == "mind":
-            return experiment.make_source(c)
-        return sources.EncoderSource(encoder, experiment.feature_config(c), cache=cache,
-                                     coarse_to_fine=c.features.pyramid == "coarse_to_fine")
+        r = experiment.from_configdict(c).registration
+        if r.encoder == "mind":
+            return experiment.make_source(r)
+        return sources.EncoderSource(encoder, r.features, cache=cache,
+                                     coarse_to_fine=r.pyramid == "coarse_to_fine")
     pairs = _phantom_pairs() if _DATASET.value == "phantom" else _mni_pairs()
     rows = []
     for task, p in pairs:
@@ -112,7 +112,8 @@ def benchmark():
                 masks = (features.foreground_mask(p["fixed"]), features.foreground_mask(p["moving"]))
             timings = {}
             start = time.perf_counter()
-            field, _ = experiment.register_volumes(fixed, moving, config=c,
+            field, _ = experiment.register_volumes(fixed, moving,
+                                                   config=experiment.from_configdict(c).registration,
                                                    source=source(c, cache), masks=masks,
                                                    timings=timings)
             total = time.perf_counter() - start

@@ -159,7 +159,8 @@ def main(argv):
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
     try:
-        rows, failures = experiment.run_study(config, _WORKDIR.value,
+        study = experiment.from_configdict(config)  # the one place settings are checked
+        rows, failures = experiment.run_study(study, _WORKDIR.value,
                                               overwrite=_OVERWRITE.value)
     except _USER_ERRORS as e:
         sys.exit(_one_line_error(e))

@@ -33,7 +33,7 @@ def test_phantom_study_writes_outputs_and_improves_dice(tmp_path):
         assert row["folding_percent"] < 1.0
         warped_fgt = io.load_labels(str(out / "warped_fgt.nii.gz"))
         assert set(np.unique(warped_fgt.data)) <= {0, 1}  # nearest neighbour kept labels
-    assert json.loads((tmp_path / "config.json").read_text())["encoder"] == "mind"
+    assert json.loads((tmp_path / "config.json").read_text())["registration"]["encoder"] == "mind"
     assert (tmp_path / "summary.csv").read_text().count("\n") == 3
     assert "fgt_after_dice_1" in experiment.format_summary(rows)
 

@@ -9,8 +9,9 @@ The modules, by job:
 
 - :mod:`~jaxreg.experiment.pairs`: the pairs CSV (columns, safe pair names, where
   relative paths start) and the built-in phantom.
-- :mod:`~jaxreg.experiment.settings`: the config checked at start, the typed solver and
-  feature configs made from it, the settings recorded per pair.
+- :mod:`~jaxreg.experiment.settings`: the ConfigDict checked once and turned into a
+  frozen :class:`StudyConfig` (below that edge everything is typed), the settings
+  recorded per pair.
 - :mod:`~jaxreg.experiment.pipeline`: one pair loaded onto the fixed grid, its features
   made and registered.
 - :mod:`~jaxreg.experiment.outputs`: a pair's files and scores, the summary table.
@@ -24,15 +25,17 @@ from jaxreg.experiment.outputs import format_summary, load_field, write_pair
 from jaxreg.experiment.pairs import Pair, check_name, find_pairs_csv, read_pairs
 from jaxreg.experiment.pairs import write_phantom_pairs
 from jaxreg.experiment.pipeline import LoadedPair, load_pair, make_source, register_volumes
-from jaxreg.experiment.settings import ENCODERS, PYRAMIDS, ConfigError, check_config
-from jaxreg.experiment.settings import feature_config, solver_config
+from jaxreg.experiment.settings import ENCODERS, PYRAMIDS, ConfigError, MindSettings
+from jaxreg.experiment.settings import PhantomSettings, RegistrationConfig, StudyConfig
+from jaxreg.experiment.settings import from_configdict
 from jaxreg.experiment.study import grid_shape, run_pair, run_study, select_devices
 from jaxreg.experiment.workdir import Workdir, WorkdirError
 
 __all__ = [
-    "ENCODERS", "PYRAMIDS", "ConfigError", "LoadedPair", "Pair", "Workdir", "WorkdirError",
-    "check_config", "check_name", "feature_config", "find_pairs_csv", "format_summary",
+    "ENCODERS", "PYRAMIDS", "ConfigError", "LoadedPair", "MindSettings", "Pair",
+    "PhantomSettings", "RegistrationConfig", "StudyConfig", "Workdir", "WorkdirError",
+    "check_name", "find_pairs_csv", "format_summary", "from_configdict",
     "grid_shape", "load_field", "load_pair", "make_source", "read_pairs",
-    "register_volumes", "run_pair", "run_study", "select_devices", "solver_config",
+    "register_volumes", "run_pair", "run_study", "select_devices",
     "write_pair", "write_phantom_pairs",
 ]

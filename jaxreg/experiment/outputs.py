@@ -13,6 +13,7 @@ from jaxreg import io
 from jaxreg import metrics
 from jaxreg import solver
 from jaxreg import warping as warp_lib
+from jaxreg.experiment import settings
 from jaxreg.experiment.pipeline import LoadedPair
 from jaxreg import atomic
 
@@ -44,7 +45,8 @@ def _label_scores(prefix: str, fixed: np.ndarray, moving: np.ndarray,
     return row
 
 
-def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *, config: Any,
+def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
+               config: settings.StudyConfig,
                fixed_features: np.ndarray | None = None, seconds: float = 0.0,
                timings: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Writes a registered pair's outputs into ``out_dir`` (created here) and scores it.
@@ -71,7 +73,7 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *, config: A
         qc.save_qc_png(os.path.join(out_dir, "qc.png"), fixed=fixed.data, moving=moving.data,
                        warped=warped, field=field, features=fixed_features,
                        spacing=tuple(float(s) for s in fixed.spacing),
-                       title=f"{pair.name} ({config.encoder})")
+                       title=f"{pair.name} ({config.registration.encoder})")
 
     row: dict[str, Any] = {"pair": pair.name, "seconds": round(seconds, 3)}
     row.update({f"seconds_{k}": round(v, 3) for k, v in timings.items()})
@@ -81,7 +83,7 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *, config: A
         io.save_volume(os.path.join(out_dir, f"warped_{name}.nii.gz"), warped_lab, affine)
         row.update(_label_scores(f"{name}_before", fix_lab, mov_lab, spacing, hd=False))
         row.update(_label_scores(f"{name}_after", fix_lab, warped_lab, spacing,
-                                 hd=config.metrics.hd95))
+                                 hd=config.hd95))
     row.update({k: round(float(v), 4) for k, v in metrics.jacobian_stats(field).items()})
     if pair.true_field:
         true = load_field(pair.true_field)

@@ -6,7 +6,6 @@ import dataclasses
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +26,13 @@ __all__ = ["LoadedPair", "load_pair", "make_source", "register_volumes"]
 _MIN_LABEL_COVERAGE = 0.99
 
 
-def make_source(config: Any, *, devices: Sequence[jax.Device] | None = None,
+def make_source(config: settings.RegistrationConfig, *,
+                devices: Sequence[jax.Device] | None = None,
                 cache: feat_lib.FeatureCache | None = None) -> sources.FeatureSource:
-    """The experiment's feature source, loaded once: MIND-SSC or an encoder.
+    """The feature source of ``config``, loaded once: MIND-SSC or an encoder.
 
     Args:
-      config: the experiment config.
+      config: the registration settings.
       devices: when several, an encoder's slice chunks are sharded over them.
       cache: encoded-slice cache for an encoder.
 
@@ -42,26 +42,23 @@ def make_source(config: Any, *, devices: Sequence[jax.Device] | None = None,
     """
     if config.encoder == "mind":
         return sources.MindSource(radius=config.mind.radius, dilation=config.mind.dilation,
-                                  percentiles=tuple(config.features.percentiles))
-    if config.encoder not in registry.ENCODERS:
-        raise settings.ConfigError(f"config.encoder={config.encoder!r}: must be one of "
-                                   f"{', '.join(settings.ENCODERS)}")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.features.dtype)
+                                  percentiles=config.percentiles)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:  # "auto": bfloat16 on accelerators, float32 on CPU
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     weights = config.weights or None
     model, spec = registry.load_encoder(config.encoder, weights, dtype=dtype)
-    fc = settings.feature_config(config)
+    fc = config.features
     encoder = feat_lib.SliceEncoder(
         model, spec, layers=fc.layers, image_size=fc.image_size, chunk=fc.chunk,
         devices=devices,
         name=f"{config.encoder}:{registry.find_weights(config.encoder, weights)}")
     return sources.EncoderSource(encoder, fc, cache=cache,
-                                 coarse_to_fine=config.features.pyramid == "coarse_to_fine")
+                                 coarse_to_fine=config.pyramid == "coarse_to_fine")
 
 
-def register_volumes(fixed: io.Volume, moving: io.Volume, *, config: Any,
-                     source: sources.FeatureSource,
+def register_volumes(fixed: io.Volume, moving: io.Volume, *,
+                     config: settings.RegistrationConfig, source: sources.FeatureSource,
                      masks: tuple[np.ndarray, np.ndarray] | None = None,
                      timings: dict[str, float] | None = None
                      ) -> tuple[np.ndarray, jax.Array]:
@@ -70,7 +67,7 @@ def register_volumes(fixed: io.Volume, moving: io.Volume, *, config: Any,
     ``moving`` must already be on the fixed grid (see :func:`io.resample_to`).
 
     Args:
-      config: the experiment config (its ``solver``).
+      config: the registration settings (its ``solver``).
       source: from :func:`make_source`.
       masks: ``(fixed, moving)`` foreground masks (an encoder's PCA fit).
       timings: seconds per stage are added to it (the source's stages, and solving).
@@ -84,7 +81,7 @@ def register_volumes(fixed: io.Volume, moving: io.Volume, *, config: Any,
     feats = source(fixed.data, moving.data, fixed_mask=fixed_mask, moving_mask=moving_mask,
                    timings=timings)
     start = time.perf_counter()
-    field = solver.convex_adam(feats.fixed, feats.moving, config=settings.solver_config(config),
+    field = solver.convex_adam(feats.fixed, feats.moving, config=config.solver,
                                coarse_fixed=feats.coarse_fixed,
                                coarse_moving=feats.coarse_moving)
     field = np.asarray(jax.block_until_ready(field))
@@ -126,7 +123,7 @@ def _labels_on_fixed_grid(path: str, image: io.Volume, fixed: io.Volume) -> np.n
     return _on_grid(labels, fixed, order=0).data
 
 
-def load_pair(pair: Pair, *, config: Any) -> LoadedPair:
+def load_pair(pair: Pair, *, config: settings.RegistrationConfig) -> LoadedPair:
     """Reads a pair, resamples the moving image and labels onto the fixed grid.
 
     Raises:
@@ -143,7 +140,7 @@ def load_pair(pair: Pair, *, config: Any) -> LoadedPair:
                         _labels_on_fixed_grid(fix_path, fixed, fixed))
 
     masks = None
-    mask_name = config.features.mask if config.encoder != "mind" else ""
+    mask_name = config.mask if config.encoder != "mind" else ""
     if mask_name == "auto":
         masks = (feat_lib.foreground_mask(fixed.data), feat_lib.foreground_mask(moving.data))
     elif mask_name:

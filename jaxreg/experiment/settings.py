@@ -1,17 +1,18 @@
-"""The experiment config checked once at start, and turned into the library's typed configs.
+"""The study's settings as frozen dataclasses, built once from the experiment's ConfigDict.
 
-The experiment's settings are an ``ml_collections`` ConfigDict of plain values
-(``experiments/configs/breast.py``). :func:`check_config` refuses nonsense before any
-work starts, naming the field and what it accepts; :func:`solver_config` and
-:func:`feature_config` give the frozen dataclasses that the library takes.
-:func:`result_settings` is the part of the config that shapes a pair's results, recorded
-beside each pair so that a rerun with other settings is noticed.
+The CLI's settings are an ``ml_collections`` ConfigDict of plain values
+(``experiments/configs/breast.py``). :func:`from_configdict` checks it once, refusing
+nonsense before any work starts (naming the field and what it accepts), and returns a
+:class:`StudyConfig`; below that edge the experiment takes typed settings only.
+:func:`result_settings` is the part that shapes a pair's results, recorded beside each
+pair so that a rerun with other settings is noticed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 from jaxreg import features as feat_lib
 from jaxreg import io
@@ -19,42 +20,115 @@ from jaxreg import phantom
 from jaxreg import solver
 from jaxreg.encoders import registry
 
-__all__ = ["ConfigError", "ENCODERS", "PYRAMIDS", "check_config", "solver_config",
-           "feature_config", "result_settings"]
+__all__ = ["ConfigError", "ENCODERS", "PYRAMIDS", "MindSettings", "RegistrationConfig",
+           "PhantomSettings", "StudyConfig", "from_configdict", "result_settings"]
 
 ENCODERS = ("mind",) + tuple(registry.ENCODERS)
-PYRAMIDS = ("none", "joint", "coarse_to_fine")
-DTYPES = ("auto", "float32", "bfloat16")
+Pyramid = Literal["none", "joint", "coarse_to_fine"]
+PYRAMIDS = get_args(Pyramid)
+Dtype = Literal["auto", "float32", "bfloat16"]
 
 
 class ConfigError(io.InputError):
     """A setting that cannot work; the message names the field and what it accepts."""
 
 
+@dataclasses.dataclass(frozen=True)
+class MindSettings:
+    """MIND-SSC's patch radius and neighbour dilation (:func:`jaxreg.mind.mind_ssc`)."""
+
+    radius: int = 1
+    dilation: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrationConfig:
+    """How one pair is registered.
+
+    Attributes:
+      encoder: ``"mind"`` (handcrafted MIND-SSC) or an encoder of the registry.
+      solver: the ConvexAdam settings.
+      mind: MIND-SSC settings (used with ``encoder="mind"``).
+      features: the encoder's slicing, PCA and output maps; None for MIND-SSC.
+      pyramid: how an encoder's output maps are used: the last one (``"none"``, the
+        reference), several at once (``"joint"``), or a deeper one for the coarse stage
+        (``"coarse_to_fine"``).
+      percentiles: intensity clipping before MIND-SSC or the encoder.
+      weights: the encoder's checkpoint; ``""`` searches (``registry.find_weights``).
+      mask: what an encoder's PCA is fitted on: ``"auto"`` (foreground), a label name
+        of the pair, or ``""`` (every token).
+      dtype: the encoder's compute dtype (``"auto"``: bfloat16 on accelerators).
+      cache: keep encoded slices on disk.
+    """
+
+    encoder: str = "mind"
+    solver: solver.ConvexAdamConfig = solver.ConvexAdamConfig()
+    mind: MindSettings = MindSettings()
+    features: feat_lib.FeatureConfig | None = None
+    pyramid: Pyramid = "none"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    weights: str = ""
+    mask: str = "auto"
+    dtype: Dtype = "auto"
+    cache: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomSettings:
+    """The built-in breast phantom's task types, grid and seed."""
+
+    tasks: tuple[str, ...] = phantom.TASKS
+    shape: tuple[int, int, int] = (112, 80, 48)
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A whole study: which pairs, how each is registered, what is written.
+
+    Attributes:
+      registration: how each pair is registered.
+      pairs, data_dir: the pairs CSV and the folder relative paths start from; both
+        empty: the built-in phantom.
+      phantom: the phantom's settings.
+      batch_per_device: pairs per device at once (capped by the memory plan).
+      devices: this host's devices (``""`` all, ``"2"`` the first two, ``"0,3"`` ids).
+      qc: a QC picture per pair.
+      hd95: score label maps by HD95 as well as Dice.
+    """
+
+    registration: RegistrationConfig = RegistrationConfig()
+    pairs: str = ""
+    data_dir: str = ""
+    phantom: PhantomSettings = PhantomSettings()
+    batch_per_device: int = 1
+    devices: str = ""
+    qc: bool = True
+    hd95: bool = True
+
+    @property
+    def uses_phantom(self) -> bool:
+        return not self.pairs and not self.data_dir
+
+
 def _fail(field: str, value: Any, accepts: str) -> None:
     raise ConfigError(f"config.{field}={value!r}: {accepts}")
 
 
-def _int(config: Any, field: str, minimum: int) -> None:
-    value = _get(config, field)
+def _int(value: Any, field: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         _fail(field, value, f"must be an integer >= {minimum}")
-
-
-def _get(config: Any, field: str) -> Any:
-    value = config
-    for key in field.split("."):
-        value = value[key]
     return value
 
 
-def solver_config(config: Any) -> solver.ConvexAdamConfig:
-    """The solver's frozen config from ``config.solver``.
+def _choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        _fail(field, value, f"must be one of {', '.join(choices)}")
+    return value
 
-    Raises:
-      ConfigError: a field of ``config.solver`` is out of range.
-    """
-    values = dict(config.solver)
+
+def _solver(c: Any) -> solver.ConvexAdamConfig:
+    values = dict(c.solver)
     if "coupling" in values:
         values["coupling"] = tuple(values["coupling"])
     try:
@@ -63,75 +137,82 @@ def solver_config(config: Any) -> solver.ConvexAdamConfig:
         raise ConfigError(f"config.solver: {e}") from None
 
 
-def feature_config(config: Any, encoder: str | None = None) -> feat_lib.FeatureConfig:
-    """The feature pipeline's frozen config from ``config.features`` and the encoder.
-
-    Raises:
-      ConfigError: a field of ``config.features`` is out of range.
-    """
-    f = config.features
-    entry = registry.ENCODERS[encoder or config.encoder]
-    if f.pyramid not in PYRAMIDS:
-        _fail("features.pyramid", f.pyramid, f"must be one of {', '.join(PYRAMIDS)}")
-    layers = ("features",) if f.pyramid == "none" else entry.pyramid
-    try:
-        return feat_lib.FeatureConfig(
-            axes=tuple(f.axes), fusion=f.fusion, gap=f.gap, layers=layers,
-            pca_dims=f.pca_dims or entry.pca_dims, image_size=f.image_size, chunk=f.chunk,
-            percentiles=tuple(f.percentiles))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.features: {e}") from None
-
-
-def check_config(config: Any) -> None:
-    """Refuses settings that cannot work, before anything is loaded or written.
-
-    Raises:
-      ConfigError: naming the field, its value and what it accepts.
-    """
-    if config.encoder not in ENCODERS:
-        _fail("encoder", config.encoder, f"must be one of {', '.join(ENCODERS)}")
-    solver_config(config)
-    _int(config, "mind.radius", 0)
-    _int(config, "mind.dilation", 1)
-    _int(config, "batch.batch_per_device", 1)
-    if config.features.dtype not in DTYPES:
-        _fail("features.dtype", config.features.dtype, f"must be one of {', '.join(DTYPES)}")
-    for field in ("gap", "pca_dims", "image_size", "chunk"):
-        _int(config, f"features.{field}", 1 if field == "gap" else 0)
-    low_high = tuple(config.features.percentiles)
+def _percentiles(c: Any) -> tuple[float, float]:
+    low_high = tuple(c.features.percentiles)
     if (len(low_high) != 2 or not all(isinstance(p, (int, float)) and math.isfinite(p)
                                        for p in low_high)
             or not 0 <= low_high[0] < low_high[1] <= 100):
         _fail("features.percentiles", low_high, "must be two numbers 0 <= low < high <= 100")
-    if config.encoder != "mind":
-        feature_config(config)
-    elif config.features.pyramid not in PYRAMIDS:
-        _fail("features.pyramid", config.features.pyramid, f"must be one of {', '.join(PYRAMIDS)}")
-    if not config.pairs and not config.data_dir:
-        tasks = tuple(config.phantom.tasks)
-        unknown = [t for t in tasks if t not in phantom.TASKS]
-        if not tasks or unknown:
+    return low_high
+
+
+def _features(c: Any, pyramid: str) -> feat_lib.FeatureConfig:
+    f = c.features
+    entry = registry.ENCODERS[c.encoder]
+    for field in ("gap", "pca_dims", "image_size", "chunk"):
+        _int(f[field], f"features.{field}", 1 if field == "gap" else 0)
+    try:
+        return feat_lib.FeatureConfig(
+            axes=tuple(f.axes), fusion=f.fusion, gap=f.gap,
+            layers=("features",) if pyramid == "none" else entry.pyramid,
+            pca_dims=f.pca_dims or entry.pca_dims, image_size=f.image_size, chunk=f.chunk,
+            percentiles=_percentiles(c))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.features: {e}") from None
+
+
+def _registration(c: Any) -> RegistrationConfig:
+    encoder = _choice(c.encoder, "encoder", ENCODERS)
+    pyramid = _choice(c.features.pyramid, "features.pyramid", PYRAMIDS)
+    return RegistrationConfig(
+        encoder=encoder, solver=_solver(c),
+        mind=MindSettings(radius=_int(c.mind.radius, "mind.radius", 0),
+                          dilation=_int(c.mind.dilation, "mind.dilation", 1)),
+        features=None if encoder == "mind" else _features(c, pyramid),
+        pyramid=pyramid, percentiles=_percentiles(c), weights=str(c.weights),
+        mask=str(c.features.mask),
+        dtype=_choice(c.features.dtype, "features.dtype", get_args(Dtype)),
+        cache=bool(c.features.cache))
+
+
+def _phantom(c: Any, needed: bool) -> PhantomSettings:
+    tasks, shape = tuple(c.phantom.tasks), tuple(c.phantom.shape)
+    if needed:
+        if not tasks or any(t not in phantom.TASKS for t in tasks):
             _fail("phantom.tasks", tasks, f"must be some of {', '.join(phantom.TASKS)}")
-        shape = tuple(config.phantom.shape)
         if len(shape) != 3 or not all(isinstance(s, int) and s >= 8 for s in shape):
             _fail("phantom.shape", shape, "must be three integers >= 8")
+    return PhantomSettings(tasks=tasks, shape=shape, seed=int(c.phantom.seed))
 
 
-def result_settings(config: Any) -> dict[str, Any]:
+def from_configdict(c: Any) -> StudyConfig:
+    """Checks the experiment's ConfigDict and turns it into a :class:`StudyConfig`.
+
+    Raises:
+      ConfigError: naming the field, its value and what it accepts.
+    """
+    if isinstance(c, StudyConfig):
+        return c
+    uses_phantom = not c.pairs and not c.data_dir
+    return StudyConfig(
+        registration=_registration(c), pairs=str(c.pairs), data_dir=str(c.data_dir),
+        phantom=_phantom(c, uses_phantom),
+        batch_per_device=_int(c.batch.batch_per_device, "batch.batch_per_device", 1),
+        devices=str(c.batch.devices), qc=bool(c.qc), hd95=bool(c.metrics.hd95))
+
+
+def result_settings(config: StudyConfig) -> dict[str, Any]:
     """The settings that shape a pair's outputs (not how fast or where they are made)."""
-    out: dict[str, Any] = {
-        "encoder": config.encoder,
-        "solver": config.solver.to_dict(),
-        "metrics": config.metrics.to_dict(),
-    }
-    if config.encoder == "mind":
-        out["mind"] = config.mind.to_dict()
-        out["percentiles"] = list(config.features.percentiles)
+    r = config.registration
+    out: dict[str, Any] = {"encoder": r.encoder, "solver": dataclasses.asdict(r.solver),
+                           "percentiles": list(r.percentiles), "hd95": config.hd95}
+    if r.encoder == "mind":
+        out["mind"] = dataclasses.asdict(r.mind)
     else:
-        out["weights"] = config.weights
-        out["features"] = {k: v for k, v in config.features.to_dict().items()
-                           if k not in ("cache", "chunk")}
-    if not config.pairs and not config.data_dir:
-        out["phantom"] = config.phantom.to_dict()
+        features = dataclasses.asdict(r.features)
+        features.pop("chunk")
+        out.update(weights=r.weights, features=features, pyramid=r.pyramid, mask=r.mask,
+                   dtype=r.dtype)
+    if config.uses_phantom:
+        out["phantom"] = dataclasses.asdict(config.phantom)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -31,18 +32,19 @@ __all__ = ["run_study", "run_pair", "select_devices"]
 _PAIR_ERRORS = (ValueError, OSError)
 
 
-def run_pair(pair: Pair, out_dir: str, *, config: Any,
+def run_pair(pair: Pair, out_dir: str, *, config: settings.StudyConfig,
              source: sources.FeatureSource) -> dict[str, Any]:
     """Registers one pair and writes its outputs into ``out_dir`` (created here).
 
     Returns:
       The metrics row (also saved as ``metrics.json``), with the seconds per stage.
     """
-    loaded = pipeline.load_pair(pair, config=config)
+    loaded = pipeline.load_pair(pair, config=config.registration)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     field, fixed_features = pipeline.register_volumes(
-        loaded.fixed, loaded.moving, config=config, source=source, masks=loaded.masks,
+        loaded.fixed, loaded.moving, config=config.registration, source=source,
+        masks=loaded.masks,
         timings=timings)
     seconds = time.perf_counter() - start
     return outputs.write_pair(loaded, field, out_dir, config=config,
@@ -90,7 +92,7 @@ def grid_shape(path: str) -> tuple[int, ...]:
         return (0, 0, 0)
 
 
-def _csv_pairs(config: Any) -> list[Pair] | None:
+def _csv_pairs(config: settings.StudyConfig) -> list[Pair] | None:
     """The pairs of ``--pairs``/``--data_dir``, or None for the phantom."""
     if config.pairs or config.data_dir:
         csv_path = pairs_lib.find_pairs_csv(config.pairs, config.data_dir)
@@ -98,12 +100,11 @@ def _csv_pairs(config: Any) -> list[Pair] | None:
     return None
 
 
-def _phantom_pairs(config: Any, workdir: str) -> list[Pair]:
+def _phantom_pairs(config: settings.StudyConfig, workdir: str) -> list[Pair]:
     phantom_dir = os.path.join(workdir, "phantom")
     if jax.process_index() == 0:
-        pairs_lib.write_phantom_pairs(phantom_dir, tasks=tuple(config.phantom.tasks),
-                                      shape=tuple(config.phantom.shape),
-                                      seed=config.phantom.seed)
+        pairs_lib.write_phantom_pairs(phantom_dir, tasks=config.phantom.tasks,
+                                      shape=config.phantom.shape, seed=config.phantom.seed)
     _sync("phantom written")
     return pairs_lib.read_pairs(os.path.join(phantom_dir, "pairs.csv"))
 
@@ -139,11 +140,11 @@ class _Progress:
             self.bar.close()
 
 
-def _pair_settings(config: Any, pair: Pair) -> dict[str, Any]:
+def _pair_settings(config: settings.StudyConfig, pair: Pair) -> dict[str, Any]:
     return {"settings": settings.result_settings(config), "inputs": pair.files()}
 
 
-def _refuse_changed(work: workdir_lib.Workdir, config: Any, pairs: list[Pair]) -> None:
+def _refuse_changed(work: workdir_lib.Workdir, config: settings.StudyConfig, pairs: list[Pair]) -> None:
     changed = workdir_lib.changed_pairs(work, {p.name: _pair_settings(config, p) for p in pairs})
     if changed:
         name, diff = next(iter(changed.items()))
@@ -154,12 +155,13 @@ def _refuse_changed(work: workdir_lib.Workdir, config: Any, pairs: list[Pair]) -
             f"redo them, or use another --workdir")
 
 
-def run_study(config: Any, workdir: str, *, progress: bool = True,
+def run_study(config: settings.StudyConfig | Any, workdir: str, *, progress: bool = True,
               overwrite: bool = False) -> tuple[list[dict], list[str]]:
     """Registers every pair of the study; see :mod:`jaxreg.experiment`.
 
     Args:
-      config: an ``ml_collections.ConfigDict`` as built by ``experiments/configs/breast.py``.
+      config: a :class:`settings.StudyConfig`, or the ``ml_collections.ConfigDict`` of
+        ``experiments/configs/breast.py`` (checked and converted here, once).
       workdir: output folder (created; shared by all hosts; one run at a time).
       progress: show a progress bar over pairs (host 0).
       overwrite: redo finished pairs whose recorded settings or inputs differ from now;
@@ -175,8 +177,8 @@ def run_study(config: Any, workdir: str, *, progress: bool = True,
         settings, a bad pairs CSV, an unusable or busy workdir, or changed settings.
       CheckpointError: the encoder's weights are missing or do not fit.
     """
-    settings.check_config(config)
-    devices = select_devices(config.batch.devices)
+    config = settings.from_configdict(config)
+    devices = select_devices(config.devices)
     pairs = _csv_pairs(config)  # a bad CSV is refused before the workdir is touched
     with workdir_lib.Workdir(workdir, lock=jax.process_index() == 0) as work:
         _sync("workdir ready")
@@ -185,11 +187,11 @@ def run_study(config: Any, workdir: str, *, progress: bool = True,
             _refuse_changed(work, config, pairs)
         if jax.process_index() == 0:
             atomic.write_text(os.path.join(work.path, "config.json"),
-                                    config.to_json_best_effort(indent=1))
+                              json.dumps(dataclasses.asdict(config), indent=1))
         cache = None
-        if config.features.cache and config.encoder != "mind":
+        if config.registration.cache and config.registration.encoder != "mind":
             cache = feat_lib.FeatureCache(os.path.join(work.path, "feature_cache"))
-        source = pipeline.make_source(config, devices=devices, cache=cache)
+        source = pipeline.make_source(config.registration, devices=devices, cache=cache)
         failures = _register_all(config, work, pairs, source, devices, progress)
         _sync("study done")
         rows = []
@@ -231,13 +233,13 @@ def _register_all(config, work, pairs, source, devices, progress) -> list[str]:
                           traceback.format_exc())
         bar.update(len(failures))
 
-    batched = len(devices) * config.batch.batch_per_device > 1
+    batched = len(devices) * config.batch_per_device > 1
     if batched and getattr(source, "coarse_to_fine", False):
         # Each pair's coarse stage picks its own fine features: no common batch program.
         # The encoder still shards its slice chunks over ``devices``.
-        if config.batch.batch_per_device > 1:
+        if config.batch_per_device > 1:
             logging.warning("features.pyramid=coarse_to_fine registers one pair at a time; "
-                            "batch_per_device=%d is ignored", config.batch.batch_per_device)
+                            "batch_per_device=%d is ignored", config.batch_per_device)
         batched = False
     if batched:
         _run_batched(todo, config, source, devices, finish)
@@ -248,18 +250,19 @@ def _register_all(config, work, pairs, source, devices, progress) -> list[str]:
     return failures
 
 
-def _run_batched(todo: list[Pair], config: Any, source: sources.FeatureSource,
+def _run_batched(todo: list[Pair], config: settings.StudyConfig, source: sources.FeatureSource,
                  devices: list[jax.Device], finish) -> None:
     """Buckets of one padded shape, registered a batch at a time over ``devices``."""
     from jaxreg import batching
 
-    solver_config = settings.solver_config(config)
+    solver_config = config.registration.solver
     mesh = jax.sharding.Mesh(np.array(devices), ("pairs",))
     multiple = math.lcm(solver_config.grid_sp, solver_config.grid_sp_adam)
     shapes = [grid_shape(p.fixed) for p in todo]
     for pair, shape in zip(todo, shapes):
         if 0 in shape:  # unreadable header: load_pair names the problem
-            finish(pair, lambda out, pair=pair: pipeline.load_pair(pair, config=config))
+            finish(pair, lambda out, pair=pair: pipeline.load_pair(
+                pair, config=config.registration))
     todo = [p for p, shape in zip(todo, shapes) if 0 not in shape]
     buckets = batching.plan_buckets([s for s in shapes if 0 not in s], multiple=multiple)
     for bucket in buckets:
@@ -268,7 +271,7 @@ def _run_batched(todo: list[Pair], config: Any, source: sources.FeatureSource,
             per_device = batching.plan_batch(
                 bucket.shape, config=solver_config, channels=source.channels,
                 device_bytes=batching.device_memory_bytes(devices[0]),
-                batch_per_device=config.batch.batch_per_device)
+                batch_per_device=config.batch_per_device)
         except ValueError as e:
             for pair in members:
                 finish(pair, functools.partial(_raise, e))
@@ -288,7 +291,7 @@ def _register_group(group, shape, config, source, solver_config, mesh, finish):
     loaded = []
     for pair in group:
         try:
-            loaded.append(pipeline.load_pair(pair, config=config))
+            loaded.append(pipeline.load_pair(pair, config=config.registration))
         except _PAIR_ERRORS as e:
             finish(pair, functools.partial(_raise, e))
     if not loaded:
