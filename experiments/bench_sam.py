@@ -50,13 +50,13 @@ def bench_litemedsam(batch, repeats):
     import numpy as np
     import torch
 
-    from jaxreg.encoders import tinyvit
+    from jaxreg.encoders import registry
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
     import _tinyvit_reference as ref
 
     x = np.random.RandomState(0).rand(batch, 256, 256, 3).astype(np.float32)
-    f, state = _jit(tinyvit.load())
+    f, state = _jit(registry.load_encoder("litemedsam")[0])
     xj = jnp.asarray(x)
     t_jax = _median_seconds(lambda: jax.block_until_ready(f(state, xj)), repeats)
     sd = torch.load(ref.installed_file(ref.CHECKPOINT), map_location="cpu", weights_only=True)
@@ -76,10 +76,11 @@ def bench_sam(batch, repeats):
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import nnx
 
     from jaxreg.encoders import sam
 
-    model = sam.create("sam_vitb")
+    model = sam.create("sam_vitb", rngs=nnx.Rngs(0))
     f, state = _jit(model)
     x = jnp.asarray(np.random.RandomState(0).randn(batch, 1024, 1024, 3).astype(np.float32))
     cost = f.lower(state, x).compile().cost_analysis()

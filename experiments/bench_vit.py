@@ -49,14 +49,13 @@ def bench(variant: str, size: int, *, batch: int, repeats: int) -> dict[str, flo
     hf = transformers.Dinov2Model(transformers.Dinov2Config(
         hidden_size=cfg.hidden_size, num_hidden_layers=cfg.depth,
         num_attention_heads=cfg.num_heads, image_size=518, patch_size=14)).eval()
-    model = dinov2.create(variant)
-    assign_params(model, dinov2.convert_state_dict(
-        {k: v.numpy() for k, v in hf.state_dict().items()}, variant))
+    model = dinov2.create(variant, rngs=nnx.Rngs(0))
+    assign_params(model, dinov2.convert({k: v.numpy() for k, v in hf.state_dict().items()}))
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def features(state, x):
-        return nnx.merge(graphdef, state)(x, layers=())["features"]
+        return nnx.merge(graphdef, state)(x, blocks=())["features"]
 
     x = np.random.RandomState(0).randn(batch, size, size, 3).astype(np.float32)
     xj = jax.device_put(x)

@@ -12,12 +12,12 @@ written: every missing, unexpected or mis-shaped tensor is reported and nothing 
         --input dinov2_vitl14_reg4_pretrain.pth --output dinov2_vitl14_reg.safetensors
 
 ``--input`` may be a file, a Hugging Face model folder or an offline Hugging Face cache
-folder (``models--org--name``).
+folder (``models--org--name``); ``--encoder`` a variant name of any family
+(``sam_vitl``) or an encoder name of the registry (``medclip``: its variant).
 
-An encoder family is one row of :data:`FAMILIES`: its module must expose ``VARIANTS``
-(variant name -> ``EncoderSpec``) and ``create(name, *, dtype, rngs)``, and the row names
-the module's converter, ``state dict -> flat jaxreg params`` or, where the layout depends
-on the variant, ``(state dict, variant name) -> params``.
+The families are those of :func:`jaxreg.encoders.registry.families`; each module's
+``VARIANTS``, ``create`` and ``convert`` are used (the protocol is listed in
+:mod:`jaxreg.encoders.registry`).
 """
 
 from __future__ import annotations
@@ -26,32 +26,28 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["FAMILIES", "convert", "main"]
-
-# family -> (module, name of its converter function, whether it takes the variant name)
-FAMILIES: dict[str, tuple[str, str, bool]] = {
-    "sam": ("jaxreg.encoders.sam", "convert_sam_state_dict", False),
-    "tinyvit": ("jaxreg.encoders.tinyvit", "convert_tinyvit_state_dict", False),
-    "dinov2": ("jaxreg.encoders.dinov2", "convert_state_dict", True),
-    "dinov3": ("jaxreg.encoders.dinov3", "convert_state_dict", True),
-    "clip": ("jaxreg.encoders.clip", "convert_state_dict", True),
-}
+__all__ = ["family_of", "convert", "main"]
 
 
-def _family_of(encoder: str):
-    """(module, converter) of the family whose ``VARIANTS`` holds ``encoder``."""
+def family_of(encoder: str):
+    """(family module, variant name) for a variant name or a registry encoder name."""
+    from jaxreg.encoders import registry
+
+    if encoder in registry.ENCODERS:
+        entry = registry.ENCODERS[encoder]
+        return entry.module, entry.variant
     known = []
-    for module_name, fn_name, takes_name in FAMILIES.values():
-        module = importlib.import_module(module_name)
+    for family in registry.families():
+        module = importlib.import_module(f"jaxreg.encoders.{family}")
         if encoder in module.VARIANTS:
-            fn = getattr(module, fn_name)
-            return module, (lambda sd: fn(sd, encoder)) if takes_name else fn
+            return module, encoder
         known.extend(module.VARIANTS)
-    raise ValueError(f"unknown encoder {encoder!r}; known: {', '.join(sorted(known))}")
+    raise ValueError(f"unknown encoder {encoder!r}; known: {', '.join(sorted(known))} "
+                     f"or {', '.join(sorted(registry.ENCODERS))}")
 
 
 def convert(encoder: str, input_path: str | os.PathLike,
@@ -59,7 +55,7 @@ def convert(encoder: str, input_path: str | os.PathLike,
     """Reads ``input_path``, converts and checks it for ``encoder``, writes ``output_path``.
 
     Args:
-      encoder: a variant name of one of the families in :data:`FAMILIES`.
+      encoder: a variant name of a family, or an encoder name of the registry.
       input_path: reference checkpoint (``.pth`` needs torch, or ``.safetensors``).
       output_path: safetensors file to write (atomically).
 
@@ -70,17 +66,11 @@ def convert(encoder: str, input_path: str | os.PathLike,
       ValueError: unknown encoder.
       CheckpointError: unreadable checkpoint or one that does not fit the variant.
     """
-    from flax import nnx
+    from jaxreg.encoders import _base, _checkpoint
 
-    from jaxreg.encoders import _checkpoint
-    from jaxreg.encoders import vit
-
-    module, converter = _family_of(encoder)
-    converter: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
-    state_dict, source = vit.read_checkpoint(input_path)
-    params = converter(state_dict)
-    model = nnx.eval_shape(lambda: module.create(encoder, rngs=nnx.Rngs(0)))
-    _checkpoint.assign_params(model, params, source=source)  # strict check
+    module, variant = family_of(encoder)
+    params, source = _base.read_params(module.convert, input_path)
+    _base.abstract_with(module.create, variant, params, source=source)  # strict check
     _checkpoint.write_safetensors(params, output_path)
     return params
 
@@ -90,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jaxreg.convert",
         description="Convert an encoder checkpoint to jaxreg-layout safetensors.")
-    parser.add_argument("--encoder", required=True, help="variant name, e.g. sam_vitb, litemedsam")
+    parser.add_argument("--encoder", required=True,
+                        help="variant (sam_vitl, dinov2_vits14) or encoder name (medclip)")
     parser.add_argument("--input", required=True, help="reference checkpoint (.pth/.safetensors)")
     parser.add_argument("--output", required=True, help="safetensors file to write")
     args = parser.parse_args(argv)

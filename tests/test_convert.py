@@ -1,10 +1,14 @@
-"""The converter command writes safetensors that load like the original checkpoint."""
+"""The converter command writes safetensors that load like the original checkpoint; the
+registry's pyramids name maps the models return."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxreg import convert
-from jaxreg.encoders import dinov2
+from jaxreg.encoders import dinov2, registry
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -34,3 +38,19 @@ def test_convert_refuses_a_mismatched_checkpoint_and_writes_nothing(tmp_path, ca
     assert convert.main(["--encoder", "dinov2_vits14", "--input", str(tmp_path / "small"),
                          "--output", str(out)]) == 1
     assert "mis-shaped" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("name", sorted(registry.ENCODERS))
+def test_registry_pyramid_names_maps_the_model_returns(name):
+    """Every family names its maps the same way (_base), and the registry uses those names."""
+    entry = registry.ENCODERS[name]
+    model = nnx.eval_shape(lambda: entry.module.create(entry.variant, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    side = 4 * entry.spec.patch_size
+    out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                         jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
+    assert set(entry.pyramid) <= set(out) and entry.pyramid[-1] == "features"
+    numbered = sorted((k for k in out if k not in ("features", "cls")),
+                      key=lambda k: int(k.split("_")[1]))
+    kind = "stage" if entry.family == "tinyvit" else "block"
+    assert numbered == [f"{kind}_{i}" for i in range(1, len(numbered) + 1)]

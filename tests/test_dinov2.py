@@ -43,10 +43,10 @@ def _config(hf, *, registers=0, swiglu=False):
                          pos_grid=c.image_size // 14, pos_antialias=registers > 0)
 
 
-def _jax_model(hf, config, name="dinov2_vits14"):
-    model = dinov2.create(name, config=config)
+def _jax_model(hf, variant):
+    model = dinov2.create(variant, rngs=nnx.Rngs(0))
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-    assign_params(model, dinov2.convert_state_dict(sd, name))
+    assign_params(model, dinov2.convert(sd))
     return model
 
 
@@ -64,7 +64,7 @@ def _max_diffs(hf, model, x, registers):
     diffs = {"features": np.abs(maps(ref.last_hidden_state) - out["features"]).max(),
              "cls": np.abs(ref.pooler_output.numpy() - out["cls"]).max()}
     for i in range(1, len(ref.hidden_states)):
-        diffs[f"layer_{i}"] = np.abs(maps(ref.hidden_states[i]) - out[f"layer_{i}"]).max()
+        diffs[f"block_{i}"] = np.abs(maps(ref.hidden_states[i]) - out[f"block_{i}"]).max()
     assert out["features"].shape == (b, h, w, hf.config.hidden_size)
     assert all(v.dtype == jnp.float32 for v in out.values())
     return diffs
@@ -81,9 +81,8 @@ def test_small_matches_transformers(registers, swiglu, size):
 
 def test_vitb_reg_matches_transformers():
     """Full-size ViT-B/14 with registers, on the 37x37 learned grid, at 224 and 280x364."""
-    spec = dinov2.VARIANTS["dinov2_vitb14_reg"]
     hf = _hf_model(width=768, depth=12, heads=12, registers=4, image_size=518)
-    model = _jax_model(hf, spec.config, "dinov2_vitb14_reg")
+    model = _jax_model(hf, "dinov2_vitb14_reg")
     for size in SIZES:
         diffs = _max_diffs(hf, model, _images(*size), 4)
         assert max(diffs.values()) <= TOL, (size, diffs)
@@ -118,16 +117,15 @@ def test_original_pth_layout_loads_same_params(tmp_path, swiglu):
     sd = dict(hf.state_dict())
     orig = _original_layout(sd)
     assert "blocks.0.attn.qkv.weight" in orig and "blocks.1.ls2.gamma" in orig
-    from_hf = dinov2.convert_state_dict({k: v.numpy() for k, v in sd.items()}, "dinov2_vits14_reg")
-    from_orig = dinov2.convert_state_dict({k: v.numpy() for k, v in orig.items()},
-                                          "dinov2_vits14_reg")
+    from_hf = dinov2.convert({k: v.numpy() for k, v in sd.items()})
+    from_orig = dinov2.convert({k: v.numpy() for k, v in orig.items()})
     assert sorted(from_hf) == sorted(from_orig)
     for k in from_hf:
         np.testing.assert_array_equal(from_hf[k], from_orig[k], err_msg=k)
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(orig, path)
-    loaded = dinov2.load("dinov2_vits14_reg", path, config=config)
-    ref = _jax_model(hf, config, "dinov2_vits14_reg")
+    loaded = dinov2.load(config, path)
+    ref = _jax_model(hf, config)
     for k, v in flat_params(ref).items():
         np.testing.assert_array_equal(v, flat_params(loaded)[k], err_msg=k)
 
@@ -135,7 +133,7 @@ def test_original_pth_layout_loads_same_params(tmp_path, swiglu):
 def test_round_trip_and_folders(tmp_path):
     hf = _hf_model(registers=4)
     config = _config(hf, registers=4)
-    ref = _jax_model(hf, config, "dinov2_vits14_reg")
+    ref = _jax_model(hf, config)
     x = jnp.asarray(_images(98, 126))
     expected = ref(x)
     # Converter round trip: jaxreg names written once, read back.
@@ -145,20 +143,12 @@ def test_round_trip_and_folders(tmp_path):
     snap = tmp_path / "models--facebook--dinov2-with-registers-small" / "snapshots" / "0123abc"
     shutil.copytree(tmp_path / "hf", snap)
     for path in (tmp_path / "hf", snap.parent.parent):
-        got = dinov2.load("dinov2_vits14_reg", path, config=config)(x)
+        got = dinov2.load(config, path)(x)
         for k in expected:
             np.testing.assert_array_equal(expected[k], got[k], err_msg=f"{path}: {k}")
-    got = _load_converted(tmp_path / "converted.safetensors", config)(x)
+    got = dinov2.load(config, tmp_path / "converted.safetensors")(x)
     for k in expected:
         np.testing.assert_array_equal(expected[k], got[k], err_msg=k)
-
-
-def _load_converted(path, config):
-    from jaxreg.encoders._checkpoint import read_state_dict
-
-    model = dinov2.create("dinov2_vits14_reg", config=config, rngs=nnx.Rngs(1))
-    assign_params(model, read_state_dict(path), source=str(path))
-    return model
 
 
 def test_wrong_architecture_and_truncated_file(tmp_path):
@@ -170,7 +160,7 @@ def test_wrong_architecture_and_truncated_file(tmp_path):
     assert "blocks.0.attn.q.kernel" in str(err.value)
     # Without registers the register model misses its tokens.
     with pytest.raises(CheckpointError, match="unexpected.*register_tokens"):
-        dinov2.load("dinov2_vits14", tmp_path / "small", config=_config(hf, registers=0))
+        dinov2.load(_config(hf, registers=0), tmp_path / "small")
     # A CLIP vision tower is not a DINOv2 checkpoint at all.
     clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -187,21 +177,21 @@ def test_wrong_architecture_and_truncated_file(tmp_path):
         dinov2.load("dinov2_vits14_reg", tmp_path / "absent.safetensors")
 
 
-def test_jit_bfloat16_and_layer_selection():
+def test_jit_bfloat16_and_block_selection():
     hf = _hf_model()
     config = _config(hf)
     model = _jax_model(hf, config)
-    model_bf16 = dinov2.create("dinov2_vits14", config=config, dtype=jnp.bfloat16)
+    model_bf16 = dinov2.create(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
     assign_params(model_bf16, flat_params(model))
     graphdef, state = nnx.split(model_bf16)
 
     @jax.jit
     def run(state, x):
-        return nnx.merge(graphdef, state)(x, layers=[2])
+        return nnx.merge(graphdef, state)(x, blocks=[2])
 
     x = jnp.asarray(_images(98, 126))
     out = run(state, x)
-    assert sorted(out) == ["cls", "features", "layer_2"]
+    assert sorted(out) == ["block_2", "cls", "features"]
     assert out["features"].dtype == jnp.float32 and out["features"].shape == (1, 7, 9, 32)
     assert jax.tree.leaves(nnx.state(model_bf16, nnx.Param))[0].dtype == jnp.float32
     ref = model(x)["features"]
@@ -209,7 +199,7 @@ def test_jit_bfloat16_and_layer_selection():
     run(state, x + 1.0)
     assert run._cache_size() == 1
     with pytest.raises(ValueError, match="outside"):
-        model(x, layers=[3])
+        model(x, blocks=[3])
 
 
 def test_hub_layout_swiglu(tmp_path):
@@ -222,7 +212,7 @@ def test_hub_layout_swiglu(tmp_path):
     keys = read_state_dict(tmp_path / "g" / "model.safetensors")
     assert "encoder.layer.0.mlp.weights_in.weight" in keys
     x = jnp.asarray(_images(98, 98))
-    expected = _jax_model(hf, config, "dinov2_vitg14")(x)
-    got = dinov2.load("dinov2_vitg14", tmp_path / "g", config=config)(x)
+    expected = _jax_model(hf, config)(x)
+    got = dinov2.load(config, tmp_path / "g")(x)
     for k in expected:
         np.testing.assert_array_equal(expected[k], got[k], err_msg=k)

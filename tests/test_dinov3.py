@@ -5,6 +5,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -39,10 +40,9 @@ def _config(hf):
                          rope_theta=c.rope_theta)
 
 
-def _jax_model(hf, config, name="dinov3_vits16"):
-    model = dinov3.create(name, config=config)
-    assign_params(model, dinov3.convert_state_dict(
-        {k: v.numpy() for k, v in hf.state_dict().items()}, name))
+def _jax_model(hf, variant):
+    model = dinov3.create(variant, rngs=nnx.Rngs(0))
+    assign_params(model, dinov3.convert({k: v.numpy() for k, v in hf.state_dict().items()}))
     return model
 
 
@@ -56,7 +56,7 @@ def _max_diffs(hf, model, x):
     diffs = {"features": np.abs(maps(ref.last_hidden_state) - out["features"]).max(),
              "cls": np.abs(ref.pooler_output.numpy() - out["cls"]).max()}
     for i in range(1, len(ref.hidden_states)):
-        diffs[f"layer_{i}"] = np.abs(maps(ref.hidden_states[i]) - out[f"layer_{i}"]).max()
+        diffs[f"block_{i}"] = np.abs(maps(ref.hidden_states[i]) - out[f"block_{i}"]).max()
     assert out["features"].shape == (b, h, w, hf.config.hidden_size)
     return diffs
 
@@ -75,9 +75,8 @@ def test_small_matches_transformers(registers, gated, size):
 
 def test_vitb_matches_transformers():
     hf = _hf_model(width=768, depth=12, heads=12)
-    spec = dinov3.VARIANTS["dinov3_vitb16"]
-    assert spec.config == _config(hf)
-    model = _jax_model(hf, spec.config, "dinov3_vitb16")
+    assert dinov3.VARIANTS["dinov3_vitb16"].config == _config(hf)
+    model = _jax_model(hf, "dinov3_vitb16")
     for size in SIZES:
         diffs = _max_diffs(hf, model, _images(*size))
         assert max(diffs.values()) <= TOL, (size, diffs)
@@ -94,10 +93,9 @@ def test_round_trip_folders_and_errors(tmp_path):
     snap = tmp_path / "models--facebook--dinov3-vits16" / "snapshots" / "abc"
     shutil.copytree(tmp_path / "hf", snap)
     write_safetensors(flat_params(ref), tmp_path / "converted.safetensors")
-    converted = dinov3.create("dinov3_vits16", config=config)
-    assign_params(converted, read_state_dict(tmp_path / "converted.safetensors"))
-    for model in (dinov3.load("dinov3_vits16", tmp_path / "hf", config=config),
-                  dinov3.load("dinov3_vits16", snap.parent.parent, config=config), converted):
+    for model in (dinov3.load(config, tmp_path / "hf"),
+                  dinov3.load(config, snap.parent.parent),
+                  dinov3.load(config, tmp_path / "converted.safetensors")):
         got = model(x)
         for k in expected:
             np.testing.assert_array_equal(expected[k], got[k], err_msg=k)

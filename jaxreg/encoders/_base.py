@@ -1,18 +1,47 @@
-"""What every encoder module hands the feature pipeline: its preprocessing as data.
+"""What every encoder family shares: preprocessing as data, output names, the load sequence.
 
-An encoder module (``sam.py``, ``tinyvit.py``, ``dinov2.py`` ...) exposes
-  * the NNX model, whose ``__call__(images)`` takes ``(B, H, W, 3)`` images already
-    preprocessed and returns a dict of named float32 feature maps ``(B, h, w, C)``
-    (the feature pyramid; the key ``"features"`` is the reference's default output);
-  * ``VARIANTS``: ``{name: EncoderSpec}``;
-  * ``create(name, *, dtype, rngs)`` and ``load(name, path, *, dtype)``.
+What a family module must provide is listed in :mod:`jaxreg.encoders.registry`; this module
+holds the pieces they all use.
+
+Output maps. A model's ``__call__(images)`` takes ``(B, H, W, 3)`` images already
+preprocessed and returns a dict of float32 arrays named the same way in every family,
+every index counted from 1:
+
+* ``"block_<i>"``, i = 1 .. depth: the patch tokens after transformer block ``i`` as a
+  ``(B, h, w, C)`` map (SAM, DINOv2, DINOv3, CLIP); ``block_<i>`` is what transformers
+  calls ``hidden_states[i]``;
+* ``"stage_<i>"``, i = 1 .. number of stages: the output of hierarchical stage ``i``,
+  after its patch merging (TinyViT);
+* ``"features"``: the final map, the reference's single output (SAM and TinyViT: the neck;
+  the ViTs: the final-normed patch tokens, see each module);
+* ``"cls"``: ``(B, C)``, the final class token, for models that have one.
+
+A registry pyramid (``registry.ENCODERS[name].pyramid``) names maps this way, e.g. SAM's
+``("block_6", "block_9", "features")``: after ViT-B's 2nd and 3rd global-attention blocks.
+
+Loading. :func:`load_checkpoint` is every family's ``load``: read the file or folder
+(:func:`jaxreg.encoders._checkpoint.read_checkpoint`), convert it with the family's
+``convert`` unless it already holds jaxreg's names, build the model without computing its
+initial values, assign every parameter strictly (everything missing, unexpected or
+mis-shaped is listed in one :class:`~jaxreg.encoders._checkpoint.CheckpointError`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Callable, Mapping
 
-__all__ = ["Preprocessing", "EncoderSpec"]
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from jaxreg.encoders import _checkpoint
+
+__all__ = ["Preprocessing", "EncoderSpec", "variant_config", "read_params", "abstract_with",
+           "load_checkpoint"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,3 +70,76 @@ class EncoderSpec:
     preprocessing: Preprocessing
     patch_size: int
     channels: int  # channels of the default "features" output
+
+
+def variant_config(variants: Mapping[str, EncoderSpec], variant: object, family: str):
+    """The architecture ``create(variant)`` builds.
+
+    Args:
+      variants: the family's ``VARIANTS``.
+      variant: a ``VARIANTS`` name, or a config of the family's config type (small test
+        models, changed settings).
+      family: the family's name for errors.
+
+    Raises:
+      ValueError: an unknown name. TypeError: neither a name nor a config of that type.
+    """
+    if isinstance(variant, str):
+        if variant not in variants:
+            raise ValueError(f"unknown {family} variant {variant!r}; known: {sorted(variants)}")
+        return variants[variant].config
+    config_type = type(next(iter(variants.values())).config)
+    if not isinstance(variant, config_type):
+        raise TypeError(f"{family} variant must be a name or a {config_type.__name__}, "
+                        f"got {type(variant).__name__}")
+    return variant
+
+
+Convert = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def read_params(convert: Convert, path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+    """Reads a checkpoint and converts it to jaxreg's names, unless it already has them.
+
+    Returns:
+      (flat params, the path to quote in errors).
+    """
+    sd, source = _checkpoint.read_checkpoint(path)
+    return (dict(sd) if _checkpoint.is_converted(sd) else convert(sd)), source
+
+
+def abstract_with(create: Callable[..., nnx.Module], variant: object,
+                  params: Mapping[str, np.ndarray], *, source: str,
+                  dtype=jnp.float32) -> nnx.Module:
+    """``create(variant)`` built without initial values, with ``params`` assigned strictly."""
+    model = nnx.eval_shape(lambda: create(variant, rngs=nnx.Rngs(0), dtype=dtype))
+    _checkpoint.assign_params(model, params, source=source)
+    return model
+
+
+def load_checkpoint(create: Callable[..., nnx.Module], convert: Convert, variant: object,
+                    path: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Module:
+    """The load sequence of every family: read, convert, check strictly, assign.
+
+    Args:
+      create: the family's ``create``.
+      convert: the family's ``convert``.
+      variant: a ``VARIANTS`` name or a config (see :func:`variant_config`).
+      path: a weight file, a Hugging Face model folder or an offline Hugging Face cache
+        folder (:func:`jaxreg.encoders._checkpoint.resolve_checkpoint`).
+      dtype: compute dtype (parameters stay float32).
+
+    Returns:
+      The model, its parameters on the default device.
+
+    Raises:
+      CheckpointError: unreadable, not the family's layout, or any parameter missing,
+        unexpected or mis-shaped (all listed).
+    """
+    params, source = read_params(convert, path)
+    model = abstract_with(create, variant, params, source=source, dtype=dtype)
+    graphdef, state = nnx.split(model)  # host numpy -> jax arrays
+    logging.info("Loaded %s from %s (%d tensors).",
+                 variant if isinstance(variant, str) else type(model).__name__, source,
+                 len(params))
+    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))

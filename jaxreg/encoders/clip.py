@@ -25,15 +25,15 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
-from jaxreg.encoders import vit
+from jaxreg.encoders import _base, vit
+from jaxreg.encoders import _torch_names as tn
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
-from jaxreg.encoders._checkpoint import CheckpointError, assign_params
+from jaxreg.encoders._checkpoint import CheckpointError
 
-__all__ = ["ClipConfig", "ClipVision", "VARIANTS", "OPENAI_PREPROCESSING", "create", "load",
-           "convert_state_dict"]
+__all__ = ["ClipConfig", "ClipVision", "VARIANTS", "OPENAI_PREPROCESSING", "create", "convert",
+           "load"]
 
 # OpenAI CLIP's normalisation, also BiomedCLIP's (its open_clip preprocess config).
 OPENAI_PREPROCESSING = Preprocessing(
@@ -98,82 +98,66 @@ class ClipVision(nnx.Module):
         self.post_norm = norm()
 
     def __call__(self, images: jax.Array, *,
-                 layers: Sequence[int] | None = None) -> dict[str, jax.Array]:
+                 blocks: Sequence[int] | None = None) -> dict[str, jax.Array]:
         """Encodes preprocessed images.
 
         Args:
           images: (B, H, W, 3), normalised with the OpenAI mean/std.
-          layers: which blocks' patch tokens to return as ``"layer_i"`` (1-based,
-            transformers' ``hidden_states[i]``); None: all.
+          blocks: which ``"block_i"`` maps to return (counted from 1); None: all.
 
         Returns:
-          ``{"layer_i": (B, h, w, C), "features": (B, h, w, C) (see the module
+          ``{"block_i": (B, h, w, C), "features": (B, h, w, C) (see the module
           docstring), "cls": (B, C) the post-normed class token (transformers'
           ``pooler_output``)}``, float32.
         """
         cfg = self.config
         x = self.patch_embed(images.astype(self.dtype))
-        b, h, w, c = x.shape
-        pos = self.pos_embed[...]
-        g = cfg.pos_grid
-        patch_pos = vit.resample_pos_embed(pos[1:].reshape(g, g, c), (h, w),
-                                           antialias=cfg.pos_antialias, offset=cfg.pos_offset)
-        x = x.reshape(b, h * w, c) + patch_pos.reshape(1, h * w, c).astype(x.dtype)
-        cls = jnp.broadcast_to((self.cls_token[...] + pos[0]).astype(x.dtype), (b, 1, c))
-        x = self.pre_norm(jnp.concatenate([cls, x], axis=1))
-        x, out = vit.run_blocks(self.blocks, x, grid=(h, w), num_prefix=1, layers=layers)
+        h, w = x.shape[1:3]
+        x, cls_pos = vit.learned_positions(x, self.pos_embed[...], cfg)
+        x = self.pre_norm(vit.prepend_tokens(x, self.cls_token[...] + cls_pos))
+        x, out = vit.run_blocks(self.blocks, x, grid=(h, w), num_prefix=1, keep=blocks)
         patches = self.post_norm(x[:, 1:]) if cfg.features_post_norm else x[:, 1:]
         out["features"] = vit.tokens_to_maps(patches, (h, w))
         out["cls"] = self.post_norm(x[:, 0]).astype(jnp.float32)
         return out
 
 
-def create(name: str, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-           config: vit.ViTConfig | None = None) -> ClipVision:
-    """A randomly initialised variant.
+def create(variant: str | ClipConfig, *, rngs: nnx.Rngs, dtype=jnp.float32) -> ClipVision:
+    """A randomly initialised model.
 
     Args:
-      name: a ``VARIANTS`` name.
+      variant: a ``VARIANTS`` name, or a :class:`ClipConfig` (small test models).
+      rngs: initialisation randomness.
       dtype: compute dtype.
-      rngs: initialisation randomness (default ``nnx.Rngs(0)``).
-      config: an architecture replacing ``VARIANTS[name].config`` (small test models,
-        a different ``pos_offset``).
-
-    Returns:
-      The model.
     """
-    if name not in VARIANTS:
-        raise ValueError(f"{name!r}: not a CLIP variant; expected one of {sorted(VARIANTS)}")
-    return ClipVision(config if config is not None else VARIANTS[name].config, dtype=dtype,
-                      rngs=rngs if rngs is not None else nnx.Rngs(0))
+    return ClipVision(_base.variant_config(VARIANTS, variant, "CLIP"), dtype=dtype, rngs=rngs)
 
 
 _L = r"encoder\.layers\.(\d+)"
 _RULES = (
-    [vit.rename(r"embeddings\.class_embedding", "cls_token", "vector"),
-     vit.rename(r"embeddings\.position_embedding\.weight", "pos_embed")]
-    + vit.conv_rules(r"embeddings\.patch_embedding", "patch_embed.proj")
-    + vit.norm_rules(r"pre_layrnorm", "pre_norm")
-    + vit.norm_rules(r"post_layernorm", "post_norm")
-    + vit.norm_rules(_L + r"\.layer_norm1", r"blocks.\1.norm1")
-    + vit.norm_rules(_L + r"\.layer_norm2", r"blocks.\1.norm2")
-    + vit.linear_rules(_L + r"\.self_attn\.q_proj", r"blocks.\1.attn.q")
-    + vit.linear_rules(_L + r"\.self_attn\.k_proj", r"blocks.\1.attn.k")
-    + vit.linear_rules(_L + r"\.self_attn\.v_proj", r"blocks.\1.attn.v")
-    + vit.linear_rules(_L + r"\.self_attn\.out_proj", r"blocks.\1.attn.out")
-    + vit.linear_rules(_L + r"\.mlp\.fc1", r"blocks.\1.mlp.fc1")
-    + vit.linear_rules(_L + r"\.mlp\.fc2", r"blocks.\1.mlp.fc2")
+    [tn.rename(r"embeddings\.class_embedding", "cls_token", "vector"),
+     tn.rename(r"embeddings\.position_embedding\.weight", "pos_embed")]
+    + tn.conv_rules(r"embeddings\.patch_embedding", "patch_embed.proj")
+    + tn.norm_rules(r"pre_layrnorm", "pre_norm")
+    + tn.norm_rules(r"post_layernorm", "post_norm")
+    + tn.norm_rules(_L + r"\.layer_norm1", r"blocks.\1.norm1")
+    + tn.norm_rules(_L + r"\.layer_norm2", r"blocks.\1.norm2")
+    + tn.linear_rules(_L + r"\.self_attn\.q_proj", r"blocks.\1.attn.q")
+    + tn.linear_rules(_L + r"\.self_attn\.k_proj", r"blocks.\1.attn.k")
+    + tn.linear_rules(_L + r"\.self_attn\.v_proj", r"blocks.\1.attn.v")
+    + tn.linear_rules(_L + r"\.self_attn\.out_proj", r"blocks.\1.attn.out")
+    + tn.linear_rules(_L + r"\.mlp\.fc1", r"blocks.\1.mlp.fc1")
+    + tn.linear_rules(_L + r"\.mlp\.fc2", r"blocks.\1.mlp.fc2")
 )
 _IGNORED = (r"embeddings\.position_ids",)
 
 
-def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+def convert(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A Hugging Face CLIP vision state dict to jaxreg's flat params (numpy).
 
     Args:
       sd: ``CLIPVisionModel`` (names with or without ``vision_model.``) or ``CLIPModel``
         state dict (``vision_model.*`` taken, the text tower and projections dropped).
-      name: the variant (``VARIANTS``).
 
     Returns:
       ``{"blocks.0.attn.q.kernel": array, ...}``; unknown entries keep their names so
@@ -182,42 +166,25 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.
     Raises:
       CheckpointError: no CLIP vision tower in ``sd``.
     """
-    if vit.is_converted(sd):  # written by python -m jaxreg.convert
-        return dict(sd)
-    if name not in VARIANTS:
-        raise ValueError(f"{name!r}: not a CLIP variant; expected one of {sorted(VARIANTS)}")
     if "vision_model.embeddings.patch_embedding.weight" in sd:
         sd = {k[len("vision_model."):]: v for k, v in sd.items()
               if k.startswith("vision_model.")}
     if "embeddings.patch_embedding.weight" not in sd:
         raise CheckpointError(
-            f"not a CLIP vision checkpoint for {name}: "
+            "not a CLIP vision checkpoint: "
             "'[vision_model.]embeddings.patch_embedding.weight' is missing; first keys: "
             + ", ".join(sorted(sd)[:8]))
-    return vit.convert_by_rules(sd, _RULES, _IGNORED)
+    return tn.convert_by_rules(sd, _RULES, _IGNORED)
 
 
-def load(name: str, path: str | os.PathLike, *, dtype=jnp.float32,
-         config: vit.ViTConfig | None = None) -> ClipVision:
-    """A variant with weights from a local checkpoint, strictly.
+def load(variant: str | ClipConfig, path: str | os.PathLike, *,
+         dtype=jnp.float32) -> ClipVision:
+    """A model with weights from a local checkpoint, strictly (:func:`_base.load_checkpoint`).
 
     Args:
-      name: ``"clip_vitb16"`` or ``"biomedclip_vitb16"``.
+      variant: as :func:`create`, e.g. ``"biomedclip_vitb16"``.
       path: a ``.safetensors`` / ``.bin`` file, a Hugging Face model folder, or an
         offline cache folder ``models--org--name``.
       dtype: compute dtype.
-      config: an architecture replacing ``VARIANTS[name].config``.
-
-    Returns:
-      The model.
-
-    Raises:
-      CheckpointError: unreadable file, or any parameter missing, unexpected or
-        mis-shaped (all listed).
     """
-    sd, source = vit.read_checkpoint(path)
-    params = convert_state_dict(sd, name)
-    model = vit.create_abstract(lambda: create(name, dtype=dtype, config=config))
-    assign_params(model, params, source=source)
-    logging.info("Loaded %s from %s (%d tensors).", name, source, len(params))
-    return model
+    return _base.load_checkpoint(create, convert, variant, path, dtype=dtype)

@@ -25,15 +25,14 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
-from jaxreg.encoders import vit
+from jaxreg.encoders import _base, vit
+from jaxreg.encoders import _torch_names as tn
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
-from jaxreg.encoders._checkpoint import CheckpointError, assign_params
+from jaxreg.encoders._checkpoint import CheckpointError
 
-__all__ = ["Dinov2", "VARIANTS", "IMAGENET_PREPROCESSING", "create", "load",
-           "convert_state_dict"]
+__all__ = ["Dinov2", "VARIANTS", "IMAGENET_PREPROCESSING", "create", "convert", "load"]
 
 # The reference runs DINOv2 at 1792 px (a 128x128 token grid); any multiple of 14 works.
 IMAGENET_PREPROCESSING = Preprocessing(
@@ -93,129 +92,111 @@ class Dinov2(nnx.Module):
                                   param_dtype=jnp.float32, rngs=rngs)
 
     def __call__(self, images: jax.Array, *,
-                 layers: Sequence[int] | None = None) -> dict[str, jax.Array]:
+                 blocks: Sequence[int] | None = None) -> dict[str, jax.Array]:
         """Encodes preprocessed images.
 
         Args:
           images: (B, H, W, 3), ImageNet-normalised (see ``VARIANTS[name].preprocessing``).
-          layers: which blocks' patch tokens to return as ``"layer_i"`` (1-based, the
-            output of block i, as transformers' ``hidden_states[i]``); None: all.
+          blocks: which ``"block_i"`` maps to return (counted from 1); None: all.
 
         Returns:
-          ``{"layer_i": (B, h, w, C), "features": (B, h, w, C) final layer-normed patch
+          ``{"block_i": (B, h, w, C), "features": (B, h, w, C) final layer-normed patch
           tokens, "cls": (B, C) final layer-normed class token}``, float32; registers
           are left out of the maps.
         """
         cfg = self.config
         x = self.patch_embed(images.astype(self.dtype))
-        b, h, w, c = x.shape
-        pos = self.pos_embed[...]
-        g = cfg.pos_grid
-        patch_pos = vit.resample_pos_embed(pos[1:].reshape(g, g, c), (h, w),
-                                           antialias=cfg.pos_antialias, offset=cfg.pos_offset)
-        x = x.reshape(b, h * w, c) + patch_pos.reshape(1, h * w, c).astype(x.dtype)
-        cls = (self.cls_token[...] + pos[0]).astype(x.dtype)
-        prefix = [jnp.broadcast_to(cls, (b, 1, c))]
-        if self.register_tokens is not None:
-            regs = self.register_tokens[...].astype(x.dtype)
-            prefix.append(jnp.broadcast_to(regs, (b, *regs.shape)))
-        x = jnp.concatenate(prefix + [x], axis=1)
+        h, w = x.shape[1:3]
+        x, cls_pos = vit.learned_positions(x, self.pos_embed[...], cfg)
+        regs = None if self.register_tokens is None else self.register_tokens[...]
+        x = vit.prepend_tokens(x, self.cls_token[...] + cls_pos, regs)
         n = 1 + cfg.num_registers
-        x, out = vit.run_blocks(self.blocks, x, grid=(h, w), num_prefix=n, layers=layers)
+        x, out = vit.run_blocks(self.blocks, x, grid=(h, w), num_prefix=n, keep=blocks)
         x = self.norm(x)
         out["features"] = vit.tokens_to_maps(x[:, n:], (h, w))
         out["cls"] = x[:, 0].astype(jnp.float32)
         return out
 
 
-def create(name: str, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-           config: vit.ViTConfig | None = None) -> Dinov2:
-    """A randomly initialised variant.
+def create(variant: str | vit.ViTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32) -> Dinov2:
+    """A randomly initialised model.
 
     Args:
-      name: a ``VARIANTS`` name.
+      variant: a ``VARIANTS`` name, or a :class:`~jaxreg.encoders.vit.ViTConfig` (small
+        test models, a different ``pos_offset``).
+      rngs: initialisation randomness.
       dtype: compute dtype.
-      rngs: initialisation randomness (default ``nnx.Rngs(0)``).
-      config: an architecture replacing ``VARIANTS[name].config`` (small test models,
-        a different ``pos_offset``).
-
-    Returns:
-      The model.
     """
-    if name not in VARIANTS:
-        raise ValueError(f"{name!r}: not a DINOv2 variant; expected one of {sorted(VARIANTS)}")
-    return Dinov2(config if config is not None else VARIANTS[name].config, dtype=dtype,
-                  rngs=rngs if rngs is not None else nnx.Rngs(0))
+    return Dinov2(_base.variant_config(VARIANTS, variant, "DINOv2"), dtype=dtype, rngs=rngs)
 
 
 _HF_RULES = (
-    [vit.rename(r"embeddings\.cls_token", "cls_token", "vector"),
-     vit.rename(r"embeddings\.register_tokens", "register_tokens", "rows"),
-     vit.rename(r"embeddings\.position_embeddings", "pos_embed", "rows")]
-    + vit.conv_rules(r"embeddings\.patch_embeddings\.projection", "patch_embed.proj")
-    + vit.norm_rules(r"encoder\.layer\.(\d+)\.norm1", r"blocks.\1.norm1")
-    + vit.norm_rules(r"encoder\.layer\.(\d+)\.norm2", r"blocks.\1.norm2")
-    + vit.linear_rules(r"encoder\.layer\.(\d+)\.attention\.(?:attention\.query|q_proj)",
-                       r"blocks.\1.attn.q")
-    + vit.linear_rules(r"encoder\.layer\.(\d+)\.attention\.(?:attention\.key|k_proj)",
-                       r"blocks.\1.attn.k")
-    + vit.linear_rules(r"encoder\.layer\.(\d+)\.attention\.(?:attention\.value|v_proj)",
-                       r"blocks.\1.attn.v")
-    + vit.linear_rules(r"encoder\.layer\.(\d+)\.attention\.(?:output\.dense|o_proj)",
-                       r"blocks.\1.attn.out")
-    + [vit.rename(r"encoder\.layer\.(\d+)\.layer_scale1\.lambda1", r"blocks.\1.ls1"),
-       vit.rename(r"encoder\.layer\.(\d+)\.layer_scale2\.lambda1", r"blocks.\1.ls2")]
-    + vit.linear_rules(r"encoder\.layer\.(\d+)\.mlp\.fc1", r"blocks.\1.mlp.fc1")
-    + vit.linear_rules(r"encoder\.layer\.(\d+)\.mlp\.fc2", r"blocks.\1.mlp.fc2")
-    + [vit.split_rule(r"encoder\.layer\.(\d+)\.mlp\.weights_in\.weight",
-                      [r"blocks.\1.mlp.gate.kernel", r"blocks.\1.mlp.up.kernel"]),
-       vit.split_rule(r"encoder\.layer\.(\d+)\.mlp\.weights_in\.bias",
-                      [r"blocks.\1.mlp.gate.bias", r"blocks.\1.mlp.up.bias"], "copy")]
-    + vit.linear_rules(r"encoder\.layer\.(\d+)\.mlp\.gate_proj", r"blocks.\1.mlp.gate")
-    + vit.linear_rules(r"encoder\.layer\.(\d+)\.mlp\.up_proj", r"blocks.\1.mlp.up")
-    + vit.linear_rules(r"encoder\.layer\.(\d+)\.mlp\.(?:down_proj|weights_out)",
-                       r"blocks.\1.mlp.down")
-    + vit.norm_rules(r"layernorm", "norm")
+    [tn.rename(r"embeddings\.cls_token", "cls_token", "vector"),
+     tn.rename(r"embeddings\.register_tokens", "register_tokens", "rows"),
+     tn.rename(r"embeddings\.position_embeddings", "pos_embed", "rows")]
+    + tn.conv_rules(r"embeddings\.patch_embeddings\.projection", "patch_embed.proj")
+    + tn.norm_rules(r"encoder\.layer\.(\d+)\.norm1", r"blocks.\1.norm1")
+    + tn.norm_rules(r"encoder\.layer\.(\d+)\.norm2", r"blocks.\1.norm2")
+    + tn.linear_rules(r"encoder\.layer\.(\d+)\.attention\.(?:attention\.query|q_proj)",
+                      r"blocks.\1.attn.q")
+    + tn.linear_rules(r"encoder\.layer\.(\d+)\.attention\.(?:attention\.key|k_proj)",
+                      r"blocks.\1.attn.k")
+    + tn.linear_rules(r"encoder\.layer\.(\d+)\.attention\.(?:attention\.value|v_proj)",
+                      r"blocks.\1.attn.v")
+    + tn.linear_rules(r"encoder\.layer\.(\d+)\.attention\.(?:output\.dense|o_proj)",
+                      r"blocks.\1.attn.out")
+    + [tn.rename(r"encoder\.layer\.(\d+)\.layer_scale1\.lambda1", r"blocks.\1.ls1"),
+       tn.rename(r"encoder\.layer\.(\d+)\.layer_scale2\.lambda1", r"blocks.\1.ls2")]
+    + tn.linear_rules(r"encoder\.layer\.(\d+)\.mlp\.fc1", r"blocks.\1.mlp.fc1")
+    + tn.linear_rules(r"encoder\.layer\.(\d+)\.mlp\.fc2", r"blocks.\1.mlp.fc2")
+    + [tn.split_rule(r"encoder\.layer\.(\d+)\.mlp\.weights_in\.weight",
+                     [r"blocks.\1.mlp.gate.kernel", r"blocks.\1.mlp.up.kernel"]),
+       tn.split_rule(r"encoder\.layer\.(\d+)\.mlp\.weights_in\.bias",
+                     [r"blocks.\1.mlp.gate.bias", r"blocks.\1.mlp.up.bias"], "copy")]
+    + tn.linear_rules(r"encoder\.layer\.(\d+)\.mlp\.gate_proj", r"blocks.\1.mlp.gate")
+    + tn.linear_rules(r"encoder\.layer\.(\d+)\.mlp\.up_proj", r"blocks.\1.mlp.up")
+    + tn.linear_rules(r"encoder\.layer\.(\d+)\.mlp\.(?:down_proj|weights_out)",
+                      r"blocks.\1.mlp.down")
+    + tn.norm_rules(r"layernorm", "norm")
 )
 
 _ORIGINAL_RULES = (
-    [vit.rename(r"cls_token", "cls_token", "vector"),
-     vit.rename(r"register_tokens", "register_tokens", "rows"),
-     vit.rename(r"pos_embed", "pos_embed", "rows")]
-    + vit.conv_rules(r"patch_embed\.proj", "patch_embed.proj")
-    + vit.norm_rules(r"blocks\.(\d+)\.norm1", r"blocks.\1.norm1")
-    + vit.norm_rules(r"blocks\.(\d+)\.norm2", r"blocks.\1.norm2")
-    + [vit.split_rule(r"blocks\.(\d+)\.attn\.qkv\.weight",
-                      [rf"blocks.\1.attn.{p}.kernel" for p in "qkv"]),
-       vit.split_rule(r"blocks\.(\d+)\.attn\.qkv\.bias",
-                      [rf"blocks.\1.attn.{p}.bias" for p in "qkv"], "copy")]
-    + vit.linear_rules(r"blocks\.(\d+)\.attn\.proj", r"blocks.\1.attn.out")
-    + [vit.rename(r"blocks\.(\d+)\.ls1\.gamma", r"blocks.\1.ls1"),
-       vit.rename(r"blocks\.(\d+)\.ls2\.gamma", r"blocks.\1.ls2")]
-    + vit.linear_rules(r"blocks\.(\d+)\.mlp\.fc1", r"blocks.\1.mlp.fc1")
-    + vit.linear_rules(r"blocks\.(\d+)\.mlp\.fc2", r"blocks.\1.mlp.fc2")
-    + [vit.split_rule(r"blocks\.(\d+)\.mlp\.w12\.weight",
-                      [r"blocks.\1.mlp.gate.kernel", r"blocks.\1.mlp.up.kernel"]),
-       vit.split_rule(r"blocks\.(\d+)\.mlp\.w12\.bias",
-                      [r"blocks.\1.mlp.gate.bias", r"blocks.\1.mlp.up.bias"], "copy")]
-    + vit.linear_rules(r"blocks\.(\d+)\.mlp\.w3", r"blocks.\1.mlp.down")
-    + vit.norm_rules(r"norm", "norm")
+    [tn.rename(r"cls_token", "cls_token", "vector"),
+     tn.rename(r"register_tokens", "register_tokens", "rows"),
+     tn.rename(r"pos_embed", "pos_embed", "rows")]
+    + tn.conv_rules(r"patch_embed\.proj", "patch_embed.proj")
+    + tn.norm_rules(r"blocks\.(\d+)\.norm1", r"blocks.\1.norm1")
+    + tn.norm_rules(r"blocks\.(\d+)\.norm2", r"blocks.\1.norm2")
+    + [tn.split_rule(r"blocks\.(\d+)\.attn\.qkv\.weight",
+                     [rf"blocks.\1.attn.{p}.kernel" for p in "qkv"]),
+       tn.split_rule(r"blocks\.(\d+)\.attn\.qkv\.bias",
+                     [rf"blocks.\1.attn.{p}.bias" for p in "qkv"], "copy")]
+    + tn.linear_rules(r"blocks\.(\d+)\.attn\.proj", r"blocks.\1.attn.out")
+    + [tn.rename(r"blocks\.(\d+)\.ls1\.gamma", r"blocks.\1.ls1"),
+       tn.rename(r"blocks\.(\d+)\.ls2\.gamma", r"blocks.\1.ls2")]
+    + tn.linear_rules(r"blocks\.(\d+)\.mlp\.fc1", r"blocks.\1.mlp.fc1")
+    + tn.linear_rules(r"blocks\.(\d+)\.mlp\.fc2", r"blocks.\1.mlp.fc2")
+    + [tn.split_rule(r"blocks\.(\d+)\.mlp\.w12\.weight",
+                     [r"blocks.\1.mlp.gate.kernel", r"blocks.\1.mlp.up.kernel"]),
+       tn.split_rule(r"blocks\.(\d+)\.mlp\.w12\.bias",
+                     [r"blocks.\1.mlp.gate.bias", r"blocks.\1.mlp.up.bias"], "copy")]
+    + tn.linear_rules(r"blocks\.(\d+)\.mlp\.w3", r"blocks.\1.mlp.down")
+    + tn.norm_rules(r"norm", "norm")
 )
 
 _IGNORED = (r"(?:embeddings\.)?mask_token",)
 
 
-def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
-    """A DINOv2 state dict (Hugging Face or original layout) to jaxreg's flat params.
+def convert(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A DINOv2 state dict (Hugging Face or original layout) to jaxreg's flat params (numpy).
 
-    Plain numpy. Entries no rule knows keep their name, so that loading lists them as
-    unexpected; only the mask token (unused at inference) is dropped.
+    Entries no rule knows keep their name, so that loading lists them as unexpected; only
+    the mask token (unused at inference) is dropped.
 
     Args:
       sd: the state dict (``Dinov2Model``, ``Dinov2WithRegistersModel``, optionally
         under a ``dinov2.`` / ``dinov2_with_registers.`` prefix, or an original
         ``dinov2_vit*14*_pretrain.pth``).
-      name: the variant (``VARIANTS``), used to check the layout.
 
     Returns:
       ``{"blocks.0.attn.q.kernel": array, ...}`` in jaxreg's names.
@@ -223,10 +204,6 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.
     Raises:
       CheckpointError: ``sd`` is neither layout.
     """
-    if vit.is_converted(sd):  # written by python -m jaxreg.convert
-        return dict(sd)
-    if name not in VARIANTS:
-        raise ValueError(f"{name!r}: not a DINOv2 variant; expected one of {sorted(VARIANTS)}")
     for prefix in ("dinov2.", "dinov2_with_registers."):
         if any(k.startswith(prefix + "embeddings.") for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -236,34 +213,21 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.
         rules = _ORIGINAL_RULES
     else:
         raise CheckpointError(
-            f"not a DINOv2 checkpoint for {name}: neither "
+            "not a DINOv2 checkpoint: neither "
             "'embeddings.patch_embeddings.projection.weight' (Hugging Face) nor "
             "'patch_embed.proj.weight' (original release) is in it; first keys: "
             + ", ".join(sorted(sd)[:8]))
-    return vit.convert_by_rules(sd, rules, _IGNORED)
+    return tn.convert_by_rules(sd, rules, _IGNORED)
 
 
-def load(name: str, path: str | os.PathLike, *, dtype=jnp.float32,
-         config: vit.ViTConfig | None = None) -> Dinov2:
-    """A variant with weights from a local checkpoint, strictly.
+def load(variant: str | vit.ViTConfig, path: str | os.PathLike, *,
+         dtype=jnp.float32) -> Dinov2:
+    """A model with weights from a local checkpoint, strictly (:func:`_base.load_checkpoint`).
 
     Args:
-      name: the variant (``VARIANTS``), e.g. ``"dinov2_vitl14_reg"``.
+      variant: as :func:`create`, e.g. ``"dinov2_vitl14_reg"``.
       path: a weight file (``.safetensors``, ``.pth``), a Hugging Face model folder, or
         an offline Hugging Face cache folder ``models--facebook--dinov2-*``.
       dtype: compute dtype.
-      config: an architecture replacing ``VARIANTS[name].config``.
-
-    Returns:
-      The model.
-
-    Raises:
-      CheckpointError: unreadable file, or any parameter missing, unexpected or
-        mis-shaped (all listed).
     """
-    sd, source = vit.read_checkpoint(path)
-    params = convert_state_dict(sd, name)
-    model = vit.create_abstract(lambda: create(name, dtype=dtype, config=config))
-    assign_params(model, params, source=source)
-    logging.info("Loaded %s from %s (%d tensors).", name, source, len(params))
-    return model
+    return _base.load_checkpoint(create, convert, variant, path, dtype=dtype)

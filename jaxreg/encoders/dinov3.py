@@ -21,15 +21,15 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
-from jaxreg.encoders import vit
+from jaxreg.encoders import _base, vit
+from jaxreg.encoders import _torch_names as tn
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
-from jaxreg.encoders._checkpoint import CheckpointError, assign_params
+from jaxreg.encoders._checkpoint import CheckpointError
 
-__all__ = ["Dinov3", "VARIANTS", "IMAGENET_PREPROCESSING", "create", "load",
-           "convert_state_dict", "rope_tables"]
+__all__ = ["Dinov3", "VARIANTS", "IMAGENET_PREPROCESSING", "create", "convert", "load",
+           "rope_tables"]
 
 # The reference runs DINOv3 ViT-B/16 at 1536 px (a 96x96 token grid).
 IMAGENET_PREPROCESSING = Preprocessing(
@@ -106,29 +106,25 @@ class Dinov3(nnx.Module):
                                   param_dtype=jnp.float32, rngs=rngs)
 
     def __call__(self, images: jax.Array, *,
-                 layers: Sequence[int] | None = None) -> dict[str, jax.Array]:
+                 blocks: Sequence[int] | None = None) -> dict[str, jax.Array]:
         """Encodes preprocessed images.
 
         Args:
           images: (B, H, W, 3), ImageNet-normalised.
-          layers: which blocks' patch tokens to return as ``"layer_i"`` (1-based,
-            transformers' ``hidden_states[i]``); None: all.
+          blocks: which ``"block_i"`` maps to return (counted from 1); None: all.
 
         Returns:
-          ``{"layer_i": (B, h, w, C), "features": (B, h, w, C) final normed patch tokens,
+          ``{"block_i": (B, h, w, C), "features": (B, h, w, C) final normed patch tokens,
           "cls": (B, C) final normed class token}``, float32; registers left out.
         """
         cfg = self.config
         x = self.patch_embed(images.astype(self.dtype))
         b, h, w, c = x.shape
-        prefix = [jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, c))]
-        if self.register_tokens is not None:
-            regs = self.register_tokens[...].astype(x.dtype)
-            prefix.append(jnp.broadcast_to(regs, (b, *regs.shape)))
-        x = jnp.concatenate(prefix + [x.reshape(b, h * w, c)], axis=1)
+        regs = None if self.register_tokens is None else self.register_tokens[...]
+        x = vit.prepend_tokens(x.reshape(b, h * w, c), self.cls_token[...], regs)
         rope = rope_tables((h, w), head_dim=cfg.head_dim, theta=cfg.rope_theta)
         n = 1 + cfg.num_registers
-        x, out = vit.run_blocks(self.blocks, x, grid=(h, w), num_prefix=n, layers=layers,
+        x, out = vit.run_blocks(self.blocks, x, grid=(h, w), num_prefix=n, keep=blocks,
                                 rope=rope)
         x = self.norm(x)
         out["features"] = vit.tokens_to_maps(x[:, n:], (h, w))
@@ -136,55 +132,46 @@ class Dinov3(nnx.Module):
         return out
 
 
-def create(name: str, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-           config: vit.ViTConfig | None = None) -> Dinov3:
-    """A randomly initialised variant.
+def create(variant: str | vit.ViTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32) -> Dinov3:
+    """A randomly initialised model.
 
     Args:
-      name: a ``VARIANTS`` name.
+      variant: a ``VARIANTS`` name, or a :class:`~jaxreg.encoders.vit.ViTConfig` (small
+        test models).
+      rngs: initialisation randomness.
       dtype: compute dtype.
-      rngs: initialisation randomness (default ``nnx.Rngs(0)``).
-      config: an architecture replacing ``VARIANTS[name].config`` (small test models,
-        a different ``pos_offset``).
-
-    Returns:
-      The model.
     """
-    if name not in VARIANTS:
-        raise ValueError(f"{name!r}: not a DINOv3 variant; expected one of {sorted(VARIANTS)}")
-    return Dinov3(config if config is not None else VARIANTS[name].config, dtype=dtype,
-                  rngs=rngs if rngs is not None else nnx.Rngs(0))
+    return Dinov3(_base.variant_config(VARIANTS, variant, "DINOv3"), dtype=dtype, rngs=rngs)
 
 
 _L = r"(?:model\.)?layer\.(\d+)"
 _RULES = (
-    [vit.rename(r"embeddings\.cls_token", "cls_token", "vector"),
-     vit.rename(r"embeddings\.register_tokens", "register_tokens", "rows")]
-    + vit.conv_rules(r"embeddings\.patch_embeddings", "patch_embed.proj")
-    + vit.norm_rules(_L + r"\.norm1", r"blocks.\1.norm1")
-    + vit.norm_rules(_L + r"\.norm2", r"blocks.\1.norm2")
-    + vit.linear_rules(_L + r"\.attention\.q_proj", r"blocks.\1.attn.q")
-    + vit.linear_rules(_L + r"\.attention\.k_proj", r"blocks.\1.attn.k")
-    + vit.linear_rules(_L + r"\.attention\.v_proj", r"blocks.\1.attn.v")
-    + vit.linear_rules(_L + r"\.attention\.o_proj", r"blocks.\1.attn.out")
-    + [vit.rename(_L + r"\.layer_scale1\.lambda1", r"blocks.\1.ls1"),
-       vit.rename(_L + r"\.layer_scale2\.lambda1", r"blocks.\1.ls2")]
-    + vit.norm_rules(r"norm", "norm")
+    [tn.rename(r"embeddings\.cls_token", "cls_token", "vector"),
+     tn.rename(r"embeddings\.register_tokens", "register_tokens", "rows")]
+    + tn.conv_rules(r"embeddings\.patch_embeddings", "patch_embed.proj")
+    + tn.norm_rules(_L + r"\.norm1", r"blocks.\1.norm1")
+    + tn.norm_rules(_L + r"\.norm2", r"blocks.\1.norm2")
+    + tn.linear_rules(_L + r"\.attention\.q_proj", r"blocks.\1.attn.q")
+    + tn.linear_rules(_L + r"\.attention\.k_proj", r"blocks.\1.attn.k")
+    + tn.linear_rules(_L + r"\.attention\.v_proj", r"blocks.\1.attn.v")
+    + tn.linear_rules(_L + r"\.attention\.o_proj", r"blocks.\1.attn.out")
+    + [tn.rename(_L + r"\.layer_scale1\.lambda1", r"blocks.\1.ls1"),
+       tn.rename(_L + r"\.layer_scale2\.lambda1", r"blocks.\1.ls2")]
+    + tn.norm_rules(r"norm", "norm")
 )
-_PLAIN_MLP = (vit.linear_rules(_L + r"\.mlp\.up_proj", r"blocks.\1.mlp.fc1")
-              + vit.linear_rules(_L + r"\.mlp\.down_proj", r"blocks.\1.mlp.fc2"))
-_GATED_MLP = (vit.linear_rules(_L + r"\.mlp\.gate_proj", r"blocks.\1.mlp.gate")
-              + vit.linear_rules(_L + r"\.mlp\.up_proj", r"blocks.\1.mlp.up")
-              + vit.linear_rules(_L + r"\.mlp\.down_proj", r"blocks.\1.mlp.down"))
+_PLAIN_MLP = (tn.linear_rules(_L + r"\.mlp\.up_proj", r"blocks.\1.mlp.fc1")
+              + tn.linear_rules(_L + r"\.mlp\.down_proj", r"blocks.\1.mlp.fc2"))
+_GATED_MLP = (tn.linear_rules(_L + r"\.mlp\.gate_proj", r"blocks.\1.mlp.gate")
+              + tn.linear_rules(_L + r"\.mlp\.up_proj", r"blocks.\1.mlp.up")
+              + tn.linear_rules(_L + r"\.mlp\.down_proj", r"blocks.\1.mlp.down"))
 _IGNORED = (r"embeddings\.mask_token", r"rope_embeddings\.inv_freq")
 
 
-def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+def convert(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A Hugging Face ``DINOv3ViTModel`` state dict to jaxreg's flat params (numpy).
 
     Args:
       sd: the state dict (hub names ``layer.N.*`` or in-memory ``model.layer.N.*``).
-      name: the variant (``VARIANTS``).
 
     Returns:
       ``{"blocks.0.attn.q.kernel": array, ...}``; unknown entries keep their names so
@@ -193,43 +180,26 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.
     Raises:
       CheckpointError: ``sd`` is not a DINOv3 ViT state dict.
     """
-    if vit.is_converted(sd):  # written by python -m jaxreg.convert
-        return dict(sd)
-    if name not in VARIANTS:
-        raise ValueError(f"{name!r}: not a DINOv3 variant; expected one of {sorted(VARIANTS)}")
     if "embeddings.patch_embeddings.weight" not in sd:
         raise CheckpointError(
-            f"not a DINOv3 ViT checkpoint for {name}: 'embeddings.patch_embeddings.weight' "
+            "not a DINOv3 ViT checkpoint: 'embeddings.patch_embeddings.weight' "
             "is missing; first keys: " + ", ".join(sorted(sd)[:8]))
     # Models without registers still carry an empty (1, 0, C) register tensor.
     sd = {k: v for k, v in sd.items()
           if not (k == "embeddings.register_tokens" and np.size(v) == 0)}
     gated = any(".mlp.gate_proj." in k for k in sd)
     mlp = _GATED_MLP if gated else _PLAIN_MLP
-    return vit.convert_by_rules(sd, _RULES + mlp, _IGNORED)
+    return tn.convert_by_rules(sd, _RULES + mlp, _IGNORED)
 
 
-def load(name: str, path: str | os.PathLike, *, dtype=jnp.float32,
-         config: vit.ViTConfig | None = None) -> Dinov3:
-    """A variant with weights from a local checkpoint, strictly.
+def load(variant: str | vit.ViTConfig, path: str | os.PathLike, *,
+         dtype=jnp.float32) -> Dinov3:
+    """A model with weights from a local checkpoint, strictly (:func:`_base.load_checkpoint`).
 
     Args:
-      name: the variant, e.g. ``"dinov3_vitb16"``.
+      variant: as :func:`create`, e.g. ``"dinov3_vitb16"``.
       path: a ``.safetensors`` file, a Hugging Face model folder, or an offline cache
         folder ``models--facebook--dinov3-*``.
       dtype: compute dtype.
-      config: an architecture replacing ``VARIANTS[name].config``.
-
-    Returns:
-      The model.
-
-    Raises:
-      CheckpointError: unreadable file, or any parameter missing, unexpected or
-        mis-shaped (all listed).
     """
-    sd, source = vit.read_checkpoint(path)
-    params = convert_state_dict(sd, name)
-    model = vit.create_abstract(lambda: create(name, dtype=dtype, config=config))
-    assign_params(model, params, source=source)
-    logging.info("Loaded %s from %s (%d tensors).", name, source, len(params))
-    return model
+    return _base.load_checkpoint(create, convert, variant, path, dtype=dtype)

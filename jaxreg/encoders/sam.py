@@ -9,7 +9,7 @@ channels. MedSAM and SSL-SAM are the ViT-B architecture with other weights.
 Parameters are float32; activations run in ``dtype`` (bfloat16 on accelerators); every
 returned feature map is float32.
 
-Checkpoints (see :func:`convert_sam_state_dict`): the original ``.pth`` layout
+Checkpoints (see :func:`convert`): the original ``.pth`` layout
 (``image_encoder.*``, as in ``sam_vit_b_01ec64.pth`` and ``medsam_vit_b.pth``, also with
 a ``module.`` prefix or wrapped in ``{"model": ...}``), the Hugging Face ``SamModel`` /
 ``SamVisionModel`` layout (``vision_encoder.*``), and files written by
@@ -20,9 +20,9 @@ a ``module.`` prefix or wrapped in ``{"model": ...}``), the Hugging Face ``SamMo
 >>> from jaxreg.encoders import sam
 >>> cfg = sam.SamConfig(image_size=64, embed_dim=32, depth=2, num_heads=2,
 ...                     window_size=2, global_attn_indexes=(1,), out_chans=16)
->>> model = sam.SamImageEncoder(cfg, rngs=nnx.Rngs(0))
+>>> model = sam.create(cfg, rngs=nnx.Rngs(0))
 >>> out = model(jnp.zeros((1, 64, 64, 3)))
->>> out["features"].shape, out["block_1"].shape
+>>> out["features"].shape, out["block_2"].shape
 ((1, 4, 4, 16), (1, 4, 4, 32))
 """
 
@@ -38,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreg.encoders import _checkpoint
+from jaxreg.encoders import _base, _checkpoint
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
-from jaxreg.encoders._torch_names import is_nnx_layout, torch_to_nnx
+from jaxreg.encoders._sam_parts import (Neck, convert_image_encoder, strip_image_encoder,
+                                        window_partition, window_unpartition)
 
 __all__ = [
     "SamConfig",
@@ -48,8 +49,9 @@ __all__ = [
     "VARIANTS",
     "PREPROCESSING",
     "create",
+    "convert",
     "load",
-    "convert_sam_state_dict",
+    "flops_per_image",
 ]
 
 
@@ -191,25 +193,6 @@ class Mlp(nnx.Module):
         return self.lin2(jax.nn.gelu(self.lin1(x), approximate=False))
 
 
-def _window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
-    """Zero-pads ``(B, H, W, C)`` bottom/right to whole windows and cuts it into them."""
-    b, h, w, c = x.shape
-    ph, pw = -h % window, -w % window
-    x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
-    hp, wp = h + ph, w + pw
-    x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window, window, c), (hp, wp)
-
-
-def _window_unpartition(x: jax.Array, window: int, padded: tuple[int, int],
-                        size: tuple[int, int]) -> jax.Array:
-    """Inverse of :func:`_window_partition`, padding removed."""
-    hp, wp = padded
-    b = x.shape[0] // ((hp // window) * (wp // window))
-    x = x.reshape(b, hp // window, wp // window, window, window, -1).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, hp, wp, -1)[:, : size[0], : size[1]]
-
-
 class Block(nnx.Module):
     """Pre-norm transformer block; ``window_size`` 0 means global attention."""
 
@@ -230,27 +213,13 @@ class Block(nnx.Module):
             size = x.shape[1:3]
             # As the reference: windows are padded with zeros after the norm and the padded
             # tokens take part in attention unmasked.
-            x, padded = _window_partition(x, self.window_size)
+            x, padded = window_partition(x, self.window_size)
             x = self.attn(x)
-            x = _window_unpartition(x, self.window_size, padded, size)
+            x = window_unpartition(x, self.window_size, padded, size)
         else:
             x = self.attn(x)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
-
-
-class Neck(nnx.Module):
-    """1x1 conv, channel LayerNorm, 3x3 conv, channel LayerNorm (no conv biases)."""
-
-    def __init__(self, dim: int, out: int, *, eps: float, dtype, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(dim, out, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
-        self.norm1 = nnx.LayerNorm(out, epsilon=eps, dtype=dtype, rngs=rngs)
-        self.conv2 = nnx.Conv(out, out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                              dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(out, epsilon=eps, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.norm2(self.conv2(self.norm1(self.conv1(x))))
 
 
 class PatchEmbed(nnx.Module):
@@ -268,8 +237,8 @@ class SamImageEncoder(nnx.Module):
     """SAM image encoder.
 
     Outputs, all float32 ``(B, h, w, C)`` with ``h = H / patch_size``: ``"block_i"`` the
-    tokens after block ``i`` (``C = embed_dim``) and ``"features"`` the neck output
-    (``C = out_chans``), the reference's default.
+    tokens after block ``i``, counted from 1 (``C = embed_dim``), and ``"features"`` the
+    neck output (``C = out_chans``), the reference's default.
     """
 
     def __init__(self, config: SamConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -316,46 +285,32 @@ class SamImageEncoder(nnx.Module):
                                    antialias=False)
         x = x + pos.astype(self.dtype)
         out = {}
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks, start=1):
             x = block(x)
             out[f"block_{i}"] = x.astype(jnp.float32)
         out["features"] = self.neck(x).astype(jnp.float32)
         return out
 
 
-def create(name: str, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None) -> SamImageEncoder:
-    """A randomly initialised encoder of a named variant.
+def create(variant: str | SamConfig, *, rngs: nnx.Rngs,
+           dtype=jnp.float32) -> SamImageEncoder:
+    """A randomly initialised encoder.
 
     Args:
-      name: a key of :data:`VARIANTS`.
+      variant: a key of :data:`VARIANTS`, or a :class:`SamConfig` (small test models).
+      rngs: random keys.
       dtype: compute dtype.
-      rngs: random keys (default ``nnx.Rngs(0)``).
-
-    Returns:
-      The model.
     """
-    if name not in VARIANTS:
-        raise ValueError(f"unknown SAM variant {name!r}; known: {sorted(VARIANTS)}")
-    return SamImageEncoder(VARIANTS[name].config, dtype=dtype,
-                           rngs=rngs if rngs is not None else nnx.Rngs(0))
+    return SamImageEncoder(_base.variant_config(VARIANTS, variant, "SAM"), dtype=dtype,
+                           rngs=rngs)
 
 
-_HF_RENAMES = (  # Hugging Face SamVisionEncoder names -> original segment_anything names
-    ("neck.conv1.", "neck.0."),
-    ("neck.layer_norm1.", "neck.1."),
-    ("neck.conv2.", "neck.2."),
-    ("neck.layer_norm2.", "neck.3."),
-    ("patch_embed.projection.", "patch_embed.proj."),
-    ("layers.", "blocks."),
-    (".layer_norm1.", ".norm1."),
-    (".layer_norm2.", ".norm2."),
-)
-
-_NECK_RENAMES = (("neck.0.", "neck.conv1."), ("neck.1.", "neck.norm1."),
-                 ("neck.2.", "neck.conv2."), ("neck.3.", "neck.norm2."))
+# Hugging Face SamVisionEncoder names -> jaxreg's (whose neck is already conv1/norm1/...).
+_HF_RENAMES = (("patch_embed.projection.", "patch_embed.proj."), ("layers.", "blocks."),
+               (".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."))
 
 
-def _hf_to_original(name: str) -> str:
+def _hf_name(name: str) -> str:
     for old, new in _HF_RENAMES:
         if old.startswith("."):
             name = name.replace(old, new)
@@ -364,18 +319,17 @@ def _hf_to_original(name: str) -> str:
     return name
 
 
-def convert_sam_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def convert(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Converts a SAM image-encoder state dict to jaxreg parameter names and layouts.
 
     Accepts the original ``segment_anything`` layout (``image_encoder.*``; whole-model
     checkpoints such as ``sam_vit_b_01ec64.pth`` or ``medsam_vit_b.pth``, whose prompt
     encoder and mask decoder are ignored), the Hugging Face ``SamModel`` /
-    ``SamVisionModel`` layout (``vision_encoder.*``), a bare image-encoder state dict,
-    and jaxreg's own layout (returned unchanged). Tensors it does not know keep their
-    names, so loading reports them as unexpected.
+    ``SamVisionModel`` layout (``vision_encoder.*``) and a bare image-encoder state dict.
+    Tensors it does not know keep their names, so loading reports them as unexpected.
 
     Args:
-      sd: flat state dict of numpy arrays (see ``_checkpoint.read_state_dict``).
+      sd: flat state dict of numpy arrays.
 
     Returns:
       Flat ``{"blocks.0.attn.qkv.kernel": array}`` dict for :class:`SamImageEncoder`.
@@ -383,59 +337,30 @@ def convert_sam_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     Raises:
       CheckpointError: no SAM image-encoder tensors in ``sd``.
     """
-    if is_nnx_layout(sd):
-        return dict(sd)
-    if any(k.startswith("image_encoder.") for k in sd):
-        enc = _checkpoint.strip_prefix(sd, "image_encoder.")
-    elif any(k.startswith("vision_encoder.") for k in sd):
-        enc = {_hf_to_original(k): v
-               for k, v in _checkpoint.strip_prefix(sd, "vision_encoder.").items()}
-    elif "patch_embed.proj.weight" in sd or "pos_embed" in sd:
+    enc = strip_image_encoder(sd)
+    if enc is None and any(k.startswith("vision_encoder.") for k in sd):
+        enc = {_hf_name(k): v for k, v in _checkpoint.strip_prefix(sd, "vision_encoder.").items()}
+    elif enc is None and ("patch_embed.proj.weight" in sd or "pos_embed" in sd):
         enc = dict(sd)
-    else:
+    elif enc is None:
         some = ", ".join(sorted(sd)[:5])
         raise _checkpoint.CheckpointError(
             "not a SAM checkpoint: expected image_encoder.* (segment_anything .pth) or "
             f"vision_encoder.* (Hugging Face SamModel) tensors, found e.g. {some}")
-    renamed = {}
-    for k, v in enc.items():
-        for old, new in _NECK_RENAMES:
-            if k.startswith(old):
-                k = new + k[len(old):]
-        renamed[k] = v
-    return torch_to_nnx(renamed)
+    return convert_image_encoder(enc)
 
 
-def load(name: str, path: str | os.PathLike | None = None, *,
+def load(variant: str | SamConfig, path: str | os.PathLike, *,
          dtype=jnp.float32) -> SamImageEncoder:
-    """Builds a named variant and loads its weights strictly.
+    """An encoder with weights from a local checkpoint, strictly (:func:`_base.load_checkpoint`).
 
     Args:
-      name: a key of :data:`VARIANTS`.
-      path: checkpoint file (``.pth`` needs torch; ``.safetensors`` does not). ``None``:
-        ``$JAXREG_WEIGHTS_DIR/{name}.safetensors``.
+      variant: as :func:`create`, e.g. ``"sam_vitb"``.
+      path: a checkpoint file (``.pth`` needs torch; ``.safetensors`` does not) or a
+        Hugging Face model folder.
       dtype: compute dtype.
-
-    Returns:
-      The model with the checkpoint's weights.
-
-    Raises:
-      CheckpointError: file missing, unreadable, or not fitting the variant (every
-        missing, unexpected and mis-shaped tensor is listed).
     """
-    if path is None:
-        directory = os.environ.get("JAXREG_WEIGHTS_DIR")
-        if not directory:
-            raise _checkpoint.CheckpointError(
-                f"no weights for {name}: pass path= (a segment_anything .pth, a Hugging "
-                "Face SamModel .safetensors, or the output of `python -m jaxreg.convert`) "
-                f"or put {name}.safetensors in $JAXREG_WEIGHTS_DIR")
-        path = os.path.join(directory, f"{name}.safetensors")
-    model = nnx.eval_shape(lambda: create(name, dtype=dtype))
-    params = convert_sam_state_dict(_checkpoint.read_state_dict(path))
-    _checkpoint.assign_params(model, params, source=os.fspath(path))
-    graphdef, state = nnx.split(model)  # host numpy -> jax arrays
-    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+    return _base.load_checkpoint(create, convert, variant, path, dtype=dtype)
 
 
 def flops_per_image(config: SamConfig, image_size: int | None = None) -> float:

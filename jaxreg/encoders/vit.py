@@ -3,7 +3,10 @@
 The families differ in their position encoding (learned and bicubically
 interpolated for DINOv2 and CLIP, rotary for DINOv3), in layer scale and in where
 the layer norms sit; the pre-norm block, the attention, the MLPs, the patch
-embedding, the position-embedding resampling and the checkpoint helpers are here.
+embedding, the class/register token prefix, the position-embedding resampling and
+the block loop that names the ``"block_<i>"`` maps are here. (Their ``create`` and
+``load`` are :mod:`jaxreg.encoders._base`'s; their converters use
+:mod:`jaxreg.encoders._torch_names`.)
 
 Conventions: parameters float32, activations in the compute ``dtype``, images
 ``(B, H, W, 3)`` channels-last, tokens ``(B, T, C)``.
@@ -12,18 +15,13 @@ Conventions: parameters float32, activations in the compute ``dtype``, images
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from jaxreg.encoders._checkpoint import CheckpointError, read_state_dict
 
 __all__ = [
     "ViTConfig",
@@ -34,17 +32,10 @@ __all__ = [
     "Block",
     "bicubic_matrix",
     "resample_pos_embed",
+    "learned_positions",
+    "prepend_tokens",
     "tokens_to_maps",
-    "resolve_checkpoint",
-    "read_checkpoint",
-    "rename",
-    "linear_rules",
-    "norm_rules",
-    "conv_rules",
-    "split_rule",
     "run_blocks",
-    "create_abstract",
-    "convert_by_rules",
 ]
 
 
@@ -315,172 +306,69 @@ def resample_pos_embed(grid: jax.Array, size: tuple[int, int], *, antialias: boo
                       precision=jax.lax.Precision.HIGHEST)
 
 
+# --------------------------------------------------------------------------------------
+# Token sequences: positions, class and register tokens, the block loop.
+
+
+def learned_positions(x: jax.Array, pos_embed: jax.Array,
+                      config: ViTConfig) -> tuple[jax.Array, jax.Array]:
+    """Adds learned position embeddings, resampled to the token grid, to patch tokens.
+
+    Args:
+      x: patch tokens (B, h, w, C).
+      pos_embed: (1 + g*g, C): the class token's embedding, then the g x g grid's.
+      config: ``pos_grid`` (g), ``pos_antialias`` and ``pos_offset`` say how to resample.
+
+    Returns:
+      (tokens (B, h*w, C) with their positions added, the class token's embedding (C,)).
+    """
+    b, h, w, c = x.shape
+    g = config.pos_grid
+    patch_pos = resample_pos_embed(pos_embed[1:].reshape(g, g, c), (h, w),
+                                   antialias=config.pos_antialias, offset=config.pos_offset)
+    return x.reshape(b, h * w, c) + patch_pos.reshape(1, h * w, c).astype(x.dtype), pos_embed[0]
+
+
+def prepend_tokens(x: jax.Array, cls: jax.Array,
+                   registers: jax.Array | None = None) -> jax.Array:
+    """(B, T, C) tokens behind the class token (C,) and the register tokens (R, C), if any."""
+    b, _, c = x.shape
+    prefix = [jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c))]
+    if registers is not None:
+        regs = registers.astype(x.dtype)
+        prefix.append(jnp.broadcast_to(regs, (b, *regs.shape)))
+    return jnp.concatenate(prefix + [x], axis=1)
+
+
 def tokens_to_maps(tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """(B, h*w, C) patch tokens to float32 (B, h, w, C) maps."""
     return tokens.reshape(tokens.shape[0], *grid, tokens.shape[-1]).astype(jnp.float32)
 
 
-# --------------------------------------------------------------------------------------
-# Checkpoint files and the numpy layout helpers of the converters.
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> list[str]:
-    """The weight file(s) behind ``path``.
-
-    Args:
-      path: a weight file (``.safetensors``, ``.pth``, ``.bin``); a Hugging Face model
-        folder (``config.json`` + ``model.safetensors``, sharded or not, or
-        ``pytorch_model.bin``); or an offline Hugging Face cache folder
-        ``models--org--name`` (its newest ``snapshots/*/``).
-
-    Returns:
-      The files to read, in order.
-
-    Raises:
-      CheckpointError: nothing loadable at ``path``.
-    """
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint file or folder")
-    snapshots = sorted(glob.glob(os.path.join(path, "snapshots", "*")), key=os.path.getmtime)
-    for folder in [path] + snapshots[::-1]:
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            return [os.path.join(folder, s) for s in shards]
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.isfile(os.path.join(folder, name)):
-                return [os.path.join(folder, name)]
-    raise CheckpointError(
-        f"{path}: a folder without model.safetensors, model.safetensors.index.json or "
-        "pytorch_model.bin (nor a Hugging Face cache folder with snapshots/*/ holding one)")
-
-
-def is_converted(sd: Mapping[str, np.ndarray]) -> bool:
-    """Whether a state dict is already in jaxreg's names (as ``python -m jaxreg.convert``
-    writes them: Flax ``kernel``/``scale``, never PyTorch's ``weight``)."""
-    return (any(k.endswith(".kernel") for k in sd)
-            and not any(k.endswith(".weight") for k in sd))
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
-    """Reads every file :func:`resolve_checkpoint` finds into one state dict.
-
-    Returns:
-      (state dict, the path to quote in errors).
-    """
-    files = resolve_checkpoint(path)
-    sd: dict[str, np.ndarray] = {}
-    for f in files:
-        sd.update(read_state_dict(f))
-    return sd, files[0] if len(files) == 1 else os.fspath(path)
-
-
-def rename(pattern: str, dst: str, kind: str = "copy") -> tuple[str, Callable]:
-    """A converter rule: entries matching ``pattern`` go to ``dst`` (``\\1`` groups allowed).
-
-    ``kind``: ``"copy"``; ``"linear"`` (transpose a torch (out, in) weight);
-    ``"conv"`` (torch (O, I, kh, kw) to (kh, kw, I, O)); ``"vector"`` ((1, 1, C) to
-    (C,)); ``"rows"`` ((1, N, C) to (N, C)).
-    """
-    transforms = {
-        "copy": lambda v: v,
-        "linear": lambda v: v.T,
-        "conv": lambda v: v.transpose(2, 3, 1, 0),
-        "vector": lambda v: v.reshape(-1),
-        "rows": lambda v: v.reshape(-1, v.shape[-1]),
-    }
-    transform = transforms[kind]
-
-    def fn(m, value, out):
-        out[m.expand(dst)] = transform(value)
-
-    return pattern, fn
-
-
-def linear_rules(src: str, dst: str) -> list[tuple[str, Callable]]:
-    """Rules for a torch Linear at regex ``src`` going to NNX Linear ``dst``."""
-    return [rename(src + r"\.weight", dst + ".kernel", "linear"),
-            rename(src + r"\.bias", dst + ".bias")]
-
-
-def norm_rules(src: str, dst: str) -> list[tuple[str, Callable]]:
-    """Rules for a torch LayerNorm at regex ``src`` going to NNX LayerNorm ``dst``."""
-    return [rename(src + r"\.weight", dst + ".scale"), rename(src + r"\.bias", dst + ".bias")]
-
-
-def conv_rules(src: str, dst: str) -> list[tuple[str, Callable]]:
-    """Rules for a torch Conv2d at regex ``src`` going to NNX Conv ``dst``."""
-    return [rename(src + r"\.weight", dst + ".kernel", "conv"),
-            rename(src + r"\.bias", dst + ".bias")]
-
-
-def split_rule(pattern: str, dsts: Sequence[str], kind: str = "linear") -> tuple[str, Callable]:
-    """A rule splitting a fused torch weight (q|k|v, gate|up) along its output axis."""
-    def fn(m, value, out):
-        for d, part in zip(dsts, np.split(value, len(dsts), axis=0)):
-            out[m.expand(d)] = part.T if kind == "linear" else part
-
-    return pattern, fn
-
-
 def run_blocks(blocks: Sequence[Block], x: jax.Array, *, grid: tuple[int, int],
-               num_prefix: int, layers: Sequence[int] | None,
+               num_prefix: int, keep: Sequence[int] | None,
                rope: tuple[jax.Array, jax.Array] | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Runs the blocks, collecting patch-token maps ``"layer_i"`` (1-based) on the way.
+    """Runs the blocks, collecting patch-token maps ``"block_i"`` (counted from 1) on the way.
 
     Args:
       blocks: the transformer blocks.
       x: tokens (B, num_prefix + h*w, C).
       grid: (h, w).
       num_prefix: class + register tokens before the patch tokens.
-      layers: which block outputs to return (1-based); None: all.
+      keep: which block outputs to return (counted from 1); None: all.
       rope: passed to every block.
 
     Returns:
-      (last tokens, {"layer_i": (B, h, w, C) float32}).
+      (last tokens, {"block_i": (B, h, w, C) float32}).
     """
-    wanted = set(range(1, len(blocks) + 1)) if layers is None else set(layers)
+    wanted = set(range(1, len(blocks) + 1)) if keep is None else set(keep)
     bad = sorted(i for i in wanted if not 1 <= i <= len(blocks))
     if bad:
-        raise ValueError(f"layers={sorted(wanted)}: {bad} outside 1..{len(blocks)}")
+        raise ValueError(f"blocks={sorted(wanted)}: {bad} outside 1..{len(blocks)}")
     maps = {}
     for i, block in enumerate(blocks, start=1):
         x = block(x, rope=rope)
         if i in wanted:
-            maps[f"layer_{i}"] = tokens_to_maps(x[:, num_prefix:], grid)
+            maps[f"block_{i}"] = tokens_to_maps(x[:, num_prefix:], grid)
     return x, maps
-
-
-def create_abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
-    """Builds a module without computing its initial values (they are set by loading)."""
-    return nnx.eval_shape(build)
-
-
-def convert_by_rules(sd: Mapping[str, np.ndarray],
-                     rules: Sequence[tuple[str, Callable]],
-                     ignore: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """Applies ``rules`` (regex, fn(match, value, out)) to every entry of ``sd``.
-
-    An entry no rule matches and ``ignore`` does not name keeps its own name, so the
-    strict assignment lists it as unexpected.
-    """
-    import re
-
-    out: dict[str, np.ndarray] = {}
-    compiled = [(re.compile(p), fn) for p, fn in rules]
-    ignored = [re.compile(p) for p in ignore]
-    for key, value in sd.items():
-        for pattern, fn in compiled:
-            m = pattern.fullmatch(key)
-            if m:
-                fn(m, np.asarray(value), out)
-                break
-        else:
-            if not any(p.fullmatch(key) for p in ignored):
-                out[key] = np.asarray(value)
-    return out
