@@ -171,51 +171,75 @@ def breast_pair(task: str, *, shape: tuple[int, int, int] = (112, 80, 48),
     noise_rng = np.random.default_rng([seed, 2, TASKS.index(task)])
 
     grid = np.indices(shape, dtype=np.float32)
-    moving_tissues = anatomy.tissues(grid)
+    moving_tissues = anatomy.tissues(grid)  # first: sets the FGT level, undeformed
     warped = grid + np.moveaxis(field, -1, 0)
     fixed_tissues = anatomy.tissues(warped)
-    fixed_texture = _sample(anatomy.texture, warped)
-
-    fixed = _render(fixed_tissues, _T1, fixed_texture)
     moving_lesion = np.zeros(shape, np.uint8)
     if task == "lesion":
         moving_lesion = _lesion(moving_tissues, np.random.default_rng([seed, 3]))
         moving_tissues = np.where(moving_lesion > 0, LESION, moving_tissues).astype(np.uint8)
-    table = _FAT_SUPPRESSED if task == "sequence" else _T1
-    moving = _render(moving_tissues, table, anatomy.texture)
-    if task == "date":
-        bias = 1.0 + 0.15 * _smooth_noise(noise_rng, shape, coarse=(3, 3, 3))
-        moving = 1.1 * moving * bias
-    elif task == "modality":
-        body = ndimage.gaussian_filter((moving_tissues != AIR).astype(np.float32), 0.6)
-        moving = body * (0.15 + 0.8 * np.clip(1.0 - moving / 0.9, 0, 1) ** 1.5)
-        moving = ndimage.gaussian_filter(moving, 1.0)  # lower resolution
-    fixed = fixed + np.abs(noise_rng.normal(0, 0.015, shape))
-    moving = moving + np.abs(noise_rng.normal(0, 0.015, shape))
-
-    affine = np.diag(_VOXEL_MM + (1.0,))
-    affine[:3, 3] = -0.5 * (np.array(shape) - 1) * np.array(_VOXEL_MM)
-
-    def breast(t):
-        return np.isin(t, (FAT, FGT, SKIN, LESION)).astype(np.uint8)
-
-    def fgt(t):
-        return np.isin(t, (FGT, LESION)).astype(np.uint8)
-
+    fixed, moving = _images(task, fixed_tissues, _sample(anatomy.texture, warped),
+                            moving_tissues, anatomy.texture, noise_rng)
     return {
         "fixed": fixed.astype(np.float32),
         "moving": moving.astype(np.float32),
-        "fixed_breast": breast(fixed_tissues),
-        "moving_breast": breast(moving_tissues),
-        "fixed_fgt": fgt(fixed_tissues),
-        "moving_fgt": fgt(moving_tissues),
+        "fixed_breast": _breast_mask(fixed_tissues),
+        "moving_breast": _breast_mask(moving_tissues),
+        "fixed_fgt": _fgt_mask(fixed_tissues),
+        "moving_fgt": _fgt_mask(moving_tissues),
         "fixed_tissues": fixed_tissues,
         "moving_tissues": moving_tissues,
         "moving_lesion": moving_lesion,
         "true_field": field,
-        "affine": affine,
+        "affine": _affine(shape),
         "task": task,
     }
+
+
+def _images(task: str, fixed_tissues: np.ndarray, fixed_texture: np.ndarray,
+            moving_tissues: np.ndarray, moving_texture: np.ndarray,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed (T1-like) and moving (the task's contrast) images of two tissue maps,
+    each with a little positive noise from ``rng``."""
+    fixed = _render(fixed_tissues, _T1, fixed_texture)
+    moving = _moving_contrast(task, moving_tissues, moving_texture, rng)
+    fixed = fixed + np.abs(rng.normal(0, 0.015, fixed.shape))
+    moving = moving + np.abs(rng.normal(0, 0.015, moving.shape))
+    return fixed, moving
+
+
+def _moving_contrast(task: str, tissues: np.ndarray, texture: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+    """The moving image of ``task`` before noise: T1-like (fat-suppressed for
+    ``"sequence"``), with a bias field and drift (``"date"``, drawn from ``rng``) or a
+    nonlinear remap and blur (``"modality"``)."""
+    table = _FAT_SUPPRESSED if task == "sequence" else _T1
+    moving = _render(tissues, table, texture)
+    if task == "date":
+        bias = 1.0 + 0.15 * _smooth_noise(rng, tissues.shape, coarse=(3, 3, 3))
+        moving = 1.1 * moving * bias
+    elif task == "modality":
+        body = ndimage.gaussian_filter((tissues != AIR).astype(np.float32), 0.6)
+        moving = body * (0.15 + 0.8 * np.clip(1.0 - moving / 0.9, 0, 1) ** 1.5)
+        moving = ndimage.gaussian_filter(moving, 1.0)  # lower resolution
+    return moving
+
+
+def _affine(shape: tuple[int, int, int]) -> np.ndarray:
+    """Voxel -> RAS mm of the phantom's grid: 2 x 2 x 2.5 mm voxels, centred."""
+    affine = np.diag(_VOXEL_MM + (1.0,))
+    affine[:3, 3] = -0.5 * (np.array(shape) - 1) * np.array(_VOXEL_MM)
+    return affine
+
+
+def _breast_mask(tissues: np.ndarray) -> np.ndarray:
+    """0/1 uint8: the breast (fat, FGT, skin, lesion)."""
+    return np.isin(tissues, (FAT, FGT, SKIN, LESION)).astype(np.uint8)
+
+
+def _fgt_mask(tissues: np.ndarray) -> np.ndarray:
+    """0/1 uint8: fibroglandular tissue (the lesion included)."""
+    return np.isin(tissues, (FGT, LESION)).astype(np.uint8)
 
 
 def _lesion(tissues: np.ndarray, rng: np.random.Generator, radius: float = 3.0) -> np.ndarray:

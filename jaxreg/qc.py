@@ -72,6 +72,19 @@ def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: Array
     """
     fixed, moving, warped = (np.asarray(v, np.float32) for v in (fixed, moving, warped))
     field = np.asarray(field, np.float32)
+    _check_shapes(fixed, moving, warped, field)
+    rgb = None if features is None else _features_rgb(features, fixed.shape)
+    slices, spacing = _planes(slices, spacing, fixed.shape)
+    fig = _figure(_columns(fixed, moving, warped, field, rgb), slices, spacing, title)
+    with atomic.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def _check_shapes(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
+                  field: np.ndarray) -> None:
+    """Raises unless the volumes are ``(H, W, D)`` on one grid and ``field`` is
+    ``(H, W, D, 3)``."""
     if fixed.ndim != 3:
         raise ValueError(f"fixed must be (H, W, D), got {fixed.shape}")
     shape = fixed.shape
@@ -80,21 +93,38 @@ def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: Array
             raise ValueError(f"{name} shape {v.shape} does not match fixed {shape}")
     if field.shape != shape + (3,):
         raise ValueError(f"field shape {field.shape} does not match fixed {shape} (+ (3,))")
-    if features is not None:
-        features = np.asarray(features, np.float32)
-        if features.ndim != 4 or features.shape[:3] != shape:
-            raise ValueError(
-                f"features shape {features.shape} does not match fixed {shape} (+ (C,))")
-        rgb = np.zeros(shape + (3,), np.float32)
-        for c in range(min(3, features.shape[-1])):
-            rgb[..., c] = _robust(features[..., c])
+
+
+def _features_rgb(features: ArrayLike, shape: tuple[int, int, int]) -> np.ndarray:
+    """``(H, W, D, C)`` features -> ``(H, W, D, 3)`` RGB in [0, 1]: the first 3 channels
+    robustly scaled (zeros for missing ones)."""
+    features = np.asarray(features, np.float32)
+    if features.ndim != 4 or features.shape[:3] != shape:
+        raise ValueError(
+            f"features shape {features.shape} does not match fixed {shape} (+ (C,))")
+    rgb = np.zeros(shape + (3,), np.float32)
+    for c in range(min(3, features.shape[-1])):
+        rgb[..., c] = _robust(features[..., c])
+    return rgb
+
+
+def _planes(slices: Optional[Sequence[int]], spacing: Optional[Sequence[float]],
+            shape: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The checked ``(i, j, k)`` plane indices (default the centre) and voxel sizes
+    (default 1)."""
     slices = tuple(s // 2 for s in shape) if slices is None else tuple(int(s) for s in slices)
     if len(slices) != 3 or not all(0 <= s < n for s, n in zip(slices, shape)):
         raise ValueError(f"slices {slices} must be 3 indices inside {shape}")
     spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
     if len(spacing) != 3:
         raise ValueError(f"spacing must have 3 values, got {spacing}")
+    return slices, spacing
 
+
+def _columns(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, field: np.ndarray,
+             rgb: Optional[np.ndarray]) -> list[tuple[str, np.ndarray, dict]]:
+    """The figure's columns as ``(title, volume, imshow keywords)``, left to right."""
+    shape = fixed.shape
     f01, w01 = _robust(fixed), _robust(warped)
     tiles = (np.indices(shape) // _TILE).sum(axis=0) % 2 == 0
     diff = np.abs(warped - fixed)
@@ -105,11 +135,17 @@ def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: Array
                ("warped", w01, gray), ("checkerboard", np.where(tiles, f01, w01), gray),
                ("|warped - fixed|", diff,
                 dict(cmap="magma", vmin=0.0, vmax=max(float(np.percentile(diff, 99)), 1e-6)))]
-    if features is not None:
+    if rgb is not None:
         columns.append(("features (RGB)", rgb, {}))
     columns.append((f"Jacobian det ({folding:.2f}% <= 0)", jac,
                     dict(cmap="RdBu_r", vmin=0.0, vmax=2.0)))
+    return columns
 
+
+def _figure(columns: list[tuple[str, np.ndarray, dict]], slices: tuple[int, ...],
+            spacing: tuple[float, ...], title: Optional[str]) -> Figure:
+    """One row of panels per plane (``i``, ``j``, ``k``), one column per volume, a
+    colour bar for the last column (on an Agg canvas, no pyplot)."""
     fig = Figure(figsize=(_PANEL_IN * len(columns) + 0.6, _PANEL_IN * 3 + 0.5),
                  layout="constrained")
     FigureCanvasAgg(fig)
@@ -130,7 +166,4 @@ def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: Array
     fig.colorbar(im, ax=axes[:, -1], shrink=0.8)
     if title:
         fig.suptitle(title)
-
-    with atomic.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
+    return fig

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxreg import encoding
 from jaxreg import features as F
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 
@@ -99,18 +100,18 @@ def test_to_image_grid_places_token_centres():
 
 
 def test_slice_encoder_compiles_once_per_slice_shape():
-    F._encode_chunk.clear_cache()
+    encoding._encode_chunk.clear_cache()
     enc = make_encoder(chunk=3)
     slices = np.random.default_rng(0).random((7, 16, 12)).astype(np.float32)
     out = enc(slices)["features"]
     enc(slices[:5])
     assert out.shape == (7, 8, 8, 6)
-    assert F._encode_chunk._cache_size() == 1
+    assert encoding._encode_chunk._cache_size() == 1
     make_encoder(chunk=3)(slices[:4])  # another encoder of the same architecture
-    assert F._encode_chunk._cache_size() == 1
+    assert encoding._encode_chunk._cache_size() == 1
     # Fewer slices than a chunk run in the next power-of-two chunk: one more compilation.
     np.testing.assert_allclose(enc(slices[3:4])["features"][0], out[3], rtol=1e-5, atol=1e-5)
-    assert F._encode_chunk._cache_size() == 2
+    assert encoding._encode_chunk._cache_size() == 2
 
 
 def _single_axis(fixed, moving, enc, axis, pca=None):

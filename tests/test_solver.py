@@ -11,6 +11,7 @@ from jaxreg import mind
 from jaxreg import phantom
 from jaxreg import solver
 from jaxreg import warping as W
+from jaxreg._coarse_stage import _offsets
 
 FAST = solver.ConvexAdamConfig(iterations=5)
 
@@ -21,7 +22,7 @@ def test_correlation_cost_matches_brute_force():
     m = rng.normal(size=(5, 6, 4, 2)).astype(np.float32)
     cost = np.asarray(solver.correlation_cost(f, m, disp_hw=1))
     padded = np.pad(m, [(1, 1)] * 3 + [(0, 0)])
-    for k, off in enumerate(solver._offsets(1).astype(int)):
+    for k, off in enumerate(_offsets(1).astype(int)):
         o = off + 1
         shifted = padded[o[0]:o[0] + 5, o[1]:o[1] + 6, o[2]:o[2] + 4]
         raw = np.sum((f - shifted) ** 2, axis=-1)
@@ -33,7 +34,7 @@ def test_correlation_cost_matches_brute_force():
 def test_coupled_convex_without_coupling_is_smoothed_argmin():
     cost = np.random.default_rng(1).random((27, 4, 5, 3)).astype(np.float32)
     out = solver.coupled_convex(cost, disp_hw=1, coupling=())
-    chosen = solver._offsets(1)[np.argmin(cost, axis=0)]
+    chosen = _offsets(1)[np.argmin(cost, axis=0)]
     ref = ndimage.uniform_filter(chosen, size=(3, 3, 3, 1), mode="constant")
     np.testing.assert_allclose(out, ref, atol=1e-6)
 

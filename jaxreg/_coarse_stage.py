@@ -1,0 +1,142 @@
+"""ConvexAdam's coarse stage (private; use jaxreg.solver, which re-exports it all).
+
+Dense SSD costs of every integer displacement in a cube (:func:`correlation_cost`),
+coupled convex optimisation over them (:func:`coupled_convex`), inverse consistency of
+the forward and backward fields (:func:`inverse_consistency`), and the stage that chains
+them on pooled features (:func:`coarse_stage`).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxreg import filters
+from jaxreg import warping as warp_lib
+from jaxreg._solver_base import ConvexAdamConfig, _check_side, _masked, _real_cells
+
+
+def _offsets(disp_hw: int) -> np.ndarray:
+    """All integer displacements of the search cube, (K, 3), first axis slowest."""
+    r = range(-disp_hw, disp_hw + 1)
+    return np.array(list(itertools.product(r, r, r)), dtype=np.float32)
+
+
+def correlation_cost(fixed: ArrayLike, moving: ArrayLike, *, disp_hw: int,
+                     mask: ArrayLike | None = None) -> jax.Array:
+    """Dense SSD cost of every integer displacement in a cube, box-filtered twice.
+
+    ``cost[k, x] = box3(box3(sum_c (fixed[x, c] - moving[x + offset_k, c])^2))`` with
+    ``moving`` zero outside its grid; offsets as in :func:`_offsets`.
+
+    Args:
+      fixed, moving: ``(h, w, d, C)`` pooled feature volumes.
+      disp_hw: half-width of the cube; ``K = (2 * disp_hw + 1)**3``.
+      mask: ``(h, w, d)`` 0/1 real cells of a padded grid (:func:`coarse_stage`'s
+        ``extent``); the padding then counts as outside the grid everywhere.
+
+    Returns:
+      ``(K, h, w, d)`` float32.
+    """
+    fixed = jnp.asarray(fixed, jnp.float32)
+    moving = _masked(jnp.asarray(moving, jnp.float32), mask)
+    h, w, d, c = fixed.shape
+    padded = jnp.pad(moving, [(disp_hw, disp_hw)] * 3 + [(0, 0)])
+    starts = jnp.asarray(_offsets(disp_hw) + disp_hw, jnp.int32)
+
+    def one(start):
+        shifted = jax.lax.dynamic_slice(padded, (start[0], start[1], start[2], 0), (h, w, d, c))
+        cost = jnp.sum((fixed - shifted) ** 2, axis=-1)
+        return filters.box_filter(_masked(filters.box_filter(_masked(cost, mask), 3), mask), 3)
+
+    return jax.lax.map(one, starts, batch_size=27)
+
+
+def coupled_convex(cost: ArrayLike, *, disp_hw: int,
+                   coupling: tuple[float, ...] = ConvexAdamConfig.coupling,
+                   mask: ArrayLike | None = None) -> jax.Array:
+    """Coupled convex optimisation over a discrete cost volume.
+
+    Alternates a per-cell argmin of ``cost + coeff * |offset - smooth|^2`` with a 3x3x3
+    average of the chosen offsets, for rising ``coeff``.
+
+    Args:
+      cost: ``(K, h, w, d)`` from :func:`correlation_cost`.
+      disp_hw: the cube half-width the cost was computed with.
+      coupling: the coupling weights, in order.
+      mask: ``(h, w, d)`` 0/1 real cells of a padded grid; the padding's choices are
+        kept out of the averages.
+
+    Returns:
+      ``(h, w, d, 3)`` displacement in cells (zero in the padding when masked).
+    """
+    cost = jnp.asarray(cost, jnp.float32)
+    mesh = jnp.asarray(_offsets(disp_hw))  # (K, 3)
+
+    def smooth_choice(index):
+        return _masked(filters.box_filter(_masked(mesh[index], mask), 3), mask)
+
+    soft = smooth_choice(jnp.argmin(cost, axis=0))
+    for coeff in coupling:
+        # Written per axis so that no (K, h, w, d, 3) array is formed: XLA fuses the
+        # sum into the argmin.
+        penalty = sum((mesh[:, a, None, None, None] - soft[None, ..., a]) ** 2 for a in range(3))
+        soft = smooth_choice(jnp.argmin(cost + coeff * penalty, axis=0))
+    return soft
+
+
+def inverse_consistency(forward: ArrayLike, backward: ArrayLike, *,
+                        iterations: int = 15,
+                        mask: ArrayLike | None = None) -> tuple[jax.Array, jax.Array]:
+    """Makes two opposite fields inverse consistent by fixed-point iteration.
+
+    ``f <- (f - b(x + f)) / 2`` and ``b <- (b - f(x + b)) / 2``, simultaneously; fields
+    read zero outside the grid (and outside ``mask``, the real cells of a padded grid).
+    """
+    def step(_, fb):
+        f, b = fb
+        return (_masked(0.5 * (f - warp_lib.warp(b, f)), mask),
+                _masked(0.5 * (b - warp_lib.warp(f, b)), mask))
+
+    fb = (jnp.asarray(forward, jnp.float32), jnp.asarray(backward, jnp.float32))
+    return jax.lax.fori_loop(0, iterations, step, tuple(_masked(x, mask) for x in fb))
+
+
+def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
+                 config: ConvexAdamConfig = ConvexAdamConfig(),
+                 extent: ArrayLike | None = None) -> jax.Array:
+    """Discrete coarse registration of two feature volumes; full-resolution field.
+
+    ``extent`` (3 ints, may be traced): the inputs are padded at the end of each axis and
+    their real voxels are ``[0, extent)``; the padding then never enters the costs, the
+    averages or the inverse consistency, and the field on the real voxels is the one the
+    unpadded pair gets (up to float rounding). Pad to a multiple of ``grid_sp``
+    (:func:`jaxreg.batching.plan_buckets` does). A real side shorter than ``grid_sp``
+    is one cell, padding included (pad it with copies of the border).
+
+    Raises:
+      ValueError: a side of the inputs is shorter than ``grid_sp``
+        (:func:`jaxreg.solver.convex_adam` pads such volumes).
+    """
+    fixed = jnp.asarray(fixed, jnp.float32)
+    moving = jnp.asarray(moving, jnp.float32)
+    _check_side("coarse_stage", fixed.shape, config.grid_sp, "grid_sp")
+    pf = filters.avg_pool(fixed, config.grid_sp)
+    pm = filters.avg_pool(moving, config.grid_sp)
+    mask, sizes = None, None
+    if extent is not None:
+        mask, sizes = _real_cells(pf.shape, extent, config.grid_sp)
+        sizes = sizes[::-1]  # cells -> voxels
+    solve = functools.partial(coupled_convex, disp_hw=config.disp_hw, coupling=config.coupling,
+                              mask=mask)
+    field = solve(correlation_cost(pf, pm, disp_hw=config.disp_hw, mask=mask))
+    if config.ic:
+        back = solve(correlation_cost(pm, pf, disp_hw=config.disp_hw, mask=mask))
+        field, _ = inverse_consistency(field, back, iterations=config.ic_iterations, mask=mask)
+    return filters.resize(field * config.grid_sp, fixed.shape[:3], extents=sizes)
+

@@ -1,0 +1,223 @@
+"""Slices through a frozen encoder: input preprocessing, chunked jitted encoding, a disk cache.
+
+Steps 3 and 4 of the feature pipeline (:mod:`jaxreg.features` runs them all and
+re-exports these names):
+
+* :func:`token_geometry` / :func:`encoder_input`: each slice resized (linear,
+  anti-aliased) to the encoder's input size (square, or longest side then zero padding as
+  LiteMedSAM's preprocessing does), grey copied to 3 channels, the encoder's own scaling
+  and mean/std.
+* :class:`SliceEncoder`: slices through the Flax encoder under ``jit`` in fixed-size
+  chunks (one compilation per slice shape), any named output maps returned (the pyramid).
+* :class:`FeatureCache`: encoded tokens on disk, keyed by slice content and encoder
+  settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.typing import ArrayLike
+
+from jaxreg import atomic
+from jaxreg.encoders._base import EncoderSpec, Preprocessing
+
+__all__ = ["token_geometry", "encoder_input", "SliceEncoder", "FeatureCache"]
+
+
+# encoder input (step 3) ------------------------------------------------------------------
+
+def token_geometry(shape: tuple[int, int], preprocessing: Preprocessing, *, image_size: int,
+                   patch_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where a ``shape`` slice lands in the encoder input, in pixels and tokens.
+
+    Returns:
+      ``(resized, tokens)``: the slice's resized size in input pixels, and the number of
+      token rows/columns that cover it (the rest of a padded input is left out).
+    """
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size "
+                         f"{patch_size}")
+    a, b = shape
+    if preprocessing.resize == "square":
+        resized = (image_size, image_size)
+    elif preprocessing.resize == "longest_side_pad":
+        s = image_size / max(a, b)
+        resized = (max(1, round(a * s)), max(1, round(b * s)))
+    else:
+        raise ValueError(f"unknown resize mode {preprocessing.resize!r}")
+    tokens = tuple(math.ceil(r / patch_size) for r in resized)
+    return resized, tokens
+
+
+def encoder_input(slices: ArrayLike, preprocessing: Preprocessing, *,
+                  image_size: int) -> jax.Array:
+    """``(B, h, w)`` slices in [0, 1] -> ``(B, S, S, 3)`` encoder input (``S = image_size``).
+
+    Values go linearly to ``preprocessing.value_range``; the slice is resized (linear,
+    anti-aliased when shrinking) to ``S x S``, or its longest side to ``S`` with zeros
+    padded bottom/right; grey is copied to 3 channels and ``(x - mean) / std`` applied.
+    """
+    x = jnp.asarray(slices, jnp.float32)
+    lo, hi = preprocessing.value_range
+    x = lo + (hi - lo) * x
+    (ra, rb), _ = token_geometry(x.shape[1:], preprocessing, image_size=image_size,
+                                 patch_size=1)
+    x = jax.image.resize(x, (x.shape[0], ra, rb), method="linear", antialias=True)
+    x = jnp.pad(x, ((0, 0), (0, image_size - ra), (0, image_size - rb)))
+    mean = jnp.asarray(preprocessing.mean, jnp.float32)
+    std = jnp.asarray(preprocessing.std, jnp.float32)
+    return (x[..., None] - mean) / std
+
+
+# encoding (step 4) -----------------------------------------------------------------------
+
+def _auto_chunk(spec: EncoderSpec, image_size: int) -> int:
+    """Slices per call so that activations stay within ~1/4 of the device memory."""
+    device = jax.devices()[0]
+    try:
+        budget = device.memory_stats()["bytes_limit"] / 4
+    except (AttributeError, KeyError, TypeError, RuntimeError):
+        return 4  # host: batches gain the CPU nothing but memory
+    cfg = spec.config
+    tokens = (image_size // spec.patch_size) ** 2
+    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "embed_dim", None) or 256
+    heads = getattr(cfg, "num_heads", 0)
+    heads = heads if isinstance(heads, int) else 0  # TinyViT: windowed attention only
+    per_slice = 4 * (32 * tokens * width + 2 * heads * tokens ** 2 + 8 * image_size ** 2)
+    return int(max(1, min(64, budget // per_slice)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "preprocessing", "patch_size",
+                                             "layers", "image_size"))
+def _encode_chunk(state, slices, *, graphdef, preprocessing, patch_size, layers, image_size):
+    """Preprocesses and encodes a chunk of slices (compiled once per architecture and shape,
+    shared by every :class:`SliceEncoder` of that architecture)."""
+    _, tokens = token_geometry(slices.shape[1:], preprocessing, image_size=image_size,
+                               patch_size=patch_size)
+    out = nnx.merge(graphdef, state)(encoder_input(slices, preprocessing, image_size=image_size))
+    missing = [k for k in layers if k not in out]
+    if missing:
+        raise ValueError(f"the encoder has no output {missing}; it has {sorted(out)}")
+    return {k: out[k][:, :tokens[0], :tokens[1]].astype(jnp.float32) for k in layers}
+
+
+class SliceEncoder:
+    """A frozen encoder applied to raw slices: preprocessing, the model, chosen outputs.
+
+    Args:
+      model: an encoder NNX module (``jaxreg.encoders.*``) returning a dict of maps.
+      spec: its :class:`~jaxreg.encoders._base.EncoderSpec`.
+      layers: names of the output maps to return.
+      image_size: input side in pixels (0: ``spec.preprocessing.image_size``).
+      chunk: slices per call (0: from the device memory, 4 on a CPU); the last chunk is
+        padded, so one slice shape compiles once (fewer slices than a chunk use the next
+        power of two).
+      name: identifies the weights in cache keys (e.g. encoder name and checkpoint path).
+      devices: several devices: each chunk of slices is sharded over them (the weights
+        replicated), the chunk rounded up to a multiple of their number.
+    """
+
+    def __init__(self, model: nnx.Module, spec: EncoderSpec, *, layers: Sequence[str],
+                 image_size: int = 0, chunk: int = 0, name: str = "",
+                 devices: Sequence[jax.Device] | None = None):
+        self.spec = spec
+        self.layers = tuple(layers)
+        self.image_size = image_size or spec.preprocessing.image_size
+        self.chunk = chunk or _auto_chunk(spec, self.image_size)
+        self.name = name or spec.name
+        self.calls = 0  # encoder invocations (slices), for tests and logs
+        self._graphdef, self._state = nnx.split(model)
+        self._sharding = None
+        if devices is not None and len(devices) > 1:
+            mesh = jax.sharding.Mesh(np.asarray(devices), ("slices",))
+            P = jax.sharding.PartitionSpec
+            self._sharding = jax.sharding.NamedSharding(mesh, P("slices"))
+            self._state = jax.device_put(self._state, jax.sharding.NamedSharding(mesh, P()))
+            self.chunk = -(-self.chunk // len(devices)) * len(devices)
+
+    def _apply(self, state, slices):
+        return _encode_chunk(state, slices, graphdef=self._graphdef,
+                             preprocessing=self.spec.preprocessing,
+                             patch_size=self.spec.patch_size, layers=self.layers,
+                             image_size=self.image_size)
+
+    def key(self) -> str:
+        """What the features depend on besides the slices (for :class:`FeatureCache`)."""
+        return json.dumps([self.name, self.spec.name, self.image_size, list(self.layers)])
+
+    def __call__(self, slices: ArrayLike) -> dict[str, np.ndarray]:
+        """``(m, h, w)`` slices in [0, 1] -> ``{layer: (m, th, tw, C)}`` float32 numpy."""
+        slices = np.asarray(slices, np.float32)
+        m = slices.shape[0]
+        c = min(self.chunk, 1 << (m - 1).bit_length())  # few slices: a power-of-2 chunk
+        if self._sharding is not None:
+            n = self._sharding.mesh.size
+            c = -(-c // n) * n
+        pad = (-m) % c
+        padded = np.concatenate([slices, np.repeat(slices[-1:], pad, axis=0)]) if pad else slices
+        chunks = [padded[i:i + c] for i in range(0, m + pad, c)]
+        if self._sharding is not None:
+            chunks = [jax.device_put(x, self._sharding) for x in chunks]
+        parts = [self._apply(self._state, x) for x in chunks]
+        self.calls += m
+        return {k: np.concatenate([np.asarray(p[k]) for p in parts])[:m] for k in self.layers}
+
+    def token_scale(self, shape: tuple[int, int]) -> tuple[float, float]:
+        """Slice pixels per token along each in-plane axis (for
+        :func:`jaxreg.features.to_image_grid`)."""
+        resized, _ = token_geometry(shape, self.spec.preprocessing, image_size=self.image_size,
+                                    patch_size=self.spec.patch_size)
+        p = self.spec.patch_size
+        return p * shape[0] / resized[0], p * shape[1] / resized[1]
+
+
+
+# caching ---------------------------------------------------------------------------------
+
+class FeatureCache:
+    """Encoded tokens on disk (safetensors), keyed by slice content and encoder settings.
+
+    Args:
+      directory: cache folder (created on first write).
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def path(self, slices: np.ndarray, encoder: SliceEncoder) -> str:
+        h = hashlib.sha256()
+        h.update(encoder.key().encode())
+        h.update(str(slices.shape).encode())
+        h.update(np.ascontiguousarray(slices, np.float32).tobytes())
+        return os.path.join(self.directory, h.hexdigest()[:32] + ".safetensors")
+
+    def load(self, path: str, layers: Sequence[str]) -> dict[str, np.ndarray] | None:
+        if not os.path.isfile(path):
+            return None
+        from safetensors.numpy import load_file
+
+        try:
+            data = load_file(path)
+        except Exception as e:  # a damaged entry is recomputed, not fatal
+            logging.warning("feature cache %s unreadable (%s); re-encoding", path, e)
+            return None
+        return data if all(k in data for k in layers) else None
+
+    def save(self, path: str, features: Mapping[str, np.ndarray]) -> None:
+        from safetensors.numpy import save_file
+
+        os.makedirs(self.directory, exist_ok=True)
+        with atomic.atomic_path(path) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in features.items()}, tmp)
+
