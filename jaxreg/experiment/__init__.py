@@ -17,8 +17,9 @@ The modules, by job:
 - :mod:`~jaxreg.experiment.outputs`: a pair's files and scores, the summary table.
 - :mod:`~jaxreg.experiment.workdir`: one run per workdir (a lock), pair folders written
   whole (staging, then rename), leftovers of a killed run removed, settings recorded.
-- :mod:`~jaxreg.experiment.study`: every pair, one at a time or batched over devices
-  and hosts; a pair that fails is reported and skipped, the others go on.
+- :mod:`~jaxreg.experiment.study`: every pair, one at a time or (``batched``) a bucket
+  at a time over devices and hosts; a pair that fails is reported and skipped, the
+  others go on.
 """
 
 from jaxreg.experiment.outputs import format_summary, load_field, write_pair
@@ -28,7 +29,8 @@ from jaxreg.experiment.pipeline import LoadedPair, load_pair, make_source, regis
 from jaxreg.experiment.settings import ENCODERS, PYRAMIDS, ConfigError, MindSettings
 from jaxreg.experiment.settings import PhantomSettings, RegistrationConfig, StudyConfig
 from jaxreg.experiment.settings import from_configdict
-from jaxreg.experiment.study import grid_shape, run_pair, run_study, select_devices
+from jaxreg.experiment.batched import grid_shape
+from jaxreg.experiment.study import run_pair, run_study, select_devices
 from jaxreg.experiment.workdir import Workdir, WorkdirError
 
 __all__ = [

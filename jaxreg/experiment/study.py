@@ -5,20 +5,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 import traceback
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from jaxreg import features as feat_lib
 from jaxreg import sources
 from jaxreg import atomic
+from jaxreg.experiment import batched as batched_lib
 from jaxreg.experiment import outputs
 from jaxreg.experiment import pairs as pairs_lib
 from jaxreg.experiment import pipeline
@@ -27,9 +25,6 @@ from jaxreg.experiment import workdir as workdir_lib
 from jaxreg.experiment.pairs import Pair
 
 __all__ = ["run_study", "run_pair", "select_devices"]
-
-# What a pair's failure may be without being a bug: bad files, settings, a diverged field.
-_PAIR_ERRORS = (ValueError, OSError)
 
 
 def run_pair(pair: Pair, out_dir: str, *, config: settings.StudyConfig,
@@ -76,20 +71,6 @@ def select_devices(spec: str = "") -> list[jax.Device]:
         raise settings.ConfigError(f"--devices={spec}: no local device with id {missing}; "
                                    f"local ids {sorted(by_id)}")
     return [by_id[i] for i in parts]
-
-
-def grid_shape(path: str) -> tuple[int, ...]:
-    """The voxel grid of an image file from its header (cheap), for bucketing."""
-    try:
-        if path.endswith(".nrrd"):
-            import nrrd
-
-            return tuple(int(x) for x in nrrd.read_header(path)["sizes"][:3])
-        import nibabel as nib
-
-        return tuple(int(x) for x in nib.load(path).shape[:3])
-    except Exception:  # unreadable: load_pair reports it properly later
-        return (0, 0, 0)
 
 
 def _csv_pairs(config: settings.StudyConfig) -> list[Pair] | None:
@@ -223,7 +204,7 @@ def _register_all(config, work, pairs, source, devices, progress) -> list[str]:
         """Runs ``job(out_dir)`` into a staging folder moved into place when complete."""
         try:
             work.write_pair(pair.name, recorded[pair.name], job)
-        except _PAIR_ERRORS as e:  # io.InputError is a ValueError
+        except batched_lib.PAIR_ERRORS as e:  # io.InputError is a ValueError
             failures.append(f"{pair.name}: {e}")
             logging.error("pair %s failed: %s", pair.name, e)
         except Exception as e:  # a bug: keep its traceback, but let the other pairs run
@@ -242,83 +223,12 @@ def _register_all(config, work, pairs, source, devices, progress) -> list[str]:
                             "batch_per_device=%d is ignored", config.batch_per_device)
         batched = False
     if batched:
-        _run_batched(todo, config, source, devices, finish)
+        batched_lib.run_batched(todo, config, source, devices, finish)
     else:
         for pair in todo:
             finish(pair, functools.partial(run_pair, pair, config=config, source=source))
     bar.close()
     return failures
-
-
-def _run_batched(todo: list[Pair], config: settings.StudyConfig, source: sources.FeatureSource,
-                 devices: list[jax.Device], finish) -> None:
-    """Buckets of one padded shape, registered a batch at a time over ``devices``."""
-    from jaxreg import batching
-
-    solver_config = config.registration.solver
-    mesh = jax.sharding.Mesh(np.array(devices), ("pairs",))
-    multiple = math.lcm(solver_config.grid_sp, solver_config.grid_sp_adam)
-    shapes = [grid_shape(p.fixed) for p in todo]
-    for pair, shape in zip(todo, shapes):
-        if 0 in shape:  # unreadable header: load_pair names the problem
-            finish(pair, lambda out, pair=pair: pipeline.load_pair(
-                pair, config=config.registration))
-    todo = [p for p, shape in zip(todo, shapes) if 0 not in shape]
-    buckets = batching.plan_buckets([s for s in shapes if 0 not in s], multiple=multiple)
-    for bucket in buckets:
-        members = [todo[i] for i in bucket.indices]
-        try:
-            per_device = batching.plan_batch(
-                bucket.shape, config=solver_config, channels=source.channels,
-                device_bytes=batching.device_memory_bytes(devices[0]),
-                batch_per_device=config.batch_per_device)
-        except ValueError as e:
-            for pair in members:
-                finish(pair, functools.partial(_raise, e))
-            continue
-        size = per_device * len(devices)
-        logging.info("bucket %s: %d pair(s), %d per device on %d device(s)", bucket.shape,
-                     len(members), per_device, len(devices))
-        for start in range(0, len(members), size):
-            _register_group(members[start:start + size], bucket.shape, config, source,
-                            solver_config, mesh, finish)
-
-
-def _register_group(group, shape, config, source, solver_config, mesh, finish):
-    """One batch: each pair's features (one at a time), padded, then solved together."""
-    from jaxreg import batching
-
-    loaded = []
-    for pair in group:
-        try:
-            loaded.append(pipeline.load_pair(pair, config=config.registration))
-        except _PAIR_ERRORS as e:
-            finish(pair, functools.partial(_raise, e))
-    if not loaded:
-        return
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    fixed, moving, unpadded = [], [], []
-    for lp in loaded:
-        feats = source(lp.fixed.data, lp.moving.data,
-                       fixed_mask=lp.masks[0] if lp.masks else None,
-                       moving_mask=lp.masks[1] if lp.masks else None, timings=timings)
-        fixed.append(batching.pad_to(feats.fixed, shape))
-        moving.append(batching.pad_to(feats.moving, shape))
-        unpadded.append(feats.fixed)
-    t1 = time.perf_counter()
-    fields = np.asarray(batching.register_batch(
-        jnp.stack(fixed), jnp.stack(moving), [lp.fixed.shape for lp in loaded],
-        config=solver_config, mesh=mesh))
-    timings["solving"] = time.perf_counter() - t1
-    seconds = (time.perf_counter() - t0) / len(loaded)
-    per_pair = {k: v / len(loaded) for k, v in timings.items()}
-    for j, lp in enumerate(loaded):
-        h, w, d = lp.fixed.shape
-        field = np.ascontiguousarray(fields[j, :h, :w, :d])
-        finish(lp.pair, functools.partial(
-            outputs.write_pair, lp, field, config=config, seconds=seconds, timings=per_pair,
-            fixed_features=unpadded[j]))
 
 
 def _raise(error: Exception, out_dir: str) -> None:
