@@ -135,8 +135,23 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Several hosts: call "
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.path.join("~", ".cache", "jaxreg", "xla"),
+    "Folder of XLA's persistent compilation cache, so that a second run skips compiling; "
+    "'' turns it off. $JAX_COMPILATION_CACHE_DIR, when set, wins.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Encoder checkpoint (file or Hugging Face "
                                "folder); default: searched, see jaxreg/encoders/registry.py.")
+
+def _use_compilation_cache(folder: str) -> None:
+    """XLA's persistent cache: programs compiled once are loaded by later runs."""
+    import jax
+
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(folder)
+    if folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        # The solver's programs take 1-3 s to compile; small helpers are not worth a file.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 
 def main(argv):
     if len(argv) > 1:
@@ -152,6 +167,7 @@ def main(argv):
         config.batch.batch_per_device = _BATCH.value
     if _DEVICES.value is not None:
         config.batch.devices = _DEVICES.value
+    _use_compilation_cache(_COMPILATION_CACHE.value)
     if _DISTRIBUTED.value:
         import jax
 
