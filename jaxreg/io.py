@@ -28,7 +28,7 @@ Loading verifies before it trusts:
     (Bq/ml) stay below about 1e7; only a broken header or scaling factor gets near
     1e9. Label maps are not held to it.
 
-Displacement fields elsewhere in jaxreg are in voxels of the fixed image;
+Displacement fields (:func:`load_field`) are in voxels of the fixed image;
 :func:`field_to_mm` and :func:`field_to_voxels` convert them through the affine.
 """
 
@@ -48,21 +48,10 @@ from jaxreg import _reading, atomic
 from jaxreg._reading import InputError
 
 __all__ = [
-    "InputError",
-    "Volume",
-    "MAX_VOXELS",
-    "MIN_SIDE",
-    "MIN_SPACING_MM",
-    "MAX_SPACING_MM",
-    "MAX_ABS_VALUE",
-    "load_volume",
-    "load_labels",
-    "save_volume",
-    "resample_to",
-    "same_grid",
-    "coverage",
-    "field_to_mm",
-    "field_to_voxels",
+    "InputError", "Volume",
+    "MAX_VOXELS", "MIN_SIDE", "MIN_SPACING_MM", "MAX_SPACING_MM", "MAX_ABS_VALUE",
+    "load_volume", "load_labels", "load_field", "save_volume",
+    "resample_to", "same_grid", "coverage", "field_to_mm", "field_to_voxels",
 ]
 
 MAX_VOXELS = 2**30
@@ -182,6 +171,22 @@ def load_volume(path: str | os.PathLike, *, max_voxels: int | None = None) -> Vo
         raise InputError(f"{path}: voxel values reach {peak:.3g} in magnitude, implausible for "
                          f"an image (limit {MAX_ABS_VALUE:.3g}; broken header or scaling?)")
     return Volume(data=data, affine=affine, path=path)
+
+
+def load_field(path: str | os.PathLike, *, max_voxels: int | None = None) -> np.ndarray:
+    """Reads a voxel displacement field, verified like every volume (see the module).
+
+    Returns:
+      ``(H, W, D, 3)`` float32, from a 4D file or ITK's 5D ``(H, W, D, 1, 3)``.
+
+    Raises:
+      InputError: as :func:`load_volume` for the file, or not 3 finite values a voxel.
+    """
+    data, _, _, path = _read(path, max_voxels=max_voxels)
+    data = np.asarray(data, np.float32).reshape(data.shape[:3] + (-1,))
+    if data.shape[-1] != 3 or not np.all(np.isfinite(data)):
+        raise InputError(f"{path}: a field must be (H, W, D, 3) and finite, got {data.shape}")
+    return data
 
 
 def load_labels(path: str | os.PathLike, *, max_voxels: int | None = None) -> Volume:

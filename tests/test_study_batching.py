@@ -13,7 +13,7 @@ import pytest
 from experiments.configs import breast
 from jaxreg import batching
 from jaxreg import experiment
-from jaxreg import features
+from jaxreg import io
 from jaxreg.encoders import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def test_sharded_study_of_mixed_sizes_equals_the_sequential_study(tmp_path):
     plain_rows, failures = experiment.run_study(c, str(tmp_path / "plain"), progress=False)
     assert failures == [] and len(plain_rows) == 4
     for pair in pairs:
-        got, expected = (experiment.load_field(
+        got, expected = (io.load_field(
             str(tmp_path / run / "pairs" / pair.name / "field_voxels.nii.gz"))
             for run in ("batched", "plain"))
         assert got.shape == expected.shape

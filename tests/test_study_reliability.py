@@ -127,6 +127,22 @@ def test_a_missing_file_fails_its_pair_only(data, tmp_path):
     assert "date_movng.nii.gz: file not found (mov_volume of pairs.csv line 3)" in failure
 
 
+def test_a_damaged_true_field_is_reported_not_scored(data, tmp_path):
+    """The true field goes through the same verified reader as the images."""
+    raw = bytearray((data / "date_true_field.nii.gz").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / "bad_field.nii.gz").write_bytes(bytes(raw))
+    csv_path = _csv(tmp_path / "pairs.csv", "name,mov_volume,fix_volume,true_field\n"
+                    f"p,{data}/date_moving.nii.gz,{data}/date_fixed.nii.gz,"
+                    f"{tmp_path}/bad_field.nii.gz\n")
+    config = _config()
+    config.pairs, config.batch.devices = csv_path, "1"
+    rows, failures = experiment.run_study(config, str(tmp_path / "run"), progress=False)
+    assert rows == []
+    (failure,) = failures
+    assert "bad_field.nii.gz: file is corrupt" in failure
+
+
 # Settings -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value, message", [

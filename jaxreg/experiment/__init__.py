@@ -22,7 +22,7 @@ The modules, by job:
   others go on.
 """
 
-from jaxreg.experiment.outputs import format_summary, load_field, write_pair
+from jaxreg.experiment.outputs import format_summary, write_pair
 from jaxreg.experiment.pairs import Pair, check_name, find_pairs_csv, read_pairs
 from jaxreg.experiment.pairs import write_phantom_pairs
 from jaxreg.experiment.pipeline import LoadedPair, load_pair, make_source, register_volumes
@@ -37,7 +37,7 @@ __all__ = [
     "ENCODERS", "PYRAMIDS", "ConfigError", "LoadedPair", "MindSettings", "Pair",
     "PhantomSettings", "RegistrationConfig", "StudyConfig", "Workdir", "WorkdirError",
     "check_name", "find_pairs_csv", "format_summary", "from_configdict",
-    "grid_shape", "load_field", "load_pair", "make_source", "read_pairs",
+    "grid_shape", "load_pair", "make_source", "read_pairs",
     "register_volumes", "run_pair", "run_study", "select_devices",
     "write_pair", "write_phantom_pairs",
 ]

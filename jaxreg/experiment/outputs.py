@@ -17,21 +17,7 @@ from jaxreg.experiment import settings
 from jaxreg.experiment.pipeline import LoadedPair
 from jaxreg import atomic
 
-__all__ = ["write_pair", "load_field", "write_summary", "format_summary"]
-
-
-def load_field(path: str) -> np.ndarray:
-    """A (H, W, D, 3) voxel field saved as NIfTI, checked."""
-    import nibabel as nib
-
-    try:
-        data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    except Exception as e:  # nibabel raises several types for bad files
-        raise io.InputError(f"{path}: not a readable NIfTI field ({e})") from e
-    data = data.reshape(data.shape[:3] + (-1,))
-    if data.shape[-1] != 3 or not np.all(np.isfinite(data)):
-        raise io.InputError(f"{path}: a field must be (H, W, D, 3) and finite, got {data.shape}")
-    return data
+__all__ = ["write_pair", "write_summary", "format_summary"]
 
 
 def _label_scores(prefix: str, fixed: np.ndarray, moving: np.ndarray,
@@ -86,7 +72,7 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
                                  hd=config.hd95))
     row.update({k: round(float(v), 4) for k, v in metrics.jacobian_stats(field).items()})
     if pair.true_field:
-        true = load_field(pair.true_field)
+        true = io.load_field(pair.true_field)
         if true.shape != field.shape:
             raise io.InputError(f"{pair.true_field}: true field {true.shape} does not match "
                                 f"the fixed grid {field.shape}")
