@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxreg import batching
 from jaxreg import sources
 from jaxreg.experiment import outputs
 from jaxreg.experiment import pipeline
@@ -41,8 +42,6 @@ def grid_shape(path: str) -> tuple[int, ...]:
 def run_batched(todo: list[Pair], config: settings.StudyConfig, source: sources.FeatureSource,
                  devices: list[jax.Device], finish) -> None:
     """Buckets of one padded shape, registered a batch at a time over ``devices``."""
-    from jaxreg import batching
-
     solver_config = config.registration.solver
     mesh = jax.sharding.Mesh(np.array(devices), ("pairs",))
     multiple = math.lcm(solver_config.grid_sp, solver_config.grid_sp_adam)
@@ -74,8 +73,6 @@ def run_batched(todo: list[Pair], config: settings.StudyConfig, source: sources.
 
 def _register_group(group, shape, config, source, solver_config, mesh, finish):
     """One batch: each pair's features (one at a time), padded, then solved together."""
-    from jaxreg import batching
-
     loaded = []
     for pair in group:
         try:

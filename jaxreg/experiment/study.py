@@ -125,8 +125,7 @@ def _pair_settings(config: settings.StudyConfig, pair: Pair) -> dict[str, Any]:
     return {"settings": settings.result_settings(config), "inputs": pair.files()}
 
 
-def _refuse_changed(work: workdir_lib.Workdir, config: settings.StudyConfig, pairs: list[Pair]) -> None:
-    changed = workdir_lib.changed_pairs(work, {p.name: _pair_settings(config, p) for p in pairs})
+def _refuse_changed(work: workdir_lib.Workdir, changed: dict[str, list[str]]) -> None:
     if changed:
         name, diff = next(iter(changed.items()))
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
@@ -164,8 +163,11 @@ def run_study(config: settings.StudyConfig | Any, workdir: str, *, progress: boo
     with workdir_lib.Workdir(workdir, lock=jax.process_index() == 0) as work:
         _sync("workdir ready")
         pairs = pairs or _phantom_pairs(config, work.path)
+        # Every host compares every pair, so that all reach the same decision.
+        recorded = {p.name: _pair_settings(config, p) for p in pairs}
+        changed = workdir_lib.changed_pairs(work, recorded)
         if not overwrite:
-            _refuse_changed(work, config, pairs)
+            _refuse_changed(work, changed)
         if jax.process_index() == 0:
             atomic.write_text(os.path.join(work.path, "config.json"),
                               json.dumps(dataclasses.asdict(config), indent=1))
@@ -173,7 +175,8 @@ def run_study(config: settings.StudyConfig | Any, workdir: str, *, progress: boo
         if config.registration.cache and config.registration.encoder != "mind":
             cache = feat_lib.FeatureCache(os.path.join(work.path, "feature_cache"))
         source = pipeline.make_source(config.registration, devices=devices, cache=cache)
-        failures = _register_all(config, work, pairs, source, devices, progress)
+        failures = _register_all(config, work, pairs, recorded, changed, source, devices,
+                                 progress)
         _sync("study done")
         rows = []
         mine = pairs[jax.process_index()::jax.process_count()]
@@ -186,11 +189,11 @@ def run_study(config: settings.StudyConfig | Any, workdir: str, *, progress: boo
     return rows, failures
 
 
-def _register_all(config, work, pairs, source, devices, progress) -> list[str]:
-    """This host's share of the pairs not done yet; returns the failures."""
+def _register_all(config, work, pairs, recorded, changed, source, devices, progress
+                  ) -> list[str]:
+    """This host's share of the pairs not done yet, or done with other settings (only
+    left in ``changed`` with ``overwrite``); returns the failures."""
     mine = pairs[jax.process_index()::jax.process_count()]
-    recorded = {p.name: _pair_settings(config, p) for p in mine}
-    changed = workdir_lib.changed_pairs(work, recorded)  # only with overwrite=True
     todo = [p for p in mine if not work.is_done(p.name) or p.name in changed]
     for p in mine:
         if p not in todo:
@@ -215,7 +218,7 @@ def _register_all(config, work, pairs, source, devices, progress) -> list[str]:
         bar.update(len(failures))
 
     batched = len(devices) * config.batch_per_device > 1
-    if batched and getattr(source, "coarse_to_fine", False):
+    if batched and config.registration.pyramid == "coarse_to_fine":
         # Each pair's coarse stage picks its own fine features: no common batch program.
         # The encoder still shards its slice chunks over ``devices``.
         if config.batch_per_device > 1:
@@ -229,7 +232,3 @@ def _register_all(config, work, pairs, source, devices, progress) -> list[str]:
             finish(pair, functools.partial(run_pair, pair, config=config, source=source))
     bar.close()
     return failures
-
-
-def _raise(error: Exception, out_dir: str) -> None:
-    raise error
