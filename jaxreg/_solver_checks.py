@@ -3,16 +3,14 @@
 They run on concrete arguments only, before the jitted function (a traced call, inside a
 user's jit, vmap or grad, skips them): a few reductions over the inputs on their device
 and one small transfer back (the inputs themselves go to the device once, then on to the
-jitted function). :func:`_checked` wraps an entry point with such a check
-(:func:`_check_features` for ``convex_adam``, :func:`_check_images` for
-``register_mind``); :func:`check_field` (public as ``jaxreg.solver.check_field``) checks
-a result.
+jitted function). :func:`jaxreg.jit`'s ``check=`` runs them (:func:`_check_features`
+for ``convex_adam``, :func:`_check_images` for ``register_mind``).
+:func:`check_field` (public as ``jaxreg.solver.check_field``) checks a result.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -49,42 +47,6 @@ def _as_arrays(where, arguments, names):
             raise ValueError(f"{where}: {name} is empty, shape {x.shape}")
         arrays[name] = x
     return arrays
-
-
-class _Checked:
-    """A :func:`jaxreg.jit` function that validates its arguments first when they are
-    concrete; traced, it is the jitted function itself. Other attributes (``lower``,
-    ``eval_shape``, ``_cache_size``, ...) are the jitted function's."""
-
-    def __init__(self, jitted, check):
-        self._jitted = jitted
-        self._check = check
-        # From the Python function itself: asking the jitted one would pick a backend at
-        # import time (before a user's jax.distributed.initialize()).
-        fun = inspect.unwrap(jitted)
-        self._signature = inspect.signature(fun)
-        functools.update_wrapper(self, fun, updated=())
-
-    def __call__(self, *args, **kwargs):
-        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
-            try:
-                bound = self._signature.bind(*args, **kwargs)
-            except TypeError:  # a wrong call: the jitted function reports it
-                bound = None
-            if bound is not None:
-                bound.arguments.update(self._check(dict(bound.arguments)))
-                args, kwargs = bound.args, bound.kwargs
-        return self._jitted(*args, **kwargs)
-
-    def __getattr__(self, name):  # lower, eval_shape, _cache_size, ... of the jit
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self._jitted, name)
-
-
-def _checked(check):
-    """Decorator: ``check(arguments) -> replacements`` before the jitted function."""
-    return lambda jitted: _Checked(jitted, check)
 
 
 def _check_features(arguments):

@@ -18,6 +18,7 @@ you call jaxreg inside a jit of your own (a new loss with :func:`jaxreg.warping.
 """
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +33,12 @@ COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 class _Jitted:
     """Two jits of one function: with the options at top level on CPU, without them
     when traced inside another transformation (jax refuses options on a nested jit;
-    there the outer jit's options are the ones that apply)."""
+    there the outer jit's options are the ones that apply). At top level an optional
+    ``check(arguments) -> replacements`` sees the concrete arguments first."""
 
     def __init__(self, fun: Callable, kwargs: dict[str, Any]):
+        self._check = kwargs.pop("check", None)
+        self._signature = inspect.signature(fun) if self._check else None
         options = {**COMPILER_OPTIONS, **kwargs.pop("compiler_options", {})}
         self._with_options = jax.jit(fun, compiler_options=options, **kwargs)
         self._plain = jax.jit(fun, **kwargs)
@@ -46,6 +50,14 @@ class _Jitted:
     def __call__(self, *args, **kwargs):
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
             return self._plain(*args, **kwargs)
+        if self._check is not None:
+            try:
+                bound = self._signature.bind(*args, **kwargs)
+            except TypeError:  # a wrong call: the jitted function reports it
+                bound = None
+            if bound is not None:
+                bound.arguments.update(self._check(dict(bound.arguments)))
+                args, kwargs = bound.args, bound.kwargs
         return self._top_level()(*args, **kwargs)
 
     def __getattr__(self, name):  # lower, trace, eval_shape, ... of the top-level jit
@@ -61,7 +73,9 @@ def jit(fun: Callable | None = None, /, **kwargs: Any):
 
     Usable as ``@jit``, ``@jit(static_argnames=...)`` or ``jit(f, ...)``; options in
     ``compiler_options=`` are merged over these. Called with traced arguments (inside
-    another ``jit``, ``vmap`` or ``grad``) it is a plain ``jax.jit``.
+    another ``jit``, ``vmap`` or ``grad``) it is a plain ``jax.jit``. ``check=``, a
+    function of the bound arguments (name -> value) returning replacements, validates
+    concrete arguments before a top-level call; traced calls skip it.
     """
     if fun is None:
         return functools.partial(jit, **kwargs)

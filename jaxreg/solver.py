@@ -42,7 +42,7 @@ from jaxreg import warping as warp_lib
 from jaxreg._coarse_stage import (coarse_stage, correlation_cost, coupled_convex,
                                   inverse_consistency)
 from jaxreg._solver_base import ConvexAdamConfig, _check_side, _masked, _min_side, _real_cells
-from jaxreg._solver_checks import _check_features, _check_images, _checked, check_field
+from jaxreg._solver_checks import _check_features, _check_images, check_field
 
 __all__ = [
     "ConvexAdamConfig",
@@ -185,8 +185,7 @@ def _pad_small_grid(arrays: tuple[ArrayLike, ...], config: ConvexAdamConfig,
     return padded, jnp.asarray(grid, jnp.int32), tuple(slice(0, s) for s in grid)
 
 
-@_checked(_check_features)
-@compilation.jit(static_argnames=("config",))
+@compilation.jit(static_argnames=("config",), check=_check_features)
 def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
                 config: ConvexAdamConfig = ConvexAdamConfig(),
                 coarse_fixed: ArrayLike | None = None,
@@ -230,8 +229,7 @@ def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
     return field if crop is None else field[crop]
 
 
-@_checked(_check_images)
-@compilation.jit(static_argnames=("config", "radius", "dilation"))
+@compilation.jit(static_argnames=("config", "radius", "dilation"), check=_check_images)
 def register_mind(fixed: ArrayLike, moving: ArrayLike, *,
                   config: ConvexAdamConfig = ConvexAdamConfig(),
                   radius: int = 1, dilation: int = 2) -> jax.Array:
