@@ -4,7 +4,10 @@ Each entry names a family module (``sam``, ``tinyvit``, ``dinov2``, ``dinov3``, 
 variant the reference paper used, the checkpoint files and Hugging Face repositories that hold
 its weights, the output maps used as a feature pyramid (named as
 :mod:`jaxreg.encoders._base` says: ``block_<i>`` / ``stage_<i>`` counted from 1, and
-``features``), and the reference's PCA size (``../shared/REFERENCE.md``).
+``features``), and the reference's PCA size. The reference is Gu et al. (arXiv
+2507.11569): SAM, MedSAM and SSL-SAM ViT-B/16 at 1024 px (3 PCA channels), DINOv2 ViT-L/14
+with 4 registers at 1792 px (8), DINOv3 ViT-B/16 at 1536 px (8), BiomedCLIP's ViT-B/16
+vision tower at 224 px (12).
 
 Weights are searched here only, in order, at
   1. an explicit path (``weights=``, the experiment's ``--weights``): a file, a Hugging Face
