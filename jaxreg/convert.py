@@ -66,11 +66,13 @@ def convert(encoder: str, input_path: str | os.PathLike,
       ValueError: unknown encoder.
       CheckpointError: unreadable checkpoint or one that does not fit the variant.
     """
-    from jaxreg.encoders import _base, _checkpoint
+    from jaxreg.encoders import _checkpoint
 
     module, variant = family_of(encoder)
-    params, source = _base.read_params(module.convert, input_path)
-    _base.abstract_with(module.create, variant, params, source=source)  # strict check
+    # The family's own load sequence: a folder's config.json is checked against the
+    # variant, the checkpoint's layout picks the variant where it decides (medclip), and
+    # every parameter is assigned strictly.
+    params = _checkpoint.flat_params(module.load(variant, input_path))
     _checkpoint.write_safetensors(params, output_path)
     return params
 

@@ -8,13 +8,15 @@ re-exports these names):
   LiteMedSAM's preprocessing does), grey copied to 3 channels, the encoder's own scaling
   and mean/std.
 * :class:`SliceEncoder`: slices through the Flax encoder under ``jit`` in fixed-size
-  chunks (one compilation per slice shape), any named output maps returned (the pyramid).
+  chunks (one compilation per slice shape), any named output maps returned (the pyramid),
+  each cut to the cells that cover the slice at its own stride (:func:`map_cells`).
 * :class:`FeatureCache`: encoded tokens on disk, keyed by slice content and encoder
   settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -32,7 +34,7 @@ from jax.typing import ArrayLike
 from jaxreg import atomic
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 
-__all__ = ["token_geometry", "encoder_input", "SliceEncoder", "FeatureCache"]
+__all__ = ["token_geometry", "encoder_input", "map_cells", "SliceEncoder", "FeatureCache"]
 
 
 # encoder input (step 3) ------------------------------------------------------------------
@@ -65,8 +67,9 @@ def encoder_input(slices: ArrayLike, preprocessing: Preprocessing, *,
     """``(B, h, w)`` slices in [0, 1] -> ``(B, S, S, 3)`` encoder input (``S = image_size``).
 
     Values go linearly to ``preprocessing.value_range``; the slice is resized (linear,
-    anti-aliased when shrinking) to ``S x S``, or its longest side to ``S`` with zeros
-    padded bottom/right; grey is copied to 3 channels and ``(x - mean) / std`` applied.
+    anti-aliased when shrinking) to ``S x S``, or its longest side to ``S`` padded
+    bottom/right; grey is copied to 3 channels and ``(x - mean) / std`` applied. The
+    padding is zero before the mean/std or after it (``preprocessing.pad``).
     """
     x = jnp.asarray(slices, jnp.float32)
     lo, hi = preprocessing.value_range
@@ -74,10 +77,14 @@ def encoder_input(slices: ArrayLike, preprocessing: Preprocessing, *,
     (ra, rb), _ = token_geometry(x.shape[1:], preprocessing, image_size=image_size,
                                  patch_size=1)
     x = jax.image.resize(x, (x.shape[0], ra, rb), method="linear", antialias=True)
-    x = jnp.pad(x, ((0, 0), (0, image_size - ra), (0, image_size - rb)))
     mean = jnp.asarray(preprocessing.mean, jnp.float32)
     std = jnp.asarray(preprocessing.std, jnp.float32)
-    return (x[..., None] - mean) / std
+    pad = ((0, 0), (0, image_size - ra), (0, image_size - rb))
+    if preprocessing.pad == "normalised":
+        return jnp.pad((x[..., None] - mean) / std, pad + ((0, 0),))
+    if preprocessing.pad != "input":
+        raise ValueError(f"unknown padding {preprocessing.pad!r}: 'input' or 'normalised'")
+    return (jnp.pad(x, pad)[..., None] - mean) / std
 
 
 # encoding (step 4) -----------------------------------------------------------------------
@@ -98,18 +105,31 @@ def _auto_chunk(spec: EncoderSpec, image_size: int) -> int:
     return int(max(1, min(64, budget // per_slice)))
 
 
+def map_cells(resized: tuple[int, int], side: tuple[int, int],
+              image_size: int) -> tuple[int, int]:
+    """Rows and columns of a ``side`` map (over an ``image_size`` input) that cover the slice.
+
+    Each map has its own stride, ``image_size / side`` input pixels per cell (a ViT's patch
+    size; 2, 4, 4, 4 for TinyViT's four stages at 256 px): the cells that cover the resized
+    slice's ``resized`` pixels are ``ceil(resized / stride)`` along each axis.
+    """
+    return tuple(-(-r * n // image_size) for r, n in zip(resized, side))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "preprocessing", "patch_size",
                                              "layers", "image_size"))
 def _encode_chunk(state, slices, *, graphdef, preprocessing, patch_size, layers, image_size):
     """Preprocesses and encodes a chunk of slices (compiled once per architecture and shape,
-    shared by every :class:`SliceEncoder` of that architecture)."""
-    _, tokens = token_geometry(slices.shape[1:], preprocessing, image_size=image_size,
-                               patch_size=patch_size)
+    shared by every :class:`SliceEncoder` of that architecture); each map cropped to the
+    cells that cover the slice (:func:`map_cells`)."""
+    resized, _ = token_geometry(slices.shape[1:], preprocessing, image_size=image_size,
+                                patch_size=patch_size)
     out = nnx.merge(graphdef, state)(encoder_input(slices, preprocessing, image_size=image_size))
     missing = [k for k in layers if k not in out]
     if missing:
         raise ValueError(f"the encoder has no output {missing}; it has {sorted(out)}")
-    return {k: out[k][:, :tokens[0], :tokens[1]].astype(jnp.float32) for k in layers}
+    crops = {k: map_cells(resized, out[k].shape[1:3], image_size) for k in layers}
+    return {k: out[k][:, :crops[k][0], :crops[k][1]].astype(jnp.float32) for k in layers}
 
 
 class SliceEncoder:
@@ -137,6 +157,7 @@ class SliceEncoder:
         self.chunk = chunk or _auto_chunk(spec, self.image_size)
         self.name = name or spec.name
         self.calls = 0  # encoder invocations (slices), for tests and logs
+        self._strides = None
         self._graphdef, self._state = nnx.split(model)
         self._sharding = None
         if devices is not None and len(devices) > 1:
@@ -154,7 +175,8 @@ class SliceEncoder:
 
     def key(self) -> str:
         """What the features depend on besides the slices (for :class:`FeatureCache`)."""
-        return json.dumps([self.name, self.spec.name, self.image_size, list(self.layers)])
+        return json.dumps([self.name, self.spec.name, self.image_size, list(self.layers),
+                           dataclasses.asdict(self.spec.preprocessing)])
 
     def __call__(self, slices: ArrayLike) -> dict[str, np.ndarray]:
         """``(m, h, w)`` slices in [0, 1] -> ``{layer: (m, th, tw, C)}`` float32 numpy."""
@@ -173,13 +195,26 @@ class SliceEncoder:
         self.calls += m
         return {k: np.concatenate([np.asarray(p[k]) for p in parts])[:m] for k in self.layers}
 
-    def token_scale(self, shape: tuple[int, int]) -> tuple[float, float]:
-        """Slice pixels per token along each in-plane axis (for
-        :func:`jaxreg.features.to_image_grid`)."""
+    def strides(self) -> dict[str, tuple[float, float]]:
+        """Input pixels per cell of each returned map, ``image_size / map side`` per axis
+        (from the model's output shapes, traced once without computing)."""
+        if self._strides is None:
+            s = self.image_size
+            model = nnx.merge(self._graphdef, self._state)
+            shapes = jax.eval_shape(model, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
+            self._strides = {k: (s / shapes[k].shape[1], s / shapes[k].shape[2])
+                             for k in self.layers}
+        return self._strides
+
+    def token_scale(self, shape: tuple[int, int],
+                    layer: str | None = None) -> tuple[float, float]:
+        """Slice pixels per cell of map ``layer`` along each in-plane axis (None: per
+        ``spec.patch_size`` token), for :func:`jaxreg.features.to_image_grid`."""
         resized, _ = token_geometry(shape, self.spec.preprocessing, image_size=self.image_size,
                                     patch_size=self.spec.patch_size)
         p = self.spec.patch_size
-        return p * shape[0] / resized[0], p * shape[1] / resized[1]
+        sy, sx = (p, p) if layer is None else self.strides()[layer]
+        return sy * shape[0] / resized[0], sx * shape[1] / resized[1]
 
 
 

@@ -214,10 +214,11 @@ def _encode(volume: np.ndarray, plan: SlicePlan, encoder: SliceEncoder,
 
 
 def _token_mask(mask: np.ndarray, plan: SlicePlan, encoder: SliceEncoder,
-                tokens: tuple[int, int]) -> np.ndarray:
-    """Foreground fraction of each token of the encoded slices, thresholded at 1/2."""
+                tokens: tuple[int, int], layer: str) -> np.ndarray:
+    """Foreground fraction of each cell of map ``layer`` of the encoded slices,
+    thresholded at 1/2."""
     sl = np.moveaxis(np.asarray(mask, np.float32), plan.axis, 0)[plan.encoded]
-    scale = encoder.token_scale(sl.shape[1:])
+    scale = encoder.token_scale(sl.shape[1:], layer)
     frac = jax.image.scale_and_translate(
         jnp.asarray(sl), (sl.shape[0], *tokens), spatial_dims=(1, 2),
         scale=1.0 / jnp.asarray(scale, jnp.float32), translation=jnp.zeros(2),
@@ -263,13 +264,15 @@ def _timed(times: dict[str, float], stage: str):
     times[stage] = times.get(stage, 0.0) + time.perf_counter() - start
 
 
-def _pca_weights(plan: SlicePlan, encoder: SliceEncoder, grid: tuple[int, int],
+def _pca_weights(plan: SlicePlan, encoder: SliceEncoder, grid: tuple[int, int], layer: str,
                  fixed_mask: ArrayLike | None, moving_mask: ArrayLike | None
                  ) -> tuple[np.ndarray, np.ndarray] | None:
     """``(fixed, moving)`` 0/1 token weights of one axis for the PCA, None without masks;
     when only one mask is given, it stands for both images."""
-    fw = _token_mask(fixed_mask, plan, encoder, grid) if fixed_mask is not None else None
-    mw = _token_mask(moving_mask, plan, encoder, grid) if moving_mask is not None else None
+    fw = (_token_mask(fixed_mask, plan, encoder, grid, layer)
+          if fixed_mask is not None else None)
+    mw = (_token_mask(moving_mask, plan, encoder, grid, layer)
+          if moving_mask is not None else None)
     if fw is None:
         fw = mw
     if mw is None:
@@ -292,14 +295,14 @@ def _fit_pcas(tokens: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence
 
 
 def _fused_volumes(projected: Sequence[tuple[jax.Array, jax.Array]], plans: Sequence[SlicePlan],
-                   encoder: SliceEncoder, shape: tuple[int, int, int],
-                   fusion: str) -> tuple[jax.Array, jax.Array]:
+                   encoder: SliceEncoder, shape: tuple[int, int, int], fusion: str,
+                   layer: str) -> tuple[jax.Array, jax.Array]:
     """Projected tokens of every axis on the image grid, then fused across the axes:
     ``(fixed, moving)`` volumes, channels averaged (``"mean"``) or concatenated."""
     volumes = []
     for plan, (pf, pm) in zip(plans, projected):
         in_plane = tuple(s for i, s in enumerate(shape) if i != plan.axis)
-        ppt = encoder.token_scale(in_plane)
+        ppt = encoder.token_scale(in_plane, layer)
         volumes.append(tuple(to_image_grid(p, plan, shape, pixels_per_token=ppt)
                              for p in (pf, pm)))
     if fusion == "mean":
@@ -349,12 +352,12 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
     for layer in config.layers:
         with _timed(times, "pca"):
             tokens = [(f[layer], m[layer]) for f, m in encoded]
-            weights = [_pca_weights(plan, encoder, f.shape[1:3], fixed_mask, moving_mask)
+            weights = [_pca_weights(plan, encoder, f.shape[1:3], layer, fixed_mask, moving_mask)
                        for plan, (f, _) in zip(plans, tokens)]
             pcas = _fit_pcas(tokens, weights, config)
             projected = [(project(f, p), project(m, p)) for (f, m), p in zip(tokens, pcas)]
             jax.block_until_ready(projected)
         with _timed(times, "resizing"):
             out[layer] = jax.block_until_ready(
-                _fused_volumes(projected, plans, encoder, fixed.shape, config.fusion))
+                _fused_volumes(projected, plans, encoder, fixed.shape, config.fusion, layer))
     return out

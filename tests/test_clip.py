@@ -1,4 +1,8 @@
-"""CLIP vision tower against transformers' CLIPVisionModel on random weights."""
+"""CLIP vision towers on random weights: transformers' CLIPVisionModel layout against
+transformers, and BiomedCLIP's open_clip/timm layout against a PyTorch reference of timm's
+ViT (tests/_timm_vit_reference.py)."""
+
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +20,10 @@ TOL = 1e-4
 SIZES = [(224, 224), (256, 352)]
 
 
-def _vision_config(width=64, depth=2, heads=2, act="quick_gelu", eps=1e-5):
+def _vision_config(width=64, depth=2, heads=2, act="quick_gelu", eps=1e-5, image_size=224):
     return transformers.CLIPVisionConfig(
         hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-        intermediate_size=4 * width, image_size=224, patch_size=16, hidden_act=act,
+        intermediate_size=4 * width, image_size=image_size, patch_size=16, hidden_act=act,
         layer_norm_eps=eps)
 
 
@@ -113,7 +117,9 @@ def test_clip_model_layout_round_trip_and_errors(tmp_path):
         got = model(x)
         for k in expected:
             np.testing.assert_array_equal(expected[k], got[k], err_msg=k)
-    with pytest.raises(CheckpointError, match="mis-shaped"):
+    # The folder's config.json says what it holds: a 2-block, 64-wide CLIP is not ViT-B/16.
+    with pytest.raises(CheckpointError, match=r"vision/config.json .*hidden_size 64 "
+                                              r"\(the variant: 768\)"):
         clip.load("clip_vitb16", tmp_path / "vision")
     # A file written by `python -m jaxreg.convert` loads as is, and is checked like any other.
     got = clip.load(config, tmp_path / "converted.safetensors")(x)
@@ -127,3 +133,114 @@ def test_clip_model_layout_round_trip_and_errors(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match="not a readable"):
         clip.load("clip_vitb16", tmp_path / "cut.safetensors")
+
+
+# --------------------------------------------------------------------------------------
+# BiomedCLIP's published layout: open_clip_pytorch_model.bin with a timm ViT tower.
+
+from _timm_vit_reference import TimmViT  # noqa: E402  (tests/ is on sys.path under pytest)
+
+from jaxreg.encoders import registry  # noqa: E402
+from jaxreg.encoders._base import EncoderSpec  # noqa: E402
+
+# A 2-block, 64-wide, 64-px (4x4 grid) tower of timm's vit_base_patch16_224 design.
+TIMM_SMALL = clip.ClipConfig(patch_size=16, hidden_size=64, depth=2, num_heads=2, mlp_dim=256,
+                             layer_scale=False, act="gelu", norm_eps=1e-6, pos_grid=4,
+                             pos_antialias=True, features_post_norm=True, pre_norm=False,
+                             patch_bias=True)
+
+
+def _timm_reference(seed=0):
+    torch.manual_seed(seed)
+    return _perturb(TimmViT(image_size=64, dim=64, depth=2, heads=2), seed)
+
+
+def _open_clip_state_dict(trunk):
+    """open_clip's CustomTextCLIP names: the tower under visual.trunk, its projection, a text
+    tower and the logit scale (all but the tower must be left out)."""
+    sd = {"visual.trunk." + k: v for k, v in trunk.state_dict().items()}
+    sd["visual.head.proj.weight"] = torch.randn(32, 64)
+    sd["text.transformer.embeddings.word_embeddings.weight"] = torch.randn(10, 16)
+    sd["text.proj.0.weight"] = torch.randn(32, 16)
+    sd["logit_scale"] = torch.tensor(4.6)
+    return sd
+
+
+def _open_clip_folder(path, trunk, timm_model_name):
+    path.mkdir()
+    torch.save(_open_clip_state_dict(trunk), path / "open_clip_pytorch_model.bin")
+    config = {"model_cfg": {"embed_dim": 32, "vision_cfg": {
+                  "timm_model_name": timm_model_name, "timm_model_pretrained": False,
+                  "timm_pool": "", "timm_proj": "linear", "image_size": 64}},
+              "preprocess_cfg": {"mean": list(clip.OPENAI_PREPROCESSING.mean),
+                                 "std": list(clip.OPENAI_PREPROCESSING.std)}}
+    (path / "open_clip_config.json").write_text(json.dumps(config))
+    return path
+
+
+def _timm_diffs(trunk, model, x):
+    with torch.no_grad():
+        tokens, hidden = trunk(torch.from_numpy(x).permute(0, 3, 1, 2))
+    out = model(jnp.asarray(x))
+    b, h, w = x.shape[0], x.shape[1] // 16, x.shape[2] // 16
+    maps = lambda t: t[:, 1:].reshape(b, h, w, -1).numpy()
+    diffs = {"features": np.abs(maps(tokens) - out["features"]).max(),
+             "cls": np.abs(tokens[:, 0].numpy() - out["cls"]).max()}
+    for i, t in enumerate(hidden, start=1):
+        diffs[f"block_{i}"] = np.abs(maps(t) - out[f"block_{i}"]).max()
+    assert out["features"].shape == (b, h, w, 64)
+    return diffs
+
+
+def test_open_clip_timm_layout_matches_timm_reference(tmp_path):
+    trunk = _timm_reference()
+    folder = _open_clip_folder(tmp_path / "biomedclip", trunk, "vit_small_test")
+    model = clip.load(TIMM_SMALL, folder)
+    for size in [(64, 64), (96, 128)]:  # the pretraining grid, then resampled positions
+        diffs = _timm_diffs(trunk, model, _images(*size, batch=2))
+        assert max(diffs.values()) < TOL, (size, diffs)
+    # A bare timm state dict (with a classifier head, dropped) converts the same way.
+    sd = {k: v.numpy() for k, v in trunk.state_dict().items()}
+    sd.update({"head.weight": np.zeros((5, 64), np.float32), "head.bias": np.zeros(5, np.float32)})
+    assert clip.convert(sd).keys() == clip.convert(
+        {k: v.numpy() for k, v in _open_clip_state_dict(trunk).items()}).keys()
+
+
+def test_open_clip_config_is_checked(tmp_path):
+    folder = _open_clip_folder(tmp_path / "biomedclip", _timm_reference(), "vit_base_patch16_224")
+    with pytest.raises(CheckpointError, match=r"open_clip_config.json .*vit_base_patch16_224: "
+                                              r"hidden_size 768 \(the variant: 64\)"):
+        clip.load(TIMM_SMALL, folder)
+
+
+def test_biomedclip_variant_is_timm_vit_base_patch16_224():
+    spec = clip.VARIANTS["biomedclip_vitb16"]
+    c = spec.config
+    assert (c.hidden_size, c.depth, c.num_heads, c.mlp_dim, c.patch_size, c.pos_grid) == (
+        768, 12, 12, 3072, 16, 14)
+    assert (c.pre_norm, c.patch_bias, c.act, c.norm_eps, c.pos_antialias,
+            c.features_post_norm, c.layer_scale) == (False, True, "gelu", 1e-6, True, True, False)
+    assert spec.preprocessing == clip.OPENAI_PREPROCESSING  # open_clip_config.json's mean/std
+    assert (spec.preprocessing.image_size, spec.preprocessing.value_range) == (224, (0.0, 1.0))
+    assert "open_clip_pytorch_model.bin" in registry.ENCODERS["medclip"].files
+
+
+def test_biomedclip_name_builds_the_checkpoints_layout(tmp_path, monkeypatch):
+    """``biomedclip_vitb16`` from open_clip's layout is timm's ViT; from transformers'
+    CLIPVisionModel layout (pre_layrnorm) it is built as ``biomedclip_vitb16_hf``."""
+    hf_small = clip.ClipConfig(**{**TIMM_SMALL.__dict__, "pre_norm": True, "patch_bias": False,
+                                  "pos_antialias": False})
+    for name, config in (("biomedclip_vitb16", TIMM_SMALL), ("biomedclip_vitb16_hf", hf_small)):
+        monkeypatch.setitem(clip.VARIANTS, name, EncoderSpec(
+            name=name, config=config, preprocessing=clip.OPENAI_PREPROCESSING, patch_size=16,
+            channels=64))
+    trunk = _timm_reference()
+    model = clip.load("biomedclip_vitb16", _open_clip_folder(tmp_path / "oc", trunk, "vit_x"))
+    assert model.config == TIMM_SMALL
+    assert max(_timm_diffs(trunk, model, _images(64, 64)).values()) < TOL
+    hf = _hf_model(act="gelu", eps=1e-6, image_size=64)
+    hf.save_pretrained(tmp_path / "hf")
+    model = clip.load("biomedclip_vitb16", tmp_path / "hf")
+    assert model.config == hf_small
+    diffs = _max_diffs(hf, model, _images(64, 64))
+    assert max(diffs.values()) < TOL, diffs

@@ -35,8 +35,14 @@ def test_convert_refuses_a_mismatched_checkpoint_and_writes_nothing(tmp_path, ca
         hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=98, patch_size=14))
     hf.save_pretrained(tmp_path / "small")
     out = tmp_path / "x.safetensors"
+    # A folder: its config.json is read and refused before any tensor is compared.
     assert convert.main(["--encoder", "dinov2_vits14", "--input", str(tmp_path / "small"),
                          "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "config.json" in err and "hidden_size" in err and not out.exists()
+    # The weight file alone: the strict check lists the mis-shaped tensors.
+    assert convert.main(["--encoder", "dinov2_vits14", "--input",
+                         str(tmp_path / "small" / "model.safetensors"), "--output", str(out)]) == 1
     assert "mis-shaped" in capsys.readouterr().err and not out.exists()
 
 

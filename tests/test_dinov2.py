@@ -154,13 +154,19 @@ def test_round_trip_and_folders(tmp_path):
 def test_wrong_architecture_and_truncated_file(tmp_path):
     hf = _hf_model(registers=4)
     hf.save_pretrained(tmp_path / "small")
-    # A small DINOv2 into the ViT-S variant: every mis-shaped tensor listed.
-    with pytest.raises(CheckpointError, match="mis-shaped") as err:
+    # A small DINOv2 folder into the ViT-S variant: its config.json says what differs.
+    with pytest.raises(CheckpointError, match=r"small/config.json .*hidden_size 32 \(the "
+                                              r"variant: 384\); num_hidden_layers 2"):
         dinov2.load("dinov2_vits14_reg", tmp_path / "small")
+    # Its weight file alone: every mis-shaped tensor listed.
+    with pytest.raises(CheckpointError, match="mis-shaped") as err:
+        dinov2.load("dinov2_vits14_reg", tmp_path / "small" / "model.safetensors")
     assert "blocks.0.attn.q.kernel" in str(err.value)
-    # Without registers the register model misses its tokens.
-    with pytest.raises(CheckpointError, match="unexpected.*register_tokens"):
+    # Without registers: the folder is another model type, the file has unexpected tokens.
+    with pytest.raises(CheckpointError, match="model_type 'dinov2_with_registers'"):
         dinov2.load(_config(hf, registers=0), tmp_path / "small")
+    with pytest.raises(CheckpointError, match="unexpected.*register_tokens"):
+        dinov2.load(_config(hf, registers=0), tmp_path / "small" / "model.safetensors")
     # A CLIP vision tower is not a DINOv2 checkpoint at all.
     clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

@@ -99,8 +99,11 @@ def test_round_trip_folders_and_errors(tmp_path):
         got = model(x)
         for k in expected:
             np.testing.assert_array_equal(expected[k], got[k], err_msg=k)
-    with pytest.raises(CheckpointError, match="mis-shaped"):
+    with pytest.raises(CheckpointError, match=r"hf/config.json .*hidden_size 64 \(the "
+                                              r"variant: 384\)"):
         dinov3.load("dinov3_vits16", tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        dinov3.load("dinov3_vits16", tmp_path / "hf" / "model.safetensors")
     torch.save({"patch_embed.proj.weight": torch.zeros(3)}, tmp_path / "dinov2.pth")
     with pytest.raises(CheckpointError, match="not a DINOv3"):
         dinov3.load("dinov3_vits16", tmp_path / "dinov2.pth")

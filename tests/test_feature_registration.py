@@ -103,7 +103,7 @@ def test_missing_weights_error_says_what_where_and_the_alternatives(tmp_path):
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode != 0
     for text in ("dinov2_vitl14_reg4_pretrain.pth", "facebook/dinov2-with-registers-large",
-                 str(tmp_path), "'mind' and 'litemedsam'"):
+                 str(tmp_path), "'mind', 'litemedsam' and 'mobilesam'"):
         assert text in proc.stderr, proc.stderr[-2000:]
     with pytest.raises(registry.WeightsNotFoundError, match="no such file"):
         registry.find_weights("sam", str(tmp_path / "nothing.pth"))

@@ -9,6 +9,7 @@ from flax import nnx
 from jaxreg import encoding
 from jaxreg import features as F
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
+from jaxreg.encoding import encoder_input
 
 PATCH = 4
 
@@ -114,6 +115,40 @@ def test_slice_encoder_compiles_once_per_slice_shape():
     assert encoding._encode_chunk._cache_size() == 2
 
 
+class TwoStrideEncoder(nnx.Module):
+    """Maps at strides 2 and 4 (as TinyViT's stage_1 and its later stages): 2x2 and 4x4
+    means of channel 0, times a per-map weight."""
+
+    def __init__(self):
+        self.weight = nnx.Param(jnp.asarray([[1.0, -2.0]], jnp.float32))
+
+    def __call__(self, images):
+        pool = lambda k: jax.lax.reduce_window(images[..., :1], 0.0, jax.lax.add,
+                                               (1, k, k, 1), (1, k, k, 1), "VALID") / k ** 2
+        return {"stage_1": pool(2) * self.weight[...], "features": pool(4) * self.weight[...]}
+
+
+@pytest.mark.parametrize("resize", ["longest_side_pad", "square"])
+def test_each_map_is_cropped_at_its_own_stride(resize):
+    spec = EncoderSpec(name="strides", config=None, patch_size=PATCH, channels=2,
+                       preprocessing=Preprocessing(image_size=32, resize=resize))
+    enc = F.SliceEncoder(TwoStrideEncoder(), spec, layers=("stage_1", "features"), chunk=2)
+    slices = np.random.default_rng(0).random((3, 24, 12)).astype(np.float32)
+    out = enc(slices)
+    full = TwoStrideEncoder()(encoder_input(slices, spec.preprocessing, image_size=32))
+    # longest_side_pad: the slice fills 32 x 16 input pixels, the rest is padding.
+    rows, cols = (32, 16) if resize == "longest_side_pad" else (32, 32)
+    assert out["stage_1"].shape == (3, rows // 2, cols // 2, 2)
+    assert out["features"].shape == (3, rows // 4, cols // 4, 2)
+    for layer, stride in (("stage_1", 2), ("features", 4)):
+        np.testing.assert_allclose(out[layer], full[layer][:, :rows // stride, :cols // stride],
+                                   rtol=1e-5, atol=1e-6)
+        assert enc.strides()[layer] == (stride, stride)
+        assert enc.token_scale((24, 12), layer) == (stride * 24 / rows, stride * 12 / cols)
+    assert enc.token_scale((24, 12)) == enc.token_scale((24, 12), "features")  # patch size 4
+    assert encoding.map_cells((32, 15), (16, 16), 32) == (16, 8)  # a partly covered cell counts
+
+
 def _single_axis(fixed, moving, enc, axis, pca=None):
     """numpy-side reference of one axis: encode, joint PCA, project, grid."""
     cfg = F.FeatureConfig(axes=(axis,), gap=3, pca_dims=2, scale=False)
@@ -203,3 +238,20 @@ def test_pipeline_is_equivariant_to_a_shift_along_the_slice_axis():
         gap=1, pca_dims=3))["features"]
     np.testing.assert_allclose(np.roll(feats[0], 2, axis=2)[:, :, 2:],
                                feats[1][:, :, 2:], atol=1e-4)
+
+
+def test_maps_of_another_stride_land_on_the_image_grid_where_they_belong():
+    """A stride-2 map (stage_1) and a stride-4 map of the same local means must agree on
+    the image grid; placed at the patch size's scale, the stride-2 map came out stretched."""
+    spec = EncoderSpec(name="strides", config=None, patch_size=PATCH, channels=2,
+                       preprocessing=Preprocessing(image_size=32, resize="longest_side_pad"))
+    enc = F.SliceEncoder(TwoStrideEncoder(), spec, layers=("stage_1", "features"), chunk=4)
+    x = np.linspace(0.0, 1.0, 24, dtype=np.float32)
+    vol = np.broadcast_to((x[:, None, None] ** 2), (24, 12, 8)).copy()
+    cfg = F.FeatureConfig(layers=("stage_1", "features"), pca_dims=1, gap=1, scale=False)
+    out = F.pair_features(vol, vol, enc, config=cfg)
+    s1, s4 = (np.asarray(out[k][0])[..., 0] for k in ("stage_1", "features"))
+    inner = (slice(4, -4), slice(None), slice(None))  # away from the edge effects of the pools
+    r = np.corrcoef(s1[inner].ravel(), s4[inner].ravel())[0, 1]
+    assert abs(r) > 0.99, r
+    np.testing.assert_allclose(np.abs(s1[inner]), np.abs(s4[inner]), atol=0.05 * np.abs(s4).max())

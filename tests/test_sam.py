@@ -147,6 +147,24 @@ def test_other_input_size_and_bfloat16():
     assert sam.VARIANTS["medsam_vitb"].config == sam.VARIANTS["sam_vitb"].config
 
 
+
+def test_preprocessing_as_the_references_feed_each_model():
+    """SAM and SSL-SAM: ImageNet mean/std on [0, 1] images (the reference's configs), which is
+    SAM's 0-255 pixel mean/std; MedSAM: min-max [0, 1] and nothing else (MedSAM_Inference.py
+    and the reference's config-medsam-task1.py both skip Sam.preprocess)."""
+    from jaxreg.encoding import encoder_input
+
+    x = np.random.default_rng(0).random((2, 16, 16)).astype(np.float32)
+    image = lambda name: np.asarray(encoder_input(
+        x, sam.VARIANTS[name].preprocessing, image_size=16))
+    imagenet = (np.asarray([0.485, 0.456, 0.406]), np.asarray([0.229, 0.224, 0.225]))
+    for name in ("sam_vitb", "sslsam_vitb", "medsam_vitb_samnorm"):
+        np.testing.assert_allclose(image(name), (x[..., None] - imagenet[0]) / imagenet[1],
+                                   rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(image("medsam_vitb"), np.repeat(x[..., None], 3, -1), atol=1e-6)
+    assert registry.ENCODERS["medsam"].variant == "medsam_vitb"
+    assert sam.VARIANTS["medsam_vitb"].preprocessing == sam.MEDSAM_PREPROCESSING
+
 @pytest.mark.slow  # about 95 s on a shared 2-core CPU
 def test_full_vit_b_1024_parity(tmp_path, monkeypatch, record_property):
     """ViT-B at 1024 px, random weights, an HF safetensors found by the registry in

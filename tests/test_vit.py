@@ -46,5 +46,10 @@ def test_resolve_checkpoint(tmp_path):
         str(snap / "model-00001.safetensors"), str(snap / "model-00002.safetensors")]
     with pytest.raises(CheckpointError, match="without model.safetensors"):
         resolve_checkpoint(tmp_path / "models--o--n" / "snapshots")
+    # An open_clip folder, as BiomedCLIP's release: open_clip_pytorch_model.bin.
+    (tmp_path / "oc").mkdir()
+    (tmp_path / "oc" / "open_clip_pytorch_model.bin").write_bytes(b"")
+    assert resolve_checkpoint(tmp_path / "oc") == [
+        str(tmp_path / "oc" / "open_clip_pytorch_model.bin")]
     with pytest.raises(CheckpointError, match="no such"):
         resolve_checkpoint(tmp_path / "absent")

