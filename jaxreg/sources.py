@@ -3,8 +3,8 @@
 A source turns two images on one voxel grid into two channels-last feature volumes
 ``(H, W, D, C)``; the solver (:func:`jaxreg.solver.convex_adam`) and the batched solver
 (:func:`jaxreg.batching.register_batch`) only ever see those. Handcrafted MIND-SSC is a
-source like any foundation-model encoder, so one code path serves both, and a new
-objective can mix their channels.
+source like any foundation-model encoder, so one code path serves both, and
+:class:`HybridSource` mixes their channels in one objective.
 
 >>> import numpy as np
 >>> img = np.zeros((24, 24, 24), np.float32); img[8:16, 8:16, 8:16] = 1
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import NamedTuple, Protocol
 
@@ -27,7 +28,8 @@ from jax.typing import ArrayLike
 from jaxreg import features as feat_lib
 from jaxreg import mind
 
-__all__ = ["PairFeatures", "FeatureSource", "MindSource", "EncoderSource"]
+__all__ = ["PairFeatures", "FeatureSource", "MindSource", "EncoderSource", "HybridSource",
+           "hybrid_scales"]
 
 
 class PairFeatures(NamedTuple):
@@ -124,3 +126,59 @@ class EncoderSource:
         if self.coarse_to_fine:
             return PairFeatures(f, m, *layers[names[-1]])
         return PairFeatures(f, m)
+
+
+def _concat(a: jax.Array, b: jax.Array, scale_a: float, scale_b: float) -> jax.Array:
+    return jnp.concatenate([a * scale_a, b * scale_b], axis=-1)
+
+
+def hybrid_scales(weight: float, mind_channels: int, feature_channels: int
+                  ) -> tuple[float, float]:
+    """Factors on MIND-SSC's and the features' channels such that ``12 x`` the channel mean
+    of the concatenation's squared difference is MIND-SSC's objective plus ``weight`` x
+    the features' mean squared difference (:class:`HybridSource`)."""
+    total = mind_channels + feature_channels
+    return (math.sqrt(total / mind_channels),
+            math.sqrt(weight * total / (mind_channels * feature_channels)))
+
+
+class HybridSource:
+    """MIND-SSC channels and an encoder's PCA channels in one objective.
+
+    The solver's similarity is ``similarity_weight`` times the mean over channels of the
+    squared difference. The channels are scaled so that, with the MIND-SSC solver settings
+    (``similarity_weight=12``, convexadam's), the objective is MIND-SSC's own plus
+    ``weight`` times the mean squared difference of the feature channels:
+    ``12 * mean(mind^2) + weight * mean(feat^2)``. ``weight=0`` is MIND-SSC alone.
+
+    The coarse stage sees the same mix (with the encoder's coarse map when it has one).
+
+    Args:
+      mind: the MIND-SSC source.
+      encoder: the encoder source (its PCA channels scaled to a unit first component).
+      weight: the features' weight beside MIND-SSC (>= 0).
+    """
+
+    def __init__(self, mind: MindSource, encoder: EncoderSource, *, weight: float):
+        if not weight >= 0:
+            raise ValueError(f"hybrid weight must be >= 0, got {weight}")
+        self.mind, self.encoder, self.weight = mind, encoder, float(weight)
+        self.parts = (mind, encoder)
+        self.name = f"{encoder.name}+mind"
+        self.channels = mind.channels + encoder.channels
+
+    def scales(self, feature_channels: int) -> tuple[float, float]:
+        """The factors on the MIND-SSC and the feature channels (:func:`hybrid_scales`)."""
+        return hybrid_scales(self.weight, self.mind.channels, feature_channels)
+
+    def __call__(self, fixed, moving, *, fixed_mask=None, moving_mask=None, timings=None):
+        m = self.mind(fixed, moving, timings=timings)
+        e = self.encoder(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                         timings=timings)
+        a, b = self.scales(e.fixed.shape[-1])
+        out = [_concat(m.fixed, e.fixed, a, b), _concat(m.moving, e.moving, a, b)]
+        if e.coarse_fixed is not None:
+            ac, bc = self.scales(e.coarse_fixed.shape[-1])
+            out += [_concat(m.fixed, e.coarse_fixed, ac, bc),
+                    _concat(m.moving, e.coarse_moving, ac, bc)]
+        return PairFeatures(*out)

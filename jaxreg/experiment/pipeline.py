@@ -29,7 +29,7 @@ _MIN_LABEL_COVERAGE = 0.99
 def make_source(config: settings.RegistrationConfig, *,
                 devices: Sequence[jax.Device] | None = None,
                 cache: feat_lib.FeatureCache | None = None) -> sources.FeatureSource:
-    """The feature source of ``config``, loaded once: MIND-SSC or an encoder.
+    """The feature source of ``config``, loaded once: MIND-SSC, an encoder, or both.
 
     Args:
       config: the registration settings.
@@ -40,21 +40,24 @@ def make_source(config: settings.RegistrationConfig, *,
       registry.WeightsNotFoundError: no weights where they were looked for.
       CheckpointError: the weights do not fit the encoder.
     """
-    if config.encoder == "mind":
-        return sources.MindSource(radius=config.mind.radius, dilation=config.mind.dilation,
-                                  percentiles=config.percentiles)
+    mind = sources.MindSource(radius=config.mind.radius, dilation=config.mind.dilation,
+                              percentiles=config.percentiles)
+    if config.model is None:
+        return mind
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:  # "auto": bfloat16 on accelerators, float32 on CPU
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    weights = config.weights or None
-    model, spec = registry.load_encoder(config.encoder, weights, dtype=dtype)
+    path = registry.find_weights(config.model, config.weights or None)
+    model, spec = registry.load_encoder(config.model, path, dtype=dtype)
     fc = config.features
     encoder = feat_lib.SliceEncoder(
         model, spec, layers=fc.layers, image_size=fc.image_size, chunk=fc.chunk,
-        devices=devices,
-        name=f"{config.encoder}:{registry.find_weights(config.encoder, weights)}")
-    return sources.EncoderSource(encoder, fc, cache=cache,
-                                 coarse_to_fine=config.pyramid == "coarse_to_fine")
+        devices=devices, name=f"{config.model}:{path}")
+    source = sources.EncoderSource(encoder, fc, cache=cache,
+                                   coarse_to_fine=config.pyramid == "coarse_to_fine")
+    if not config.uses_mind:
+        return source
+    return sources.HybridSource(mind, source, weight=config.hybrid_weight)
 
 
 def register_volumes(fixed: io.Volume, moving: io.Volume, *,
@@ -140,7 +143,7 @@ def load_pair(pair: Pair, *, config: settings.RegistrationConfig) -> LoadedPair:
                         _labels_on_fixed_grid(fix_path, fixed, fixed))
 
     masks = None
-    mask_name = config.mask if config.encoder != "mind" else ""
+    mask_name = config.mask if config.model is not None else ""
     if mask_name == "auto":
         masks = (feat_lib.foreground_mask(fixed.data), feat_lib.foreground_mask(moving.data))
     elif mask_name:

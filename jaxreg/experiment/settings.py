@@ -20,10 +20,12 @@ from jaxreg import phantom
 from jaxreg import solver
 from jaxreg.encoders import registry
 
-__all__ = ["ConfigError", "ENCODERS", "PYRAMIDS", "MindSettings", "RegistrationConfig",
-           "PhantomSettings", "StudyConfig", "from_configdict", "result_settings"]
+__all__ = ["ConfigError", "ENCODERS", "HYBRID_SUFFIX", "PYRAMIDS", "MindSettings",
+           "RegistrationConfig", "PhantomSettings", "StudyConfig", "from_configdict", "result_settings"]
 
-ENCODERS = ("mind",) + tuple(registry.ENCODERS)
+HYBRID_SUFFIX = "+mind"
+ENCODERS = (("mind",) + tuple(registry.ENCODERS)
+            + tuple(name + HYBRID_SUFFIX for name in registry.ENCODERS))
 Pyramid = Literal["none", "joint", "coarse_to_fine"]
 PYRAMIDS = get_args(Pyramid)
 Dtype = Literal["auto", "float32", "bfloat16"]
@@ -46,9 +48,12 @@ class RegistrationConfig:
     """How one pair is registered.
 
     Attributes:
-      encoder: ``"mind"`` (handcrafted MIND-SSC) or an encoder of the registry.
+      encoder: ``"mind"`` (handcrafted MIND-SSC), an encoder of the registry, or a
+        hybrid ``"<encoder>+mind"`` (MIND-SSC and the encoder's PCA channels in one
+        objective, :class:`jaxreg.sources.HybridSource`).
       solver: the ConvexAdam settings.
-      mind: MIND-SSC settings (used with ``encoder="mind"``).
+      mind: MIND-SSC settings (used by ``"mind"`` and the hybrids).
+      hybrid_weight: a hybrid's feature weight beside MIND-SSC (0: MIND-SSC alone).
       features: the encoder's slicing, PCA and output maps; None for MIND-SSC.
       pyramid: how an encoder's output maps are used: the last one (``"none"``, the
         reference), several at once (``"joint"``), or a deeper one for the coarse stage
@@ -64,6 +69,7 @@ class RegistrationConfig:
     encoder: str = "mind"
     solver: solver.ConvexAdamConfig = solver.ConvexAdamConfig()
     mind: MindSettings = MindSettings()
+    hybrid_weight: float = 0.0
     features: feat_lib.FeatureConfig | None = None
     pyramid: Pyramid = "none"
     percentiles: tuple[float, float] = (0.5, 99.5)
@@ -71,6 +77,17 @@ class RegistrationConfig:
     mask: str = "auto"
     dtype: Dtype = "auto"
     cache: bool = True
+
+    @property
+    def model(self) -> str | None:
+        """The registry encoder used (``"litemedsam"`` for ``"litemedsam+mind"``), or None."""
+        name = self.encoder.removesuffix(HYBRID_SUFFIX)
+        return None if name == "mind" else name
+
+    @property
+    def uses_mind(self) -> bool:
+        """Whether MIND-SSC is (part of) the similarity."""
+        return self.encoder == "mind" or self.encoder.endswith(HYBRID_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +165,7 @@ def _percentiles(c: Any) -> tuple[float, float]:
 
 def _features(c: Any, pyramid: str) -> feat_lib.FeatureConfig:
     f = c.features
-    entry = registry.ENCODERS[c.encoder]
+    entry = registry.ENCODERS[c.encoder.removesuffix(HYBRID_SUFFIX)]
     for field in ("gap", "pca_dims", "image_size", "chunk"):
         _int(f[field], f"features.{field}", 1 if field == "gap" else 0)
     try:
@@ -161,6 +178,17 @@ def _features(c: Any, pyramid: str) -> feat_lib.FeatureConfig:
         raise ConfigError(f"config.features: {e}") from None
 
 
+def _hybrid_weight(c: Any, encoder: str) -> float:
+    weight = c.get("hybrid_weight", 0.0)
+    if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+            or not math.isfinite(weight) or weight < 0):
+        _fail("hybrid_weight", weight, "must be a finite number >= 0")
+    if weight and not encoder.endswith(HYBRID_SUFFIX):
+        _fail("hybrid_weight", weight, f"applies to a hybrid encoder only (e.g. "
+              f"{encoder if encoder != 'mind' else 'litemedsam'}{HYBRID_SUFFIX}), not {encoder}")
+    return float(weight)
+
+
 def _registration(c: Any) -> RegistrationConfig:
     encoder = _choice(c.encoder, "encoder", ENCODERS)
     pyramid = _choice(c.features.pyramid, "features.pyramid", PYRAMIDS)
@@ -168,6 +196,7 @@ def _registration(c: Any) -> RegistrationConfig:
         encoder=encoder, solver=_solver(c),
         mind=MindSettings(radius=_int(c.mind.radius, "mind.radius", 0),
                           dilation=_int(c.mind.dilation, "mind.dilation", 1)),
+        hybrid_weight=_hybrid_weight(c, encoder),
         features=None if encoder == "mind" else _features(c, pyramid),
         pyramid=pyramid, percentiles=_percentiles(c), weights=str(c.weights),
         mask=str(c.features.mask),
@@ -206,9 +235,11 @@ def result_settings(config: StudyConfig) -> dict[str, Any]:
     r = config.registration
     out: dict[str, Any] = {"encoder": r.encoder, "solver": dataclasses.asdict(r.solver),
                            "percentiles": list(r.percentiles), "hd95": config.hd95}
-    if r.encoder == "mind":
+    if r.uses_mind:
         out["mind"] = dataclasses.asdict(r.mind)
-    else:
+    if r.encoder.endswith(HYBRID_SUFFIX):
+        out["hybrid_weight"] = r.hybrid_weight
+    if r.model is not None:
         features = dataclasses.asdict(r.features)
         features.pop("chunk")
         out.update(weights=r.weights, features=features, pyramid=r.pyramid, mask=r.mask,

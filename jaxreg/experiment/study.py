@@ -172,7 +172,7 @@ def run_study(config: settings.StudyConfig | Any, workdir: str, *, progress: boo
             atomic.write_text(os.path.join(work.path, "config.json"),
                               json.dumps(dataclasses.asdict(config), indent=1))
         cache = None
-        if config.registration.cache and config.registration.encoder != "mind":
+        if config.registration.cache and config.registration.model is not None:
             cache = feat_lib.FeatureCache(os.path.join(work.path, "feature_cache"))
         source = pipeline.make_source(config.registration, devices=devices, cache=cache)
         failures = _register_all(config, work, pairs, recorded, changed, source, devices,

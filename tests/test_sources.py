@@ -1,0 +1,100 @@
+"""Feature sources: the MIND-SSC + encoder hybrid's objective and its settings."""
+
+import numpy as np
+import pytest
+
+from experiments.configs import breast
+from jaxreg import experiment
+from jaxreg import losses
+from jaxreg import phantom
+from jaxreg import solver
+from jaxreg import sources
+from jaxreg.experiment import settings
+
+
+class _FakeEncoderSource:
+    """Stands in for an EncoderSource: fixed random channels, a pair's worth."""
+
+    name = "fake"
+
+    def __init__(self, channels, coarse=False, seed=0):
+        self.channels, self.coarse, self.seed = channels, coarse, seed
+
+    def __call__(self, fixed, moving, *, fixed_mask=None, moving_mask=None, timings=None):
+        rng = np.random.default_rng(self.seed)
+        shape = np.shape(fixed) + (self.channels,)
+        f, m = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+        if self.coarse:
+            return sources.PairFeatures(f, m, f[..., :2], m[..., :2])
+        return sources.PairFeatures(f, m)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    p = phantom.breast_pair("date", shape=(32, 24, 18), seed=0)
+    return p["fixed"], p["moving"]
+
+
+def test_hybrid_objective_is_mind_plus_weight_times_the_feature_mse(pair):
+    fixed, moving = pair
+    mind_src, fake = sources.MindSource(), _FakeEncoderSource(5)
+    hybrid = sources.HybridSource(mind_src, fake, weight=0.7)
+    h = hybrid(fixed, moving)
+    m, e = mind_src(fixed, moving), fake(fixed, moving)
+    assert h.fixed.shape[-1] == hybrid.channels == 17
+    # What the solver minimises: similarity_weight (12, MIND-SSC's) x the channel mean.
+    got = 12.0 * float(losses.ssd(h.fixed, h.moving))
+    want = 12.0 * float(losses.ssd(m.fixed, m.moving)) + 0.7 * float(losses.ssd(e.fixed, e.moving))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_hybrid_with_weight_zero_registers_as_mind_alone(pair):
+    fixed, moving = pair
+    config = solver.ConvexAdamConfig(iterations=20)
+    mind_only = sources.MindSource()(fixed, moving)
+    hybrid = sources.HybridSource(sources.MindSource(), _FakeEncoderSource(4), weight=0.0)
+    h = hybrid(fixed, moving)
+    a = np.asarray(solver.convex_adam(mind_only.fixed, mind_only.moving, config=config))
+    b = np.asarray(solver.convex_adam(h.fixed, h.moving, config=config))
+    assert np.abs(a).max() > 0.1  # the pair does move
+    np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def test_hybrid_passes_the_encoders_coarse_map_with_mind(pair):
+    fixed, moving = pair
+    h = sources.HybridSource(sources.MindSource(), _FakeEncoderSource(4, coarse=True),
+                             weight=1.0)(fixed, moving)
+    assert h.fixed.shape[-1] == 16 and h.coarse_fixed.shape[-1] == 14
+
+
+def test_hybrid_refuses_a_negative_weight():
+    with pytest.raises(ValueError, match="weight"):
+        sources.HybridSource(sources.MindSource(), _FakeEncoderSource(2), weight=-1.0)
+
+
+def test_config_names_a_hybrid_and_checks_its_weight():
+    c = breast.get_config("litemedsam+mind")
+    r = settings.from_configdict(c).registration
+    assert (r.encoder, r.model, r.uses_mind) == ("litemedsam+mind", "litemedsam", True)
+    assert r.solver.similarity_weight == 12.0 and r.solver.iterations == 80  # MIND-SSC's
+    assert r.hybrid_weight == c.hybrid_weight > 0
+    assert settings.result_settings(settings.from_configdict(c))["hybrid_weight"] == r.hybrid_weight
+    c.hybrid_weight = -0.5
+    with pytest.raises(settings.ConfigError, match="hybrid_weight"):
+        settings.from_configdict(c)
+    alone = breast.get_config("litemedsam")
+    alone.hybrid_weight = 1.0
+    with pytest.raises(settings.ConfigError, match="hybrid encoder only"):
+        settings.from_configdict(alone)
+    with pytest.raises(ValueError, match="unknown encoder"):
+        breast.get_config("mind+mind")
+    assert "mind+mind" not in settings.ENCODERS
+
+
+def test_make_source_builds_the_hybrid_from_its_parts():
+    r = settings.from_configdict(breast.get_config("litemedsam+mind")).registration
+    source = experiment.make_source(r)
+    assert isinstance(source, sources.HybridSource)
+    assert isinstance(source.encoder, sources.EncoderSource)
+    assert source.weight == r.hybrid_weight
+    assert source.channels == 12 + source.encoder.channels
