@@ -84,7 +84,7 @@ def _features(p, dims):
     out = {k: (np.asarray(f), np.asarray(m)) for k, (f, m) in out.items()}
     for k, (f, m) in out.items():
         print(f"  {k}: fixed/moving correlation per PCA channel "
-              f"{np.round(_correlation(f, m, p['brain']), 2).tolist()}")
+              f"{[round(float(c), 2) for c in _correlation(f, m, p['brain'])]}")
     return out
 
 
@@ -100,7 +100,7 @@ def _cca(f, m, mask, k=4, reg=1e-3):
 
     wa, wb = inv_sqrt(a.T @ a / len(a)), inv_sqrt(b.T @ b / len(b))
     u, s, vt = np.linalg.svd(wa @ (a.T @ b / len(a)) @ wb)
-    print(f"  cca: canonical correlations {np.round(s[:k], 3).tolist()}")
+    print(f"  cca: canonical correlations {[round(float(c), 3) for c in s[:k]]}")
     return (((f - mean_a) @ (wa @ u[:, :k])).astype(np.float32),
             ((m - mean_b) @ (wb @ vt.T[:, :k])).astype(np.float32))
 
