@@ -10,7 +10,6 @@ packages themselves are never imported (their ``__init__`` pull torchvision and 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import types
 
