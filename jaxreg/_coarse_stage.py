@@ -81,13 +81,24 @@ def coupled_convex(cost: ArrayLike, *, disp_hw: int,
     def smooth_choice(index):
         return _masked(filters.box_filter(_masked(mesh[index], mask), 3), mask)
 
-    soft = smooth_choice(jnp.argmin(cost, axis=0))
+    soft = smooth_choice(_argmin(cost))
     for coeff in coupling:
         # Written per axis so that no (K, h, w, d, 3) array is formed: XLA fuses the
-        # sum into the argmin.
+        # sum into the reductions.
         penalty = sum((mesh[:, a, None, None, None] - soft[None, ..., a]) ** 2 for a in range(3))
-        soft = smooth_choice(jnp.argmin(cost + coeff * penalty, axis=0))
+        soft = smooth_choice(_argmin(cost + coeff * penalty))
     return soft
+
+
+def _argmin(values: jax.Array) -> jax.Array:
+    """``jnp.argmin(values, axis=0)`` (the first minimum) of finite values, as two plain
+    reductions: the minimum, then the smallest index that reaches it. XLA:CPU runs
+    argmin's (value, index) reduction element by element; these two vectorise (the
+    coupled convex steps at MNI size: 0.52 s against 0.91 s, same choices)."""
+    k = values.shape[0]
+    index = jnp.arange(k, dtype=jnp.int32).reshape((k,) + (1,) * (values.ndim - 1))
+    low = jnp.min(values, axis=0)
+    return jnp.minimum(jnp.min(jnp.where(values == low, index, k), axis=0), k - 1)
 
 
 def inverse_consistency(forward: ArrayLike, backward: ArrayLike, *,

@@ -37,6 +37,14 @@ class ConvexAdamConfig:
       similarity_weight: factor on the mean squared feature difference (the reference
         multiplies the channel mean by 12, MIND-SSC's channel count).
       final_smooth: width of three extra pools on the full-resolution field (0: none).
+      stop_tolerance: stop the Adam iterations early once the mean absolute update of
+        the parameters (fine-grid voxels) falls below this; 0 (default) always runs
+        ``iterations`` (one ``lax.scan``; with a tolerance, a ``lax.while_loop``, which
+        reverse-mode autodiff cannot go through).
+      cpu_kernel: on CPU, compute the fine stage's default similarity and its gradient
+        with jaxreg's compiled kernel (:func:`jaxreg.losses.warped_ssd`) where it
+        builds; results agree with ``False`` (XLA's gathers, the behaviour before) to
+        float rounding. No effect on other backends or with a custom similarity.
 
     Raises:
       ValueError: a field is out of range (named in the message with what it accepts):
@@ -44,8 +52,9 @@ class ConvexAdamConfig:
         ``iterations``, ``smooth_num`` integers >= 0; ``smooth_kernel`` an odd integer
         >= 1 and ``final_smooth`` 0 or odd (centred box filters,
         :func:`jaxreg.filters.box_filter`); ``learning_rate``, ``similarity_weight``
-        finite > 0; ``lambda_weight`` finite >= 0; ``coupling`` a non-empty tuple of
-        finite numbers > 0; ``ic`` a bool. Bools are not accepted as numbers.
+        finite > 0; ``lambda_weight``, ``stop_tolerance`` finite >= 0; ``coupling`` a
+        non-empty tuple of finite numbers > 0; ``ic``, ``cpu_kernel`` bools. Bools are
+        not accepted as numbers.
     """
 
     grid_sp: int = 6
@@ -61,6 +70,8 @@ class ConvexAdamConfig:
     smooth_num: int = 3
     similarity_weight: float = 12.0
     final_smooth: int = 0
+    stop_tolerance: float = 0.0
+    cpu_kernel: bool = True
 
     def __post_init__(self):
         for name, low in (("grid_sp", 1), ("grid_sp_adam", 1), ("disp_hw", 0),
@@ -75,15 +86,16 @@ class ConvexAdamConfig:
             self._reject("final_smooth", "0 (off) or an odd integer >= 1 (the width of a "
                                          "centred box filter: 1, 3, 5, ...)")
         for name, positive in (("learning_rate", True), ("similarity_weight", True),
-                               ("lambda_weight", False)):
+                               ("lambda_weight", False), ("stop_tolerance", False)):
             value = getattr(self, name)
             if not _is_finite(value) or value < 0 or (positive and value == 0):
                 self._reject(name, f"a finite number {'>' if positive else '>='} 0")
         if (not isinstance(self.coupling, tuple) or not self.coupling
                 or not all(_is_finite(c) and c > 0 for c in self.coupling)):
             self._reject("coupling", "a non-empty tuple of finite numbers > 0")
-        if not isinstance(self.ic, (bool, np.bool_)):
-            self._reject("ic", "a bool")
+        for name in ("ic", "cpu_kernel"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                self._reject(name, "a bool")
 
     def _reject(self, name, accepts):
         raise ValueError(f"ConvexAdamConfig.{name} must be {accepts}, "

@@ -43,6 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
+from jaxreg import _cpu_kernels
 from jaxreg import compilation
 from jaxreg import solver
 
@@ -305,7 +306,9 @@ def estimate_pair_bytes(shape: Sequence[int], *,
         its resize steps): a calibrated term;
       - fine stage: the coarse field ``3 N`` and ``14 C n_f`` for the pooled features,
         the warped features and their residuals and gradients inside the Adam scan
-        (independent of the number of iterations);
+        (independent of the number of iterations); ``7 C n_f`` where the compiled CPU
+        kernel computes the similarity (``config.cpu_kernel`` on CPU, see
+        :mod:`jaxreg.losses`), which writes no warped copy of the features;
 
     then adds 10 % margin. Calibrated on XLA's CPU ``memory_analysis`` of
     :func:`register_padded` (arguments + output + temporaries), which it bounds from
@@ -332,7 +335,8 @@ def estimate_pair_bytes(shape: Sequence[int], *,
         (channels + 13) * n + ((2 if config.ic else 1) * k + 2 * channels) * nc,
     ]
     if config.lambda_weight > 0:
-        stages.append(3 * n + 14 * channels * nf)
+        fused = config.cpu_kernel and _cpu_kernels.usable()
+        stages.append(3 * n + (7 if fused else 14) * channels * nf)
     return int(4 * 1.1 * (held + max(stages)))
 
 

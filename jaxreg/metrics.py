@@ -1,7 +1,7 @@
 """Evaluation metrics for a registration: overlap, surface distance, field quality, TRE.
 
-Label metrics (:func:`dice`, :func:`hd95`) run on the host with numpy/scipy (distance
-transforms); they take label maps on the fixed grid, e.g. the fixed labels and the moving
+Label metrics (:func:`dice`, :func:`hd95`) run on the host with numpy/scipy (k-d
+trees); they take label maps on the fixed grid, e.g. the fixed labels and the moving
 labels warped with nearest-neighbour interpolation. Field metrics take a displacement
 field in voxels, (H, W, D, 3), component i along array axis i, pull convention:
 ``warped(x) = moving(x + u(x))``.
@@ -16,6 +16,7 @@ import numpy as np
 from jax.typing import ArrayLike
 from scipy import ndimage
 
+from jaxreg import compilation
 from jaxreg.regularisers import jacobian_determinant
 
 __all__ = ["dice", "hd95", "jacobian_stats", "tre", "field_error"]
@@ -66,9 +67,10 @@ def hd95(a: ArrayLike, b: ArrayLike, *, spacing: Sequence[float],
     """95th-percentile symmetric Hausdorff distance in millimetres, per label.
 
     Surfaces are the voxels removed by one binary erosion (6-connectivity). Distances
-    from each surface voxel of A to the nearest surface voxel of B come from
-    ``scipy.ndimage.distance_transform_edt`` with ``sampling=spacing``; the result is the
-    larger of the two directed 95th percentiles (as in MedPy and MONAI).
+    (mm) from each surface voxel of A to the nearest surface voxel of B come from a k-d
+    tree (``scipy.spatial.cKDTree``; the same exact Euclidean distances as
+    ``distance_transform_edt`` with ``sampling=spacing``); the result is the larger of
+    the two directed 95th percentiles (as in MedPy and MONAI).
 
     Args:
       a: (H, W, D) label map.
@@ -80,6 +82,8 @@ def hd95(a: ArrayLike, b: ArrayLike, *, spacing: Sequence[float],
       ``{label: hd95_mm}``; ``nan`` when the label is absent from both maps, ``inf``
       when it is absent from one only.
     """
+    from scipy.spatial import cKDTree  # imported when scored, not with jaxreg
+
     a, b = np.asarray(a), np.asarray(b)
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != a.ndim:
@@ -98,9 +102,12 @@ def hd95(a: ArrayLike, b: ArrayLike, *, spacing: Sequence[float],
         # them are unchanged, the distance transforms get much cheaper.
         idx = np.nonzero(in_a | in_b)
         box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in idx)
-        surf_a, surf_b = _surface(in_a[box]), _surface(in_b[box])
-        to_b = ndimage.distance_transform_edt(~surf_b, sampling=spacing)[surf_a]
-        to_a = ndimage.distance_transform_edt(~surf_a, sampling=spacing)[surf_b]
+        # Surface voxels in mm; nearest neighbours from k-d trees (exact Euclidean
+        # distances, as a distance transform gives, at half its cost here).
+        pts_a = np.argwhere(_surface(in_a[box])) * np.asarray(spacing)
+        pts_b = np.argwhere(_surface(in_b[box])) * np.asarray(spacing)
+        to_b = cKDTree(pts_b).query(pts_a, workers=-1)[0]
+        to_a = cKDTree(pts_a).query(pts_b, workers=-1)[0]
         out[label] = float(max(np.percentile(to_b, 95), np.percentile(to_a, 95)))
     return out
 
@@ -117,10 +124,14 @@ def jacobian_stats(disp: ArrayLike, *, eps: float = 1e-9) -> dict[str, float]:
       ``std_log_jac``: standard deviation of ``log(max(det, eps))`` over all voxels.
       Derivatives as :func:`jaxreg.regularisers.jacobian_determinant` (np.gradient).
     """
-    det = jacobian_determinant(jnp.asarray(disp, jnp.float32))
-    folding = 100.0 * jnp.mean(det <= 0)
-    std_log = jnp.std(jnp.log(jnp.maximum(det, eps)))
+    folding, std_log = _jacobian_summary(jnp.asarray(disp, jnp.float32), eps)
     return {"folding_percent": float(folding), "std_log_jac": float(std_log)}
+
+
+@compilation.jit
+def _jacobian_summary(disp, eps):
+    det = jacobian_determinant(disp)
+    return 100.0 * jnp.mean(det <= 0), jnp.std(jnp.log(jnp.maximum(det, eps)))
 
 
 def tre(fixed_points: ArrayLike, moving_points: ArrayLike, disp: ArrayLike, *,
@@ -168,17 +179,25 @@ def field_error(disp: ArrayLike, true_disp: ArrayLike, *, mask: ArrayLike | None
     Returns:
       The mean Euclidean norm of ``disp - true_disp`` (over the mask).
     """
-    diff = jnp.asarray(disp, jnp.float32) - jnp.asarray(true_disp, jnp.float32)
-    if diff.ndim != 4 or diff.shape[3] != 3:
-        raise ValueError(f"fields must be (H, W, D, 3), got {diff.shape}")
-    if spacing is not None:
-        diff = diff * jnp.asarray(spacing, jnp.float32)
-    norm = jnp.linalg.norm(diff, axis=-1)
+    disp, true_disp = jnp.asarray(disp, jnp.float32), jnp.asarray(true_disp, jnp.float32)
+    if disp.ndim != 4 or disp.shape[3] != 3 or true_disp.shape != disp.shape:
+        raise ValueError(f"fields must be (H, W, D, 3), got {disp.shape} and {true_disp.shape}")
+    scale = jnp.ones(3, jnp.float32) if spacing is None else jnp.asarray(spacing, jnp.float32)
     if mask is None:
-        return float(jnp.mean(norm))
+        return float(_mean_error(disp, true_disp, scale))
     mask = jnp.asarray(mask, bool)
-    if mask.shape != norm.shape:
-        raise ValueError(f"mask shape {mask.shape} does not match field {norm.shape}")
+    if mask.shape != disp.shape[:3]:
+        raise ValueError(f"mask shape {mask.shape} does not match field {disp.shape[:3]}")
     if not bool(mask.any()):
         raise ValueError("mask is empty")
-    return float(jnp.sum(jnp.where(mask, norm, 0.0)) / jnp.sum(mask))
+    return float(_mean_error(disp, true_disp, scale, mask))
+
+
+@compilation.jit
+def _mean_error(disp, true_disp, scale, mask=None):
+    """Mean of ``|(disp - true_disp) * scale|`` (over ``mask``): one compiled program
+    (without XLA:CPU's YNNPACK fusion, which ran it 2.3x slower at MNI size)."""
+    norm = jnp.linalg.norm((disp - true_disp) * scale, axis=-1)
+    if mask is None:
+        return jnp.mean(norm)
+    return jnp.sum(jnp.where(mask, norm, 0.0)) / jnp.sum(mask)

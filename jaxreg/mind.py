@@ -9,6 +9,7 @@ channel order included.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -79,8 +80,13 @@ def mind_ssc(image: ArrayLike, *, radius: int = 1, dilation: int = 2,
         return filters.box_filter(sq, 2 * radius + 1, mode="edge")
 
     ssd = jax.lax.map(patch_distance, starts)  # (12, H, W, D)
-    mind = ssd - jnp.min(ssd, axis=0)
-    var = jnp.mean(mind, axis=0)
+    # The channel min and mean as chains of elementwise ops (the same values, in the same
+    # order): as reductions over the leading axis, XLA:CPU's default YNNPACK fusion took
+    # them in a plain jax.jit and ran them 3x slower (2.4 s against 0.8 s at 192x224x184).
+    channels = [ssd[i] for i in range(ssd.shape[0])]
+    low = functools.reduce(jnp.minimum, channels)
+    var = functools.reduce(jnp.add, [c - low for c in channels]) / len(channels)
+    mind = ssd - low
     if extent is None:
         mean_var = jnp.mean(var)
     else:

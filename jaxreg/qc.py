@@ -2,19 +2,24 @@
 
 Uses ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot, no change to
 matplotlib's backend or ``rcParams``, so it is safe in library code and in threads.
+matplotlib is imported when a picture is drawn, not with this module. Only the three
+planes shown are scaled and drawn; the statistics (percentiles, folding) are over the
+whole volumes.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
+import jax
 import numpy as np
 from jax.typing import ArrayLike
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from jaxreg import atomic
 from jaxreg.regularisers import jacobian_determinant
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["save_qc_png"]
 
@@ -22,17 +27,28 @@ _PANEL_IN = 2.2  # inches per panel
 _TILE = 8  # checkerboard tile, voxels
 
 
-def _robust(x: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> np.ndarray:
-    """Min-max scaled to [0, 1] between the ``lo`` / ``hi`` percentiles."""
+def _scale(x: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> tuple[float, float]:
+    """The ``lo`` / ``hi`` percentiles of ``x`` (its min and max if they coincide), as
+    numpy float64 (the scaling then runs in float64, as it did on whole volumes)."""
     a, b = np.percentile(x, [lo, hi])
     if b <= a:
         a, b = float(x.min()), float(x.max())
+    return a, b
+
+
+def _robust(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """``x`` min-max scaled to [0, 1] between ``a`` and ``b`` (from :func:`_scale`)."""
     return np.clip((x - a) / max(b - a, 1e-12), 0.0, 1.0)
 
 
 def _plane(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
     """The plane ``axis = index``, transposed so rows are the last remaining axis."""
     return np.take(vol, index, axis=axis).swapaxes(0, 1)
+
+
+def _cut(vol: np.ndarray, slices: Sequence[int]) -> list[np.ndarray]:
+    """The three planes shown, one per axis, as :func:`_plane` cuts them."""
+    return [_plane(vol, axis, slices[axis]) for axis in range(3)]
 
 
 def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: ArrayLike,
@@ -73,9 +89,9 @@ def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: Array
     fixed, moving, warped = (np.asarray(v, np.float32) for v in (fixed, moving, warped))
     field = np.asarray(field, np.float32)
     _check_shapes(fixed, moving, warped, field)
-    rgb = None if features is None else _features_rgb(features, fixed.shape)
     slices, spacing = _planes(slices, spacing, fixed.shape)
-    fig = _figure(_columns(fixed, moving, warped, field, rgb), slices, spacing, title)
+    rgb = None if features is None else _features_rgb(features, fixed.shape, slices)
+    fig = _figure(_columns(fixed, moving, warped, field, rgb, slices), slices, spacing, title)
     with atomic.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return path
@@ -95,17 +111,20 @@ def _check_shapes(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
         raise ValueError(f"field shape {field.shape} does not match fixed {shape} (+ (3,))")
 
 
-def _features_rgb(features: ArrayLike, shape: tuple[int, int, int]) -> np.ndarray:
-    """``(H, W, D, C)`` features -> ``(H, W, D, 3)`` RGB in [0, 1]: the first 3 channels
+def _features_rgb(features: ArrayLike, shape: tuple[int, int, int],
+                  slices: Sequence[int]) -> list[np.ndarray]:
+    """``(H, W, D, C)`` features -> the three planes as RGB in [0, 1]: the first 3 channels
     robustly scaled (zeros for missing ones)."""
     features = np.asarray(features, np.float32)
     if features.ndim != 4 or features.shape[:3] != shape:
         raise ValueError(
             f"features shape {features.shape} does not match fixed {shape} (+ (C,))")
-    rgb = np.zeros(shape + (3,), np.float32)
+    planes = [np.zeros(p.shape[:2] + (3,), np.float32) for p in _cut(features, slices)]
     for c in range(min(3, features.shape[-1])):
-        rgb[..., c] = _robust(features[..., c])
-    return rgb
+        scale = _scale(features[..., c])
+        for plane, cut in zip(planes, _cut(features[..., c], slices)):
+            plane[..., c] = _robust(cut, *scale)
+    return planes
 
 
 def _planes(slices: Optional[Sequence[int]], spacing: Optional[Sequence[float]],
@@ -121,40 +140,65 @@ def _planes(slices: Optional[Sequence[int]], spacing: Optional[Sequence[float]],
     return slices, spacing
 
 
+def _tiles(shape: Sequence[int], slices: Sequence[int]) -> list[np.ndarray]:
+    """The checkerboard's tiles (``_TILE`` voxels) on the three planes: True where the
+    tile's index sum is even."""
+    index = [np.arange(n) // _TILE for n in shape]
+    out = []
+    for axis in range(3):
+        p, q = [a for a in range(3) if a != axis]
+        parity = index[p][:, None] + index[q][None, :] + slices[axis] // _TILE
+        out.append((parity % 2 == 0).swapaxes(0, 1))
+    return out
+
+
+@jax.jit
+def _jacobian(field):
+    return jacobian_determinant(field)
+
+
 def _columns(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, field: np.ndarray,
-             rgb: Optional[np.ndarray]) -> list[tuple[str, np.ndarray, dict]]:
-    """The figure's columns as ``(title, volume, imshow keywords)``, left to right."""
-    shape = fixed.shape
-    f01, w01 = _robust(fixed), _robust(warped)
-    tiles = (np.indices(shape) // _TILE).sum(axis=0) % 2 == 0
+             rgb: Optional[list[np.ndarray]], slices: Sequence[int]
+             ) -> list[tuple[str, list[np.ndarray], dict]]:
+    """The figure's columns as ``(title, the three planes, imshow keywords)``, left to
+    right."""
+    def robust(vol):
+        scale = _scale(vol)  # over the whole volume, once
+        return [_robust(p, *scale) for p in _cut(vol, slices)]
+
+    f01, w01 = robust(fixed), robust(warped)
+    tiles = _tiles(fixed.shape, slices)
     diff = np.abs(warped - fixed)
-    jac = np.asarray(jacobian_determinant(field))
+    jac = np.asarray(_jacobian(field))
     folding = 100.0 * float(np.mean(jac <= 0))
     gray = dict(cmap="gray", vmin=0.0, vmax=1.0)
-    columns = [("fixed", _robust(fixed), gray), ("moving", _robust(moving), gray),
-               ("warped", w01, gray), ("checkerboard", np.where(tiles, f01, w01), gray),
-               ("|warped - fixed|", diff,
+    columns = [("fixed", f01, gray), ("moving", robust(moving), gray), ("warped", w01, gray),
+               ("checkerboard", [np.where(t, f, w) for t, f, w in zip(tiles, f01, w01)], gray),
+               ("|warped - fixed|", _cut(diff, slices),
                 dict(cmap="magma", vmin=0.0, vmax=max(float(np.percentile(diff, 99)), 1e-6)))]
     if rgb is not None:
         columns.append(("features (RGB)", rgb, {}))
-    columns.append((f"Jacobian det ({folding:.2f}% <= 0)", jac,
+    columns.append((f"Jacobian det ({folding:.2f}% <= 0)", _cut(jac, slices),
                     dict(cmap="RdBu_r", vmin=0.0, vmax=2.0)))
     return columns
 
 
-def _figure(columns: list[tuple[str, np.ndarray, dict]], slices: tuple[int, ...],
+def _figure(columns: list[tuple[str, list[np.ndarray], dict]], slices: tuple[int, ...],
             spacing: tuple[float, ...], title: Optional[str]) -> Figure:
     """One row of panels per plane (``i``, ``j``, ``k``), one column per volume, a
     colour bar for the last column (on an Agg canvas, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(_PANEL_IN * len(columns) + 0.6, _PANEL_IN * 3 + 0.5),
                  layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(3, len(columns), squeeze=False)
     for axis in range(3):
         p, q = [a for a in range(3) if a != axis]
-        for col, (name, vol, kw) in enumerate(columns):
+        for col, (name, planes, kw) in enumerate(columns):
             ax = axes[axis, col]
-            im = ax.imshow(_plane(vol, axis, slices[axis]), origin="lower",
+            im = ax.imshow(planes[axis], origin="lower",
                            aspect=spacing[q] / spacing[p], interpolation="nearest", **kw)
             ax.set_xticks([])
             ax.set_yticks([])

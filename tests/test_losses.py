@@ -1,4 +1,7 @@
-"""Losses, regularisers and the Jacobian against numpy."""
+"""Losses, regularisers and the Jacobian against numpy; the fused warp + SSD kernel against
+the composition it replaces."""
+
+import os
 
 import jax
 import numpy as np
@@ -65,3 +68,105 @@ def test_masked_diffusion_of_a_padded_field_is_the_unpadded_one():
     mask[:6, :5, :4] = 1.0
     np.testing.assert_allclose(regularisers.diffusion(padded, mask=mask),
                                regularisers.diffusion(u), rtol=1e-6)
+
+
+# --- warped_ssd: the fine stage's fused similarity (compiled CPU kernel) ----------------
+
+def _warp_case(channels, seed=0, shape=(7, 8, 6)):
+    rng = np.random.default_rng(seed)
+    moving = rng.random(shape + (channels,)).astype(np.float32)
+    fixed = rng.random(shape + (channels,)).astype(np.float32)
+    disp = (2.0 * rng.normal(size=shape + (3,))).astype(np.float32)  # some points outside
+    return moving, fixed, disp
+
+
+@pytest.mark.parametrize("channels", [12, 5, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_warped_ssd_kernel_matches_the_composition(channels, masked):
+    from jaxreg import _cpu_kernels
+    from jaxreg import warping
+
+    if not _cpu_kernels.usable():
+        pytest.skip("no C++ compiler: the kernel is not built")
+    moving, fixed, disp = _warp_case(channels)
+    mask = None
+    if masked:
+        mask = np.zeros(disp.shape[:3], np.float32)
+        mask[:5, 1:, :4] = 1.0
+
+    def composed(m, u, f):
+        return losses.ssd(warping.warp(m, u), f, mask=mask)
+
+    fused = lambda m, u, f: losses.warped_ssd(m, u, f, mask=mask)
+    for fn in (fused, jax.jit(fused)):
+        np.testing.assert_allclose(fn(moving, disp, fixed), composed(moving, disp, fixed),
+                                   rtol=1e-5)
+    grads = jax.grad(fused, argnums=(0, 1, 2))(moving, disp, fixed)
+    refs = jax.grad(composed, argnums=(0, 1, 2))(moving, disp, fixed)
+    for got, ref in zip(grads, refs):  # moving, field, fixed
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+    plain = losses.warped_ssd(moving, disp, fixed, mask=mask, kernel=False)
+    assert float(plain) == float(composed(moving, disp, fixed))  # exactly the old path
+
+
+def test_warped_ssd_kernel_batches_under_vmap():
+    from jaxreg import _cpu_kernels
+
+    if not _cpu_kernels.usable():
+        pytest.skip("no C++ compiler: the kernel is not built")
+    cases = [_warp_case(12, seed=s) for s in range(3)]
+    moving, fixed, disp = (np.stack(x) for x in zip(*cases))
+    fn = lambda u, m, f: losses.warped_ssd(m, u, f)
+    batched = jax.vmap(jax.value_and_grad(fn))(disp, moving, fixed)
+    for i in range(3):
+        value, grad = jax.value_and_grad(fn)(disp[i], moving[i], fixed[i])
+        np.testing.assert_allclose(batched[0][i], value, rtol=1e-6)
+        np.testing.assert_allclose(batched[1][i], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_warped_ssd_without_the_kernel_is_the_composition(monkeypatch):
+    from jaxreg import _cpu_kernels
+    from jaxreg import warping
+
+    monkeypatch.setattr(_cpu_kernels, "usable", lambda: False)
+    moving, fixed, disp = _warp_case(4)
+    got = losses.warped_ssd(moving, disp, fixed)
+    assert float(got) == float(losses.ssd(warping.warp(moving, disp), fixed))
+
+
+def test_cpu_kernels_off_without_a_compiler_or_when_asked(monkeypatch, tmp_path, caplog):
+    from jaxreg import _cpu_kernels
+
+    check = _cpu_kernels._load  # not the process's cached answer
+    monkeypatch.setenv("JAXREG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("JAXREG_CPU_KERNEL", "0")
+    assert not check()
+    monkeypatch.setenv("JAXREG_CPU_KERNEL", "1")
+    monkeypatch.setenv("CXX", "/bin/false")  # a "compiler" that always fails
+    assert not check()
+    assert "did not build" in caplog.text
+    monkeypatch.setattr(_cpu_kernels, "_compiler", lambda: None)
+    assert not check()
+    assert "no C++ compiler" in caplog.text
+    assert os.listdir(tmp_path / "kernels") == []  # no half-written library left behind
+
+
+@pytest.mark.parametrize("width,times", [(3, 3), (5, 2), (1, 1), (3, 0)])
+def test_box_smooth_kernel_is_repeated_box_filters_and_self_adjoint(width, times):
+    from jaxreg import _cpu_kernels
+    from jaxreg import filters
+
+    if not _cpu_kernels.usable():
+        pytest.skip("no C++ compiler: the kernel is not built")
+    x = np.random.default_rng(0).normal(size=(2, 9, 7, 5, 3)).astype(np.float32)
+    ref = x
+    for _ in range(times):
+        ref = jax.vmap(lambda a: filters.box_filter(a, width))(ref)
+    np.testing.assert_allclose(_cpu_kernels.box_smooth(x, width, times), ref, rtol=1e-5,
+                               atol=1e-6)
+    weights = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    grad = jax.grad(lambda a: (_cpu_kernels.box_smooth(a, width, times) * weights).sum())(x)
+    np.testing.assert_allclose(grad, _cpu_kernels.box_smooth(weights, width, times),
+                               rtol=1e-6)
+    vmapped = jax.vmap(lambda a: _cpu_kernels.box_smooth(a, width, times))(x)
+    np.testing.assert_allclose(vmapped, ref, rtol=1e-5, atol=1e-6)

@@ -146,3 +146,28 @@ def test_field_error():
     assert metrics.field_error(disp, true, mask=mask) == pytest.approx(5.0)
     with pytest.raises(ValueError, match="empty"):
         metrics.field_error(disp, true, mask=np.zeros_like(mask))
+
+
+def test_field_error_shapes_must_match():
+    disp = np.zeros((4, 5, 6, 3), np.float32)
+    with pytest.raises(ValueError, match=r"\(4, 5, 6, 3\) and \(4, 5, 7, 3\)"):
+        metrics.field_error(disp, np.zeros((4, 5, 7, 3), np.float32))
+    with pytest.raises(ValueError, match="mask shape"):
+        metrics.field_error(disp, disp, mask=np.ones((4, 5, 5), bool))
+
+
+def test_hd95_matches_distance_transforms_on_real_sized_labels():
+    # The k-d tree gives the exact Euclidean distances the distance transform gives.
+    rng = np.random.default_rng(3)
+    a = (ndimage.gaussian_filter(rng.normal(size=(40, 36, 30)), 3) > 0).astype(np.uint8)
+    b = (ndimage.gaussian_filter(rng.normal(size=(40, 36, 30)), 3) > 0).astype(np.uint8) * 2
+    a[a == 1] = 2
+    spacing = (0.9, 1.2, 2.0)
+    sa = a == 2
+    sa = sa & ~ndimage.binary_erosion(sa, border_value=0)
+    sb = b == 2
+    sb = sb & ~ndimage.binary_erosion(sb, border_value=0)
+    to_b = ndimage.distance_transform_edt(~sb, sampling=spacing)[sa]
+    to_a = ndimage.distance_transform_edt(~sa, sampling=spacing)[sb]
+    expected = max(np.percentile(to_b, 95), np.percentile(to_a, 95))
+    assert metrics.hd95(a, b, spacing=spacing)[2] == pytest.approx(expected, rel=1e-9)

@@ -76,3 +76,39 @@ def test_global_matplotlib_state_unchanged(case, tmp_path):
     assert matplotlib.get_backend() == backend
     assert dict(matplotlib.rcParams) == params
     assert had_pyplot or "matplotlib.pyplot" not in sys.modules
+
+
+def test_planes_are_the_full_volume_pictures_cut():
+    # Only the three planes are scaled and drawn; they equal the planes of the whole
+    # volumes scaled by their whole-volume percentiles (the picture before the change).
+    rng = np.random.default_rng(2)
+    vols = {k: rng.normal(size=SHAPE).astype(np.float32) for k in ("fixed", "moving", "warped")}
+    field = (0.3 * rng.normal(size=SHAPE + (3,))).astype(np.float32)
+    slices = (3, 20, 9)
+    columns = qc._columns(vols["fixed"], vols["moving"], vols["warped"], field, None, slices)
+
+    def robust(x):
+        a, b = np.percentile(x, [1.0, 99.0])
+        return np.clip((x - a) / max(b - a, 1e-12), 0.0, 1.0)
+
+    tiles = (np.indices(SHAPE) // qc._TILE).sum(axis=0) % 2 == 0
+    whole = {"fixed": robust(vols["fixed"]), "moving": robust(vols["moving"]),
+             "warped": robust(vols["warped"]),
+             "checkerboard": np.where(tiles, robust(vols["fixed"]), robust(vols["warped"])),
+             "|warped - fixed|": np.abs(vols["warped"] - vols["fixed"])}
+    for name, planes, _ in columns:
+        if name in whole:
+            for axis in range(3):
+                np.testing.assert_allclose(planes[axis],
+                                           qc._plane(whole[name], axis, slices[axis]),
+                                           rtol=1e-6, err_msg=name)
+    assert "matplotlib.figure" in sys.modules  # (this test module imports matplotlib)
+
+
+def test_importing_jaxreg_does_not_import_matplotlib():
+    import subprocess
+
+    code = "import jaxreg, jaxreg.qc, sys; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.stdout.strip() == "False"

@@ -1,6 +1,8 @@
 """ConvexAdam in JAX: stage pieces against numpy, recovery on real anatomy, compilation
 once per shape, vmap equal to a loop, and parity of outcome with the convexadam package."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -127,6 +129,51 @@ def test_dice_at_least_as_high_as_convexadam_package(mni_small):
     assert score(ours) >= score(theirs) - 0.01, (score(ours), score(theirs))
 
 
+def test_argmin_as_two_reductions_is_jnp_argmin_with_ties():
+    from jaxreg._coarse_stage import _argmin
+
+    values = np.random.default_rng(6).integers(0, 4, size=(27, 5, 4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(_argmin(values), np.argmin(values, axis=0))  # many ties
+    values = np.random.default_rng(7).random((729, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(jax.jit(_argmin)(values), np.argmin(values, axis=0))
+
+
+def _smooth_pair(shape=(20, 18, 16), seed=8):
+    rng = np.random.default_rng(seed)
+    f = ndimage.gaussian_filter(rng.normal(size=shape), 2).astype(np.float32)
+    return f, ndimage.shift(f, (1.4, -0.8, 0.6), order=1, mode="nearest").astype(np.float32)
+
+
+def test_cpu_kernel_gives_the_xla_path_field():
+    from jaxreg import _cpu_kernels
+
+    if not _cpu_kernels.usable():
+        pytest.skip("no C++ compiler: the kernel is not built")
+    fixed, moving = _smooth_pair()
+    for config, tol in ((FAST, 1e-4), (solver.ConvexAdamConfig(), 2e-3)):
+        on = np.asarray(solver.register_mind(fixed, moving, config=config))
+        off = np.asarray(solver.register_mind(
+            fixed, moving, config=dataclasses.replace(config, cpu_kernel=False)))
+        # Float rounding only (summation order); Adam's normalised steps amplify it
+        # locally over 80 iterations, so the mean is compared there.
+        assert np.abs(on - off).mean() < tol, (config.iterations, np.abs(on - off).mean())
+    np.testing.assert_allclose(on, off, atol=0.05)
+
+
+@pytest.mark.parametrize("extent", [None, (14, 12, 16)])
+def test_stop_tolerance_stops_early_or_runs_every_iteration(extent):
+    fixed, moving = _smooth_pair()
+    f, m = mind.mind_ssc(fixed), mind.mind_ssc(moving)
+    init = np.zeros(fixed.shape + (3,), np.float32)
+    run = lambda **kw: np.asarray(solver.fine_stage(
+        f, m, init, config=solver.ConvexAdamConfig(iterations=6, **kw), extent=extent))
+    # A tolerance no update reaches stops after the first step ...
+    np.testing.assert_allclose(run(stop_tolerance=1e9), np.asarray(solver.fine_stage(
+        f, m, init, config=solver.ConvexAdamConfig(iterations=1), extent=extent)), atol=1e-6)
+    # ... one every update passes runs them all, as the scan does.
+    np.testing.assert_allclose(run(stop_tolerance=1e-12), run(), atol=1e-5)
+
+
 # --- Settings, tiny volumes, bad inputs -------------------------------------------------
 
 
@@ -155,6 +202,9 @@ def test_dice_at_least_as_high_as_convexadam_package(mni_small):
     (dict(coupling=(0.1, -1.0)), "coupling must be a non-empty tuple"),
     (dict(coupling=[0.1, 1.0]), "coupling must be a non-empty tuple"),
     (dict(ic=1), "ic must be a bool, got 1"),
+    (dict(cpu_kernel=1), "cpu_kernel must be a bool, got 1"),
+    (dict(stop_tolerance=-0.1), "stop_tolerance must be a finite number >= 0, got -0.1"),
+    (dict(stop_tolerance=float("nan")), "stop_tolerance must be a finite number >= 0"),
 ])
 def test_config_rejects_nonsense_settings(kwargs, message):
     with pytest.raises(ValueError, match="ConvexAdamConfig." + message):

@@ -122,3 +122,20 @@ def test_filters_match_numpy_references():
     pooled = filters.avg_pool(x, 2)
     assert pooled.shape == (3, 4, 4, 2)
     np.testing.assert_allclose(pooled[1, 2, 3], x[2:4, 4:6, 6:8].mean(axis=(0, 1, 2)), atol=1e-6)
+
+
+def test_warp_and_warp_labels_run_as_compiled_programs():
+    # Called on concrete arrays they are one jitted program each (not op by op), with the
+    # results they give inside a user's jit; argument errors are still ValueErrors.
+    m, u = _case(channels=2)
+    assert hasattr(W.warp, "lower") and hasattr(W.warp_labels, "lower")
+    np.testing.assert_array_equal(W.warp(m, u, mode="edge"),
+                                  jax.jit(lambda a, b: W.warp(a, b, mode="edge"))(m, u))
+    labels = (np.random.default_rng(1).random((9, 10, 11)) * 4).astype(np.int16)
+    out = W.warp_labels(labels, u)
+    assert out.dtype == np.int16
+    np.testing.assert_array_equal(out, jax.jit(W.warp_labels)(labels, u))
+    with pytest.raises(ValueError, match="mode must be"):
+        W.warp(m, u, mode="wrap")
+    with pytest.raises(ValueError, match="labels must be"):
+        W.warp_labels(labels[0], u)

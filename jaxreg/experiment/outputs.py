@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -20,15 +22,39 @@ from jaxreg import atomic
 __all__ = ["write_pair", "write_summary", "format_summary"]
 
 
-def _label_scores(prefix: str, fixed: np.ndarray, moving: np.ndarray,
-                  spacing: np.ndarray, *, hd: bool) -> dict[str, float]:
-    row = {}
-    for label, value in metrics.dice(fixed, moving).items():
-        row[f"{prefix}_dice_{label}"] = round(float(value), 4)
-    if hd:
-        for label, value in metrics.hd95(fixed, moving, spacing=spacing).items():
-            row[f"{prefix}_hd95_{label}"] = round(float(value), 3)
-    return row
+def _dice_row(prefix: str, fixed: np.ndarray, moving: np.ndarray) -> dict[str, float]:
+    return {f"{prefix}_dice_{label}": round(float(value), 4)
+            for label, value in metrics.dice(fixed, moving).items()}
+
+
+class _Background:
+    """Work handed to two threads (file compression, the QC picture, HD95: zlib, numpy and
+    scipy release the GIL) while the caller goes on. :meth:`wait` re-raises the first
+    error; :meth:`close` (always) waits for what runs and drops what has not started."""
+
+    def __init__(self):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        self.futures: list[concurrent.futures.Future] = []
+
+    def submit(self, fn, *args, **kwargs) -> concurrent.futures.Future:
+        future = self.pool.submit(fn, *args, **kwargs)
+        self.futures.append(future)
+        return future
+
+    def wait(self) -> None:
+        for future in self.futures:
+            future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+    """A metrics value computed in the background: ``future.result()[label]``."""
+
+    future: concurrent.futures.Future
+    label: int
 
 
 def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
@@ -37,56 +63,100 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
                timings: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Writes a registered pair's outputs into ``out_dir`` (created here) and scores it.
 
+    Files are compressed, and the QC picture and HD95 computed, in background threads
+    while the warps and the other scores run; all are done when this returns.
+
     Returns:
       The metrics row (also saved as ``metrics.json``).
 
     Raises:
       ValueError: the field is not finite (the registration diverged); nothing written.
     """
-    pair, fixed, moving, labels = loaded.pair, loaded.fixed, loaded.moving, loaded.labels
+    pair, fixed, moving = loaded.pair, loaded.fixed, loaded.moving
     solver.check_field(field, name=f"pair {pair.name}: field")
-    timings = timings or {}
     os.makedirs(out_dir)
     affine = fixed.affine
-    io.save_volume(os.path.join(out_dir, "field_voxels.nii.gz"), field, affine)
-    io.save_volume(os.path.join(out_dir, "field_mm.nii.gz"), io.field_to_mm(field, affine), affine)
-    warped = np.asarray(warp_lib.warp(moving.data, field))
-    io.save_volume(os.path.join(out_dir, "warped.nii.gz"), warped, affine)
-
-    if config.qc:
-        from jaxreg import qc
-
-        qc.save_qc_png(os.path.join(out_dir, "qc.png"), fixed=fixed.data, moving=moving.data,
-                       warped=warped, field=field, features=fixed_features,
-                       spacing=tuple(float(s) for s in fixed.spacing),
-                       title=f"{pair.name} ({config.registration.encoder})")
-
-    row: dict[str, Any] = {"pair": pair.name, "seconds": round(seconds, 3)}
-    row.update({f"seconds_{k}": round(v, 3) for k, v in timings.items()})
-    spacing = fixed.spacing
-    for name, (mov_lab, fix_lab) in labels.items():
-        warped_lab = np.asarray(warp_lib.warp_labels(mov_lab, field))
-        io.save_volume(os.path.join(out_dir, f"warped_{name}.nii.gz"), warped_lab, affine)
-        row.update(_label_scores(f"{name}_before", fix_lab, mov_lab, spacing, hd=False))
-        row.update(_label_scores(f"{name}_after", fix_lab, warped_lab, spacing,
-                                 hd=config.hd95))
-    row.update({k: round(float(v), 4) for k, v in metrics.jacobian_stats(field).items()})
-    if pair.true_field:
-        true = io.load_field(pair.true_field)
-        if true.shape != field.shape:
-            raise io.InputError(f"{pair.true_field}: true field {true.shape} does not match "
-                                f"the fixed grid {field.shape}")
-        # Scored where the anatomy is (the union of the fixed label maps), since the
-        # field is unconstrained in the air around the body.
-        mask = None
-        if labels:
-            mask = np.any([fix_lab > 0 for _, fix_lab in labels.values()], axis=0)
-        for key, estimate in (("field_error_mm_before", np.zeros_like(true)),
-                              ("field_error_mm", field)):
-            row[key] = round(float(metrics.field_error(estimate, true, mask=mask,
-                                                       spacing=spacing)), 4)
+    background = _Background()
+    try:
+        true = background.submit(io.load_field, pair.true_field) if pair.true_field else None
+        save = lambda name, data: background.submit(
+            io.save_volume, os.path.join(out_dir, name), data, affine)
+        save("field_voxels.nii.gz", field)
+        save("field_mm.nii.gz", io.field_to_mm(field, affine))
+        warped = np.asarray(warp_lib.warp(moving.data, field))
+        save("warped.nii.gz", warped)
+        if config.qc:
+            background.submit(_save_qc, os.path.join(out_dir, "qc.png"), loaded, warped,
+                              field, fixed_features, config)
+        row: dict[str, Any] = {"pair": pair.name, "seconds": round(seconds, 3)}
+        row.update({f"seconds_{k}": round(v, 3) for k, v in (timings or {}).items()})
+        row.update(_label_rows(loaded, field, save, background, hd=config.hd95))
+        row.update({k: round(float(v), 4) for k, v in metrics.jacobian_stats(field).items()})
+        row.update(_field_errors(loaded, field, true))
+        background.wait()
+    finally:
+        background.close()
+    row = _resolve(row)
     atomic.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(row, indent=1))
     return row
+
+
+def _save_qc(path: str, loaded: LoadedPair, warped: np.ndarray, field: np.ndarray,
+             fixed_features: np.ndarray | None, config: settings.StudyConfig) -> None:
+    from jaxreg import qc  # matplotlib: imported only when a picture is drawn
+
+    qc.save_qc_png(path, fixed=loaded.fixed.data, moving=loaded.moving.data, warped=warped,
+                   field=field, features=fixed_features,
+                   spacing=tuple(float(s) for s in loaded.fixed.spacing),
+                   title=f"{loaded.pair.name} ({config.registration.encoder})")
+
+
+def _label_rows(loaded: LoadedPair, field: np.ndarray, save, background: _Background, *,
+                hd: bool) -> dict[str, Any]:
+    """Per label map: the warped map saved, Dice before and after, then (``hd``) HD95
+    after, as placeholders computed in the background."""
+    row: dict[str, Any] = {}
+    for name, (mov_lab, fix_lab) in loaded.labels.items():
+        warped_lab = np.asarray(warp_lib.warp_labels(mov_lab, field))
+        save(f"warped_{name}.nii.gz", warped_lab)
+        hd95 = (background.submit(metrics.hd95, fix_lab, warped_lab, spacing=loaded.fixed.spacing)
+                if hd else None)
+        row.update(_dice_row(f"{name}_before", fix_lab, mov_lab))
+        after = _dice_row(f"{name}_after", fix_lab, warped_lab)
+        row.update(after)
+        if hd:  # the labels Dice scored, in its order (HD95 scores the same ones)
+            labels = [k[len(f"{name}_after_dice_"):] for k in after]
+            row.update({f"{name}_after_hd95_{x}": _Pending(hd95, int(x)) for x in labels})
+    return row
+
+
+def _resolve(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with each placeholder replaced by its (HD95) value."""
+    return {k: (round(float(v.future.result()[v.label]), 3) if isinstance(v, _Pending) else v)
+            for k, v in row.items()}
+
+
+def _field_errors(loaded: LoadedPair, field: np.ndarray,
+                  true: concurrent.futures.Future | None) -> dict[str, float]:
+    """Field error (mm) before and after against the pair's true field (read in the
+    background), if it has one.
+
+    Scored where the anatomy is (the union of the fixed label maps), since the field is
+    unconstrained in the air around the body."""
+    if true is None:
+        return {}
+    pair, labels = loaded.pair, loaded.labels
+    true = true.result()
+    if true.shape != field.shape:
+        raise io.InputError(f"{pair.true_field}: true field {true.shape} does not match "
+                            f"the fixed grid {field.shape}")
+    mask = None
+    if labels:
+        mask = np.any([fix_lab > 0 for _, fix_lab in labels.values()], axis=0)
+    spacing = loaded.fixed.spacing
+    return {key: round(float(metrics.field_error(estimate, true, mask=mask, spacing=spacing)), 4)
+            for key, estimate in (("field_error_mm_before", np.zeros_like(true)),
+                                  ("field_error_mm", field))}
 
 
 def write_summary(path: str, rows: list[dict]) -> None:
