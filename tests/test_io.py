@@ -87,6 +87,20 @@ def test_field_saved_as_vector_nifti(tmp_path):
     np.testing.assert_allclose(image.get_fdata(), field, rtol=1e-6)
 
 
+@pytest.mark.parametrize("level", [0, 6])
+def test_compresslevel_writes_the_same_image(tmp_path, level):
+    field = np.random.default_rng(3).normal(size=(6, 5, 4, 3)).astype(np.float32)
+    io.save_volume(tmp_path / "d.nii.gz", field, _affine())
+    io.save_volume(tmp_path / "c.nii.gz", field, _affine(), compresslevel=level)
+    default, chosen = nib.load(tmp_path / "d.nii.gz"), nib.load(tmp_path / "c.nii.gz")
+    np.testing.assert_array_equal(chosen.get_fdata(), default.get_fdata())
+    np.testing.assert_array_equal(chosen.affine, default.affine)
+    assert chosen.header.get_intent()[0] == "vector"
+    assert gzip.open(tmp_path / "c.nii.gz").read() == gzip.open(tmp_path / "d.nii.gz").read()
+    raw = (tmp_path / "c.nii.gz").stat().st_size
+    assert raw > field.nbytes if level == 0 else raw < (tmp_path / "d.nii.gz").stat().st_size + 64
+
+
 def _seg_header(spacing=(1.0, 1.0, 2.0)):
     return {"space": "left-posterior-superior",
             "space origin": np.array([1.0, 2.0, 3.0]),
