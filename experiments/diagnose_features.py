@@ -20,7 +20,10 @@ with MIND-SSC's solver settings, similarity weight 4), ``hybrid:W`` (MIND-SSC pl
 last layer's PCA channels at weight ``W``, :class:`jaxreg.sources.HybridSource`) and
 ``cca:W`` (the same with canonical-correlation channels: the last layer's first 16 PCA
 channels projected, separately per image, on the 4 directions along which fixed and
-moving correlate most, fitted inside the brain at the unregistered positions).
+moving correlate most, fitted inside the brain at the unregistered positions),
+``coarse:W`` (the hybrid in the coarse search only, MIND-SSC alone in the Adam stage) and
+``fmind:W`` (MIND-SSC plus, at weight ``W``, the MIND-SSC descriptor of the first 3 PCA
+channels, averaged over them: the features' self-similarity instead of their values).
 
 It also prints, per encoder map, the correlation between fixed and moving of each PCA
 channel inside the brain (the sign tells whether a channel follows the anatomy or the
@@ -118,13 +121,13 @@ def _score(name, u, p, seconds):
 
 def main(argv):
     del argv
-    from jaxreg import features as F, mind, solver, sources
+    from jaxreg import features as F, mind, solver
 
     p = _pair()
     norm = lambda x: jnp.asarray(F.normalise_intensity(x))
     mind_pair = [np.asarray(mind.mind_ssc(norm(p[k]))) for k in ("fixed", "moving")]
     needs = {c.split(":")[0] for c in _CASES.value}
-    feats = _features(p, 16) if needs & {"ref", "mind_solver", "hybrid", "cca"} else {}
+    feats = _features(p, 16) if needs & {"ref", "mind_solver", "hybrid", "cca", "coarse", "fmind"} else {}
     ref = solver.ConvexAdamConfig(lambda_weight=2.0, iterations=1000, learning_rate=3.0,
                                   smooth_kernel=7, smooth_num=5, similarity_weight=1.0)
     print("| contrast | case | mean CerebrA Dice | field error (vox) | folding % | s |")
@@ -135,24 +138,57 @@ def main(argv):
         if kind == "before":
             _score(case, np.zeros(p["field"].shape, np.float32), p, 0.0)
             continue
-        if kind == "mind":
-            f, m, config = *mind_pair, solver.ConvexAdamConfig()
-        elif kind in ("ref", "mind_solver"):
-            f, m = (np.concatenate([v[j][..., :3] for v in feats.values()], -1) for j in (0, 1))
-            config = ref if kind == "ref" else dataclasses.replace(solver.ConvexAdamConfig(),
-                                                                   similarity_weight=4.0)
-        elif kind in ("hybrid", "cca"):
-            f, m = feats["features"]
-            f, m = _cca(f, m, p["brain"]) if kind == "cca" else (f[..., :3], m[..., :3])
-            a, b = sources.hybrid_scales(float(weight), 12, f.shape[-1])
-            f = np.concatenate([mind_pair[0] * a, f * b], -1)
-            m = np.concatenate([mind_pair[1] * a, m * b], -1)
-            config = solver.ConvexAdamConfig()
-        else:
-            raise app.UsageError(f"unknown case {case!r}")
-        u = np.asarray(solver.convex_adam(jnp.asarray(f), jnp.asarray(m), config=config))
+        f, m, config, coarse = _case(kind, weight, p, mind_pair, feats, ref)
+        u = np.asarray(solver.convex_adam(jnp.asarray(f), jnp.asarray(m), config=config,
+                                          **coarse))
         _score(case, u, p, time.perf_counter() - start)
 
+
+def _mixed(weight, mind_pair, f, m):
+    from jaxreg import sources
+
+    a, b = sources.hybrid_scales(float(weight), 12, f.shape[-1])
+    return (np.concatenate([mind_pair[0] * a, f * b], -1),
+            np.concatenate([mind_pair[1] * a, m * b], -1))
+
+
+def _feature_mind(x):
+    """MIND-SSC of each channel of ``x``, averaged: the features' own self-similarity."""
+    import jax
+
+    from jaxreg import mind
+
+    descriptor = jax.jit(mind.mind_ssc)
+    total = np.zeros(x.shape[:3] + (12,), np.float32)
+    for c in range(x.shape[-1]):
+        total += np.asarray(descriptor(jnp.asarray(x[..., c])))
+    return total / x.shape[-1]
+
+
+def _case(kind, weight, p, mind_pair, feats, ref):
+    """``(fixed, moving, config, coarse features)`` of one case."""
+    from jaxreg import solver
+
+    if kind == "mind":
+        return *mind_pair, solver.ConvexAdamConfig(), {}
+    if kind in ("ref", "mind_solver"):
+        f, m = (np.concatenate([v[j][..., :3] for v in feats.values()], -1) for j in (0, 1))
+        config = ref if kind == "ref" else dataclasses.replace(solver.ConvexAdamConfig(),
+                                                               similarity_weight=4.0)
+        return f, m, config, {}
+    if kind not in ("hybrid", "cca", "coarse", "fmind"):
+        raise app.UsageError(f"unknown case {kind!r}")
+    f, m = feats["features"]
+    if kind == "cca":
+        f, m = _cca(f, m, p["brain"])
+    elif kind == "fmind":
+        f, m = _feature_mind(f[..., :3]), _feature_mind(m[..., :3])
+    else:
+        f, m = f[..., :3], m[..., :3]
+    f, m = _mixed(weight, mind_pair, f, m)
+    if kind == "coarse":  # features in the coarse search only, MIND-SSC alone after it
+        return *mind_pair, solver.ConvexAdamConfig(), {"coarse_fixed": f, "coarse_moving": m}
+    return f, m, solver.ConvexAdamConfig(), {}
 
 if __name__ == "__main__":
     app.run(main)
