@@ -35,17 +35,14 @@ Displacement fields (:func:`load_field`) are in voxels of the fixed image;
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import math
 import os
 from collections.abc import Mapping
 
-import nibabel as nib
-import nrrd
 import numpy as np
 from scipy import ndimage
 
-from jaxreg import _reading, atomic
+from jaxreg import _reading, _writing, atomic
 from jaxreg._reading import InputError
 
 __all__ = [
@@ -308,21 +305,6 @@ def coverage(volume: Volume, shape: tuple[int, int, int], affine: np.ndarray, *,
     return covered / math.prod(len(axis) for axis in lattice)
 
 
-def _storage_dtype(data: np.ndarray) -> np.dtype:
-    if data.dtype.kind in "biu":
-        if data.size == 0:
-            return np.dtype(np.uint8)
-        low, high = int(data.min()), int(data.max())
-        for dtype in (np.uint8, np.int16, np.int32):
-            info = np.iinfo(dtype)
-            if info.min <= low and high <= info.max:
-                return np.dtype(dtype)
-        raise ValueError(f"label values {low}..{high} do not fit int32")
-    if data.dtype.kind == "f":
-        return np.dtype(np.float32)
-    raise ValueError(f"cannot save data of type {data.dtype}")
-
-
 def save_volume(path: str | os.PathLike, data, affine: np.ndarray, *,
                 compresslevel: int | None = None) -> None:
     """Writes a volume or displacement field atomically (all or nothing).
@@ -354,28 +336,14 @@ def save_volume(path: str | os.PathLike, data, affine: np.ndarray, *,
     if suffix == ".nrrd" and data.ndim != 3:
         raise ValueError(f"{path}: only 3D volumes are written as NRRD")
     affine = _check_affine(affine, path)
-    data = data.astype(_storage_dtype(data), copy=False)
+    data = data.astype(_writing.storage_dtype(data), copy=False)
 
     with atomic.atomic_path(path, suffix=suffix) as temp:
         if suffix == ".nrrd":
-            lps = np.diag(_reading.SPACE_TO_RAS["lps"] + (1.0,)) @ affine
-            header = {"space": "left-posterior-superior",
-                      "space directions": lps[:3, :3].T,
-                      "space origin": lps[:3, 3],
-                      "kinds": ["domain"] * 3}
-            nrrd.write(temp, data, header)
+            _writing.write_nrrd(temp, data, affine)
         else:
-            image = nib.Nifti1Image(data, affine)
-            image.header.set_xyzt_units("mm")
-            image.set_sform(affine, code=1)
-            image.set_qform(affine, code=1)
-            if data.ndim == 4:
-                image.header.set_intent("vector")
-            if compresslevel is not None and suffix == ".nii.gz":
-                with gzip.open(temp, "wb", compresslevel=compresslevel) as fh:
-                    fh.write(image.to_bytes())
-            else:
-                nib.save(image, temp)
+            _writing.write_nifti(temp, data, affine, compresslevel=compresslevel,
+                                 gz=suffix == ".nii.gz")
 
 
 def field_to_mm(disp, affine: np.ndarray):

@@ -10,7 +10,7 @@ import nrrd
 import numpy as np
 import pytest
 
-from jaxreg import _reading, io
+from jaxreg import _reading, _writing, io
 
 MNI_T1 = os.path.join(
     os.path.dirname(__import__("nilearn").__file__), "datasets", "data",
@@ -505,7 +505,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
             f.write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(io.nib, "save", broken_save)
+    monkeypatch.setattr(_writing.nib, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         io.save_volume(tmp_path / "out.nii.gz", _image(), np.eye(4))
     assert os.listdir(tmp_path) == []
@@ -514,7 +514,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 def test_failed_write_keeps_existing_file(tmp_path, monkeypatch):
     io.save_volume(tmp_path / "out.nii.gz", _image(), np.eye(4))
     before = open(tmp_path / "out.nii.gz", "rb").read()
-    monkeypatch.setattr(io.nib, "save", lambda *a: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(_writing.nib, "save", lambda *a: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError):
         io.save_volume(tmp_path / "out.nii.gz", _image(seed=5), np.eye(4))
     assert os.listdir(tmp_path) == ["out.nii.gz"]
