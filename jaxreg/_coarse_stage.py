@@ -3,7 +3,8 @@
 Dense SSD costs of every integer displacement in a cube (:func:`correlation_cost`),
 coupled convex optimisation over them (:func:`coupled_convex`), inverse consistency of
 the forward and backward fields (:func:`inverse_consistency`), and the stage that chains
-them on pooled features (:func:`coarse_stage`).
+them on pooled features (:func:`coarse_stage`). 2D features ``(h, w, C)`` work the same
+way over a square of offsets (``K = (2 * disp_hw + 1)**2``) and give ``(h, w, 2)`` fields.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from jaxreg import warping as warp_lib
 from jaxreg._solver_base import ConvexAdamConfig, _check_side, _masked, _real_cells
 
 
-def _offsets(disp_hw: int) -> np.ndarray:
-    """All integer displacements of the search cube, (K, 3), first axis slowest."""
+def _offsets(disp_hw: int, ndim: int = 3) -> np.ndarray:
+    """All integer displacements of the search cube, (K, 3), first axis slowest; in 2D
+    (``ndim=2``) of the square, (K, 2)."""
     r = range(-disp_hw, disp_hw + 1)
-    return np.array(list(itertools.product(r, r, r)), dtype=np.float32)
+    return np.array(list(itertools.product(r, repeat=ndim)), dtype=np.float32)
 
 
 def correlation_cost(fixed: ArrayLike, moving: ArrayLike, *, disp_hw: int,
@@ -35,22 +37,23 @@ def correlation_cost(fixed: ArrayLike, moving: ArrayLike, *, disp_hw: int,
     ``moving`` zero outside its grid; offsets as in :func:`_offsets`.
 
     Args:
-      fixed, moving: ``(h, w, d, C)`` pooled feature volumes.
-      disp_hw: half-width of the cube; ``K = (2 * disp_hw + 1)**3``.
+      fixed, moving: ``(h, w, d, C)`` pooled feature volumes; 2D ``(h, w, C)``.
+      disp_hw: half-width of the cube; ``K = (2 * disp_hw + 1)**3`` (2D: ``**2``).
       mask: ``(h, w, d)`` 0/1 real cells of a padded grid (:func:`coarse_stage`'s
         ``extent``); the padding then counts as outside the grid everywhere.
 
     Returns:
-      ``(K, h, w, d)`` float32.
+      ``(K, h, w, d)`` float32; 2D ``(K, h, w)``.
     """
     fixed = jnp.asarray(fixed, jnp.float32)
     moving = _masked(jnp.asarray(moving, jnp.float32), mask)
-    h, w, d, c = fixed.shape
-    padded = jnp.pad(moving, [(disp_hw, disp_hw)] * 3 + [(0, 0)])
-    starts = jnp.asarray(_offsets(disp_hw) + disp_hw, jnp.int32)
+    nd = fixed.ndim - 1
+    padded = jnp.pad(moving, [(disp_hw, disp_hw)] * nd + [(0, 0)])
+    starts = jnp.asarray(_offsets(disp_hw, nd) + disp_hw, jnp.int32)
 
     def one(start):
-        shifted = jax.lax.dynamic_slice(padded, (start[0], start[1], start[2], 0), (h, w, d, c))
+        shifted = jax.lax.dynamic_slice(padded, tuple(start[a] for a in range(nd)) + (0,),
+                                        fixed.shape)
         cost = jnp.sum((fixed - shifted) ** 2, axis=-1)
         return filters.box_filter(_masked(filters.box_filter(_masked(cost, mask), 3), mask), 3)
 
@@ -66,26 +69,32 @@ def coupled_convex(cost: ArrayLike, *, disp_hw: int,
     average of the chosen offsets, for rising ``coeff``.
 
     Args:
-      cost: ``(K, h, w, d)`` from :func:`correlation_cost`.
+      cost: ``(K, h, w, d)`` from :func:`correlation_cost`; 2D ``(K, h, w)``.
       disp_hw: the cube half-width the cost was computed with.
       coupling: the coupling weights, in order.
       mask: ``(h, w, d)`` 0/1 real cells of a padded grid; the padding's choices are
         kept out of the averages.
 
     Returns:
-      ``(h, w, d, 3)`` displacement in cells (zero in the padding when masked).
+      ``(h, w, d, 3)`` displacement in cells (zero in the padding when masked); 2D
+      ``(h, w, 2)``.
     """
     cost = jnp.asarray(cost, jnp.float32)
-    mesh = jnp.asarray(_offsets(disp_hw))  # (K, 3)
+    nd = cost.ndim - 1
+    mesh = jnp.asarray(_offsets(disp_hw, nd))  # (K, 3)
+    if mesh.shape[0] != cost.shape[0]:
+        raise ValueError(f"coupled_convex: a {cost.shape} cost has not the "
+                         f"{mesh.shape[0]} offsets of disp_hw={disp_hw} in {nd}D")
 
     def smooth_choice(index):
-        return _masked(filters.box_filter(_masked(mesh[index], mask), 3), mask)
+        return _masked(filters.box_filter(_masked(mesh[index], mask), 3, spatial_dims=nd), mask)
 
     soft = smooth_choice(_argmin(cost))
     for coeff in coupling:
         # Written per axis so that no (K, h, w, d, 3) array is formed: XLA fuses the
         # sum into the reductions.
-        penalty = sum((mesh[:, a, None, None, None] - soft[None, ..., a]) ** 2 for a in range(3))
+        penalty = sum((mesh[(slice(None), a) + (None,) * nd] - soft[None, ..., a]) ** 2
+                      for a in range(nd))
         soft = smooth_choice(_argmin(cost + coeff * penalty))
     return soft
 
@@ -123,7 +132,9 @@ def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
                  extent: ArrayLike | None = None) -> jax.Array:
     """Discrete coarse registration of two feature volumes; full-resolution field.
 
-    ``extent`` (3 ints, may be traced): the inputs are padded at the end of each axis and
+    Features are ``(H, W, D, C)``, or 2D ``(H, W, C)`` (then the field is ``(H, W, 2)``).
+
+    ``extent`` (3 ints, 2 in 2D, may be traced): the inputs are padded at the end of each axis and
     their real voxels are ``[0, extent)``; the padding then never enters the costs, the
     averages or the inverse consistency, and the field on the real voxels is the one the
     unpadded pair gets (up to float rounding). Pad to a multiple of ``grid_sp``
@@ -137,8 +148,9 @@ def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
     fixed = jnp.asarray(fixed, jnp.float32)
     moving = jnp.asarray(moving, jnp.float32)
     _check_side("coarse_stage", fixed.shape, config.grid_sp, "grid_sp")
-    pf = filters.avg_pool(fixed, config.grid_sp)
-    pm = filters.avg_pool(moving, config.grid_sp)
+    nd = fixed.ndim - 1
+    pf = filters.avg_pool(fixed, config.grid_sp, spatial_dims=nd)
+    pm = filters.avg_pool(moving, config.grid_sp, spatial_dims=nd)
     mask, sizes = None, None
     if extent is not None:
         mask, sizes = _real_cells(pf.shape, extent, config.grid_sp)
@@ -149,5 +161,5 @@ def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
     if config.ic:
         back = solve(correlation_cost(pm, pf, disp_hw=config.disp_hw, mask=mask))
         field, _ = inverse_consistency(field, back, iterations=config.ic_iterations, mask=mask)
-    return filters.resize(field * config.grid_sp, fixed.shape[:3], extents=sizes)
+    return filters.resize(field * config.grid_sp, fixed.shape[:nd], extents=sizes)
 

@@ -3,7 +3,9 @@
 :class:`ConvexAdamConfig` is public as ``jaxreg.solver.ConvexAdamConfig`` (the same
 class). The helpers handle grids padded at the end of each axis, whose real voxels are
 ``[0, extent)`` (batches of mixed sizes): masking the padding out, the real cells of a
-pooled grid, and the smallest side each stage accepts.
+pooled grid, and the smallest side each stage accepts. Grids are 3D ``(H, W, D, C)`` or
+2D ``(H, W, C)`` (features are always channels-last: the rank less one is the number of
+spatial axes).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class ConvexAdamConfig:
       smooth_kernel: width of the average pool applied to the field each iteration.
       smooth_num: how many times that pool is applied.
       similarity_weight: factor on the mean squared feature difference (the reference
-        multiplies the channel mean by 12, MIND-SSC's channel count).
+        multiplies the channel mean by 12, MIND-SSC's channel count; 2D pairs keep 12,
+        though 2D MIND-SSC has 4 channels).
       final_smooth: width of three extra pools on the full-resolution field (0: none).
       stop_tolerance: stop the Adam iterations early once the mean absolute update of
         the parameters (fine-grid voxels) falls below this; 0 (default) always runs
@@ -144,8 +147,9 @@ def _real_cells(pooled_shape, extent, factor):
 
 
 def _check_side(where, shape, factor, name):
-    """Raises unless every spatial side of ``shape`` holds one cell of ``factor`` voxels."""
-    if len(shape) < 3 or min(shape[:3]) < factor:
+    """Raises unless every spatial side of the channels-last ``shape`` (3D or 2D) holds
+    one cell of ``factor`` voxels."""
+    if len(shape) not in (3, 4) or min(shape[:-1]) < factor:
         raise ValueError(f"{where}: every side of the grid must be at least {name}={factor} "
                          f"voxels, got shape {tuple(shape)}; convex_adam pads smaller volumes")
 

@@ -60,11 +60,11 @@ def _check_features(arguments):
         if not finite:
             raise ValueError(f"convex_adam: {name} features have {_count_nonfinite(x)} NaN or "
                              f"Inf value(s) (of {x.size}); replace or mask them first")
-    if extent is not None and "fixed" in arrays and arrays["fixed"].ndim == 4:
-        grid = arrays["fixed"].shape[:3]
+    if extent is not None and "fixed" in arrays and arrays["fixed"].ndim in (3, 4):
+        grid = arrays["fixed"].shape[:-1]
         e = np.asarray(extent)
-        if e.shape != (3,) or np.any(e < 1) or np.any(e > np.asarray(grid)):
-            raise ValueError(f"convex_adam: extent must be 3 sizes in [1, {grid}], "
+        if e.shape != (len(grid),) or np.any(e < 1) or np.any(e > np.asarray(grid)):
+            raise ValueError(f"convex_adam: extent must be {len(grid)} sizes in [1, {grid}], "
                              f"got {e.tolist()}")
     return arrays
 

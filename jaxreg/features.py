@@ -30,6 +30,10 @@ tokens (:class:`FeatureCache`). It returns per output map a ``(fixed, moving)`` 
 ``(H, W, D, C)`` float32 feature volumes on the image grid, ready for
 :func:`jaxreg.solver.convex_adam`.
 
+A 2D image pair ``(H, W)`` is its own slice: each image is encoded once (no slicing along
+an axis, no interpolation between slices), and the token maps are resized to the image's
+pixels as in 3D, giving ``(H, W, C)`` feature images for the 2D solver.
+
 Steps 3-4 and the cache live in :mod:`jaxreg.encoding`, step 5 in :mod:`jaxreg.pca`; this
 module re-exports their names, so every step is reachable from here.
 """
@@ -75,7 +79,8 @@ class FeatureConfig:
 
     Attributes:
       axes: slicing axes of the ``(H, W, D)`` volume; ``(2,)`` is the reference (slices
-        along the third axis), ``(0, 1, 2)`` is tri-planar.
+        along the third axis), ``(0, 1, 2)`` is tri-planar. A 2D pair has one plane, the
+        image itself: any single axis means it, several are refused.
       fusion: how tri-planar features are fused: ``"concat"`` (a PCA per axis, channels
         concatenated: ``3 * pca_dims`` channels) or ``"mean"`` (one PCA basis fitted on the
         tokens of all three axes, the three projected volumes averaged).
@@ -310,6 +315,28 @@ def _fused_volumes(projected: Sequence[tuple[jax.Array, jax.Array]], plans: Sequ
     return tuple(jnp.concatenate([v[j] for v in volumes], axis=-1) for j in (0, 1))
 
 
+def _as_volumes(fixed: np.ndarray, moving: np.ndarray, fixed_mask, moving_mask,
+                config: FeatureConfig):
+    """Checks a (normalised) pair's grid; a 2D pair becomes one-slice volumes ``(H, W, 1)``
+    sliced along axis 2 (the image itself, encoded once).
+
+    Returns:
+      ``(fixed, moving, fixed_mask, moving_mask, axes)``: the 3D arrays and the axes to slice.
+    """
+    if fixed.shape != moving.shape or fixed.ndim not in (2, 3):
+        raise ValueError(f"fixed {fixed.shape} and moving {moving.shape} must be one "
+                         "3-D grid, or one 2-D grid")
+    if fixed.ndim == 3:
+        return fixed, moving, fixed_mask, moving_mask, config.axes
+    if len(config.axes) != 1:
+        raise ValueError(f"a 2-D pair {fixed.shape} is its own slice: give one axis "
+                         f"(FeatureConfig.axes=(2,), the default), got axes={config.axes}")
+    if np.ptp(fixed) <= config.uniform_tolerance:
+        raise ValueError(f"the fixed 2-D image {fixed.shape} is of uniform intensity")
+    as_3d = lambda x: None if x is None else np.asarray(x)[..., None]
+    return (as_3d(fixed), as_3d(moving), as_3d(fixed_mask), as_3d(moving_mask), (2,))
+
+
 def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
                   config: FeatureConfig = FeatureConfig(),
                   fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
@@ -319,7 +346,8 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
     """Feature volumes of a pair on one grid, per output map of the encoder.
 
     Args:
-      fixed, moving: ``(H, W, D)`` images on one voxel grid (any intensity range).
+      fixed, moving: ``(H, W, D)`` images on one voxel grid (any intensity range), or
+        two ``(H, W)`` images (each encoded once as its own slice).
       encoder: the slice encoder; its ``layers`` must include ``config.layers``.
       config: slicing, PCA and fusion settings.
       fixed_mask, moving_mask: optional foreground masks; when given, PCA is fitted only
@@ -330,17 +358,21 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
 
     Returns:
       ``{layer: (fixed_features, moving_features)}``, each ``(H, W, D, C)`` float32 with
-      ``C = pca_dims`` (``3 * pca_dims`` for tri-planar ``"concat"``).
+      ``C = pca_dims`` (``3 * pca_dims`` for tri-planar ``"concat"``); 2D: ``(H, W, C)``.
+
+    Raises:
+      ValueError: the images are not one 3-D or 2-D grid; a 2-D pair with several axes;
+        the fixed image (every slice along an axis) is of uniform intensity.
     """
     times = timings if timings is not None else {}
     with _timed(times, "slicing"):
         fixed = normalise_intensity(fixed, percentiles=config.percentiles)
         moving = normalise_intensity(moving, percentiles=config.percentiles)
-        if fixed.shape != moving.shape or fixed.ndim != 3:
-            raise ValueError(f"fixed {fixed.shape} and moving {moving.shape} must be one "
-                             "3-D grid")
+        two_d = fixed.ndim == 2
+        fixed, moving, fixed_mask, moving_mask, axes = _as_volumes(
+            fixed, moving, fixed_mask, moving_mask, config)
         plans = [slice_plan(fixed, axis=a, gap=config.gap, tolerance=config.uniform_tolerance)
-                 for a in config.axes]
+                 for a in axes]
 
     encoded = []  # per axis: (fixed tokens, moving tokens) dicts
     for plan in plans:
@@ -358,6 +390,7 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
             projected = [(project(f, p), project(m, p)) for (f, m), p in zip(tokens, pcas)]
             jax.block_until_ready(projected)
         with _timed(times, "resizing"):
+            pair = _fused_volumes(projected, plans, encoder, fixed.shape, config.fusion, layer)
             out[layer] = jax.block_until_ready(
-                _fused_volumes(projected, plans, encoder, fixed.shape, config.fusion, layer))
+                tuple(v[:, :, 0] for v in pair) if two_d else pair)
     return out

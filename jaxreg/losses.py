@@ -2,8 +2,11 @@
 
 Each takes ``(H, W, D)`` or channels-last ``(H, W, D, C)`` volumes and an optional
 ``mask`` ``(H, W, D)`` of weights (1 inside, 0 outside: padding, background), and
-returns a scalar. Compose them freely with :mod:`jaxreg.regularisers` and
-:func:`jaxreg.warping.warp`::
+returns a scalar. 2D images ``(H, W)`` / ``(H, W, C)`` work too: the number of spatial
+axes is the keyword ``spatial_dims`` if given, else the mask's rank if there is a mask,
+else 2 for rank-2 images and 3 otherwise (so a multichannel 2D image ``(H, W, C)``
+without a mask needs ``spatial_dims=2``); :func:`warped_ssd` takes it from the field.
+Compose them freely with :mod:`jaxreg.regularisers` and :func:`jaxreg.warping.warp`::
 
     loss = ssd(warp(moving, u), fixed) + 2.0 * diffusion(u)
 """
@@ -21,26 +24,44 @@ from jaxreg import warping as warp_lib
 __all__ = ["ssd", "warped_ssd", "ncc", "local_ncc"]
 
 
-def _prepare(a, b, mask):
+def _prepare(a, b, mask, spatial_dims=None):
+    """``a``, ``b`` with a channel axis and the ``(..., 1)`` mask; the number of spatial
+    axes is ``spatial_dims``, else the mask's rank, else 2 for rank-2 images, else 3."""
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-    if a.ndim == 3:
+    m = None if mask is None else jnp.asarray(mask, jnp.float32)
+    nd = spatial_dims or (m.ndim if m is not None else (2 if a.ndim == 2 else 3))
+    if nd not in (2, 3) or a.ndim not in (nd, nd + 1):
+        raise ValueError(f"images {a.shape} are not {nd}D (spatial_dims={spatial_dims}, "
+                         f"mask {None if m is None else m.shape}): need (H, W, D) or "
+                         f"(H, W, D, C), or in 2D (H, W) or (H, W, C)")
+    if a.ndim == nd:
         a, b = a[..., None], b[..., None]
-    if mask is None:
-        m = jnp.ones(a.shape[:3] + (1,), jnp.float32)
+    if m is None:
+        m = jnp.ones(a.shape[:nd] + (1,), jnp.float32)
     else:
-        m = jnp.asarray(mask, jnp.float32)
-        if m.shape != a.shape[:3]:
-            raise ValueError(f"mask shape {m.shape} does not match volume {a.shape[:3]}")
+        if m.shape != a.shape[:nd]:
+            raise ValueError(f"mask shape {m.shape} does not match volume {a.shape[:nd]}")
         m = m[..., None]
     return a, b, m
 
 
-def ssd(warped: ArrayLike, fixed: ArrayLike, *, mask: ArrayLike | None = None) -> jax.Array:
-    """Mean squared difference over voxels and channels (inside ``mask``)."""
-    a, b, m = _prepare(warped, fixed, mask)
+def ssd(warped: ArrayLike, fixed: ArrayLike, *, mask: ArrayLike | None = None,
+        spatial_dims: int | None = None) -> jax.Array:
+    """Mean squared difference over voxels and channels (inside ``mask``).
+
+    Args:
+      warped, fixed: ``(H, W, D)`` or ``(H, W, D, C)`` of one shape; 2D ``(H, W)`` or
+        ``(H, W, C)``.
+      mask: optional voxel weights on the spatial grid.
+      spatial_dims: 2 or 3 (see the module docstring for the default).
+
+    Returns:
+      The scalar loss.
+    """
+    a, b, m = _prepare(warped, fixed, mask, spatial_dims)
     sq = jnp.mean((a - b) ** 2, axis=-1, keepdims=True)
     return jnp.sum(sq * m) / jnp.maximum(jnp.sum(m), 1.0)
 
@@ -58,19 +79,27 @@ def warped_ssd(moving: ArrayLike, disp: ArrayLike, fixed: ArrayLike, *,
     ``kernel=False``, it is exactly that composition. Gradients with respect to
     ``moving`` and ``fixed`` come from the composition too (XLA drops them when unused).
 
+    2D (a ``(H, W, 2)`` field) always takes the XLA composition (the kernel is 3D).
+
     Args:
-      moving: ``(H', W', D')`` or ``(H', W', D', C)`` volume.
-      disp: ``(H, W, D, 3)`` displacement in voxels (:func:`jaxreg.warping.warp`).
+      moving: ``(H', W', D')`` or ``(H', W', D', C)`` volume; 2D ``(H', W')`` or
+        ``(H', W', C)``.
+      disp: ``(H, W, D, 3)`` displacement in voxels (:func:`jaxreg.warping.warp`); 2D
+        ``(H, W, 2)``.
       fixed: ``(H, W, D)`` or ``(H, W, D, C)``, the warped volume's shape.
-      mask: optional ``(H, W, D)`` voxel weights.
+      mask: optional ``(H, W, D)`` (2D: ``(H, W)``) voxel weights.
       kernel: allow the compiled CPU kernel.
+
+    Returns:
+      The scalar loss.
     """
     moving = jnp.asarray(moving, jnp.float32)
     disp = jnp.asarray(disp, jnp.float32)
     fixed = jnp.asarray(fixed, jnp.float32)
     if not (kernel and moving.ndim == 4 and fixed.shape == moving.shape
             and disp.shape == moving.shape[:3] + (3,) and _cpu_kernels.usable()):
-        return ssd(warp_lib.warp(moving, disp), fixed, mask=mask)
+        nd = disp.shape[-1] if disp.ndim else None
+        return ssd(warp_lib.warp(moving, disp), fixed, mask=mask, spatial_dims=nd)
     _, _, m = _prepare(fixed, fixed, mask)
     sq = _fused_sq(*_cpu_kernels.match_varying(moving, fixed, disp))
     return jnp.sum(sq * m[..., 0]) / moving.shape[-1] / jnp.maximum(jnp.sum(m), 1.0)
@@ -101,30 +130,48 @@ _fused_sq.defvjp(_fused_sq_fwd, _fused_sq_bwd)
 
 
 def ncc(warped: ArrayLike, fixed: ArrayLike, *, mask: ArrayLike | None = None,
-        eps: float = 1e-5) -> jax.Array:
-    """Negative global normalised cross-correlation, averaged over channels (-1 best)."""
-    a, b, m = _prepare(warped, fixed, mask)
+        eps: float = 1e-5, spatial_dims: int | None = None) -> jax.Array:
+    """Negative global normalised cross-correlation, averaged over channels (-1 best).
+
+    Args:
+      warped, fixed: ``(H, W, D)`` or ``(H, W, D, C)`` of one shape; 2D ``(H, W)`` or
+        ``(H, W, C)``.
+      mask: optional voxel weights on the spatial grid.
+      eps: stabiliser of the denominator.
+      spatial_dims: 2 or 3 (see the module docstring for the default).
+
+    Returns:
+      The scalar loss.
+    """
+    a, b, m = _prepare(warped, fixed, mask, spatial_dims)
+    axes = tuple(range(a.ndim - 1))
     n = jnp.maximum(jnp.sum(m), 1.0)
-    ma = jnp.sum(a * m, axis=(0, 1, 2)) / n
-    mb = jnp.sum(b * m, axis=(0, 1, 2)) / n
+    ma = jnp.sum(a * m, axis=axes) / n
+    mb = jnp.sum(b * m, axis=axes) / n
     da, db = (a - ma) * m, (b - mb) * m
-    cov = jnp.sum(da * db, axis=(0, 1, 2))
-    var = jnp.sqrt(jnp.sum(da**2, axis=(0, 1, 2)) * jnp.sum(db**2, axis=(0, 1, 2)))
+    cov = jnp.sum(da * db, axis=axes)
+    var = jnp.sqrt(jnp.sum(da**2, axis=axes) * jnp.sum(db**2, axis=axes))
     return -jnp.mean(cov / (var + eps))
 
 
 def local_ncc(warped: ArrayLike, fixed: ArrayLike, *, window: int = 9,
-              mask: ArrayLike | None = None, eps: float = 1e-5) -> jax.Array:
+              mask: ArrayLike | None = None, eps: float = 1e-5,
+              spatial_dims: int | None = None) -> jax.Array:
     """Negative local (windowed) squared NCC, as in VoxelMorph's LNCC (-1 best).
 
     Args:
-      warped, fixed: volumes of one shape.
-      window: odd width of the cubic window.
+      warped, fixed: volumes of one shape (2D images too).
+      window: odd width of the cubic (2D: square) window.
       mask: optional voxel weights for the average of the local scores.
       eps: stabiliser of the local variances.
+      spatial_dims: 2 or 3 (see the module docstring for the default).
+
+    Returns:
+      The scalar loss.
     """
-    a, b, m = _prepare(warped, fixed, mask)
-    box = lambda x: filters.box_filter(x, window, mode="edge")
+    a, b, m = _prepare(warped, fixed, mask, spatial_dims)
+    nd = a.ndim - 1
+    box = lambda x: filters.box_filter(x, window, mode="edge", spatial_dims=nd)
     mu_a, mu_b = box(a), box(b)
     cov = box(a * b) - mu_a * mu_b
     var_a = box(a * a) - mu_a**2

@@ -5,6 +5,9 @@ trees); they take label maps on the fixed grid, e.g. the fixed labels and the mo
 labels warped with nearest-neighbour interpolation. Field metrics take a displacement
 field in voxels, (H, W, D, 3), component i along array axis i, pull convention:
 ``warped(x) = moving(x + u(x))``.
+
+2D: label maps ``(H, W)`` and fields ``(H, W, 2)`` work in every function (surfaces then
+use 4-connectivity, landmarks have 2 coordinates); the field's last axis is the dimension.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ def dice(a: ArrayLike, b: ArrayLike, *, labels: Iterable[int] | None = None
     """Dice overlap ``2 |A & B| / (|A| + |B|)`` per label.
 
     Args:
-      a: (H, W, D) label map (or boolean mask).
-      b: (H, W, D) label map on the same grid.
+      a: (H, W, D) label map (or boolean mask); any rank, e.g. 2D (H, W).
+      b: label map on the same grid.
       labels: labels to score; default every non-zero label present in either map.
         A boolean mask is label 1.
 
@@ -58,7 +61,8 @@ def dice(a: ArrayLike, b: ArrayLike, *, labels: Iterable[int] | None = None
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    # Voxels of the mask with a 6-neighbour outside it (the image border counts as outside).
+    # Voxels of the mask with a 6-neighbour (2D: 4-neighbour) outside it (the image border
+    # counts as outside).
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
@@ -66,16 +70,17 @@ def hd95(a: ArrayLike, b: ArrayLike, *, spacing: Sequence[float],
          labels: Iterable[int] | None = None) -> dict[int, float]:
     """95th-percentile symmetric Hausdorff distance in millimetres, per label.
 
-    Surfaces are the voxels removed by one binary erosion (6-connectivity). Distances
+    Surfaces are the voxels removed by one binary erosion (6-connectivity; 2D label maps:
+    contours, 4-connectivity). Distances
     (mm) from each surface voxel of A to the nearest surface voxel of B come from a k-d
     tree (``scipy.spatial.cKDTree``; the same exact Euclidean distances as
     ``distance_transform_edt`` with ``sampling=spacing``); the result is the larger of
     the two directed 95th percentiles (as in MedPy and MONAI).
 
     Args:
-      a: (H, W, D) label map.
-      b: (H, W, D) label map on the same grid.
-      spacing: voxel size in mm along each axis (e.g. ``Volume.spacing``).
+      a: (H, W, D) label map; 2D (H, W).
+      b: label map on the same grid.
+      spacing: voxel size in mm along each axis (e.g. ``Volume.spacing``), one per axis.
       labels: labels to score; default every non-zero label present in either map.
 
     Returns:
@@ -116,7 +121,7 @@ def jacobian_stats(disp: ArrayLike, *, eps: float = 1e-9) -> dict[str, float]:
     """Folding and smoothness of a displacement field.
 
     Args:
-      disp: (H, W, D, 3) displacement in voxels.
+      disp: (H, W, D, 3) displacement in voxels; 2D (H, W, 2).
       eps: lower clip of the determinant before the log.
 
     Returns:
@@ -143,27 +148,34 @@ def tre(fixed_points: ArrayLike, moving_points: ArrayLike, disp: ArrayLike, *,
     distance from there to the corresponding moving landmark.
 
     Args:
-      fixed_points: (N, 3) landmark positions in fixed voxel coordinates.
+      fixed_points: (N, 3) landmark positions in fixed voxel coordinates; 2D (N, 2).
       moving_points: (N, 3) corresponding positions in moving voxel coordinates (the
-        moving image on the fixed grid, as the field assumes).
-      disp: (H, W, D, 3) displacement in voxels.
+        moving image on the fixed grid, as the field assumes); 2D (N, 2).
+      disp: (H, W, D, 3) displacement in voxels; 2D (H, W, 2) (bilinear).
       spacing: voxel size in mm along each axis.
 
     Returns:
       (N,) float64 errors in mm. Without registration (``disp = 0``) this is the
       initial landmark distance.
     """
-    fixed_points = np.asarray(fixed_points, dtype=np.float64).reshape(-1, 3)
-    moving_points = np.asarray(moving_points, dtype=np.float64).reshape(-1, 3)
+    disp = np.asarray(disp, dtype=np.float32)
+    nd = _dims(disp, "disp")
+    fixed_points = np.asarray(fixed_points, dtype=np.float64).reshape(-1, nd)
+    moving_points = np.asarray(moving_points, dtype=np.float64).reshape(-1, nd)
     if fixed_points.shape != moving_points.shape:
         raise ValueError(f"{len(fixed_points)} fixed landmarks but {len(moving_points)} moving")
-    disp = np.asarray(disp, dtype=np.float32)
-    if disp.ndim != 4 or disp.shape[3] != 3:
-        raise ValueError(f"disp must be (H, W, D, 3), got {disp.shape}")
     u = np.stack([ndimage.map_coordinates(disp[..., i], fixed_points.T, order=1,
-                                          mode="nearest") for i in range(3)], axis=1)
+                                          mode="nearest") for i in range(nd)], axis=1)
     diff = (fixed_points + u - moving_points) * np.asarray(spacing, dtype=np.float64)
     return np.linalg.norm(diff, axis=1)
+
+
+def _dims(disp, name: str) -> int:
+    """3 or 2: the dimension of an (H, W, D, 3) or (H, W, 2) field; raises otherwise."""
+    nd = disp.shape[-1] if disp.ndim else 0
+    if nd not in (2, 3) or disp.ndim != nd + 1:
+        raise ValueError(f"{name} must be (H, W, D, 3) or, in 2D, (H, W, 2), got {disp.shape}")
+    return nd
 
 
 def field_error(disp: ArrayLike, true_disp: ArrayLike, *, mask: ArrayLike | None = None,
@@ -171,23 +183,25 @@ def field_error(disp: ArrayLike, true_disp: ArrayLike, *, mask: ArrayLike | None
     """Mean end-point error between a displacement field and the true one.
 
     Args:
-      disp: (H, W, D, 3) estimated displacement in voxels.
-      true_disp: (H, W, D, 3) ground-truth displacement in voxels.
-      mask: optional (H, W, D) boolean region to average over (e.g. the fixed breast).
+      disp: (H, W, D, 3) estimated displacement in voxels; 2D (H, W, 2).
+      true_disp: ground-truth displacement in voxels, same shape.
+      mask: optional (H, W, D) (2D: (H, W)) boolean region to average over.
       spacing: voxel size in mm; given, the error is in mm, else in voxels.
 
     Returns:
       The mean Euclidean norm of ``disp - true_disp`` (over the mask).
     """
     disp, true_disp = jnp.asarray(disp, jnp.float32), jnp.asarray(true_disp, jnp.float32)
-    if disp.ndim != 4 or disp.shape[3] != 3 or true_disp.shape != disp.shape:
-        raise ValueError(f"fields must be (H, W, D, 3), got {disp.shape} and {true_disp.shape}")
-    scale = jnp.ones(3, jnp.float32) if spacing is None else jnp.asarray(spacing, jnp.float32)
+    nd = disp.shape[-1] if disp.ndim else 0
+    if nd not in (2, 3) or disp.ndim != nd + 1 or true_disp.shape != disp.shape:
+        raise ValueError(f"fields must be (H, W, D, 3) or, in 2D, (H, W, 2), of one shape; "
+                         f"got {disp.shape} and {true_disp.shape}")
+    scale = jnp.ones(nd, jnp.float32) if spacing is None else jnp.asarray(spacing, jnp.float32)
     if mask is None:
         return float(_mean_error(disp, true_disp, scale))
     mask = jnp.asarray(mask, bool)
-    if mask.shape != disp.shape[:3]:
-        raise ValueError(f"mask shape {mask.shape} does not match field {disp.shape[:3]}")
+    if mask.shape != disp.shape[:nd]:
+        raise ValueError(f"mask shape {mask.shape} does not match field {disp.shape[:nd]}")
     if not bool(mask.any()):
         raise ValueError("mask is empty")
     return float(_mean_error(disp, true_disp, scale, mask))

@@ -10,6 +10,11 @@ displacement field ``(H, W, D, 3)`` in jaxreg's pull convention
 ``jax.vmap``; settings are a frozen (hashable) :class:`ConvexAdamConfig`, static under
 ``jax.jit``, so one compilation serves every pair of one shape.
 
+2D pairs: features ``(H, W, C)`` (images ``(H, W)`` for :func:`register_mind`) give
+``(H, W, 2)`` fields through the same functions; the rank of the features sets the
+dimension. The settings mean the same in 2D (cells of ``grid_sp`` pixels, a square of
+offsets, the diffusion over two axes); 2D always uses XLA (the CPU kernels are 3D).
+
 Differences from the PyTorch reference, all deliberate: displacements are exact voxels at
 every stage (the reference mixes ``align_corners`` conventions, scaling fine-stage steps
 by ``n / (n - 1)``); without inverse consistency the coarse field is still upsampled to
@@ -63,11 +68,13 @@ Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
 def _smooth(field, config, mask=None):
     """``field`` box-filtered ``smooth_num`` times (zeroed outside ``mask`` before each);
-    without a mask, with ``config.cpu_kernel``, by the compiled CPU kernel."""
-    if mask is None and config.cpu_kernel and config.smooth_num and _cpu_kernels.usable():
+    without a mask, with ``config.cpu_kernel``, by the compiled CPU kernel (3D only)."""
+    nd = field.shape[-1]
+    if (mask is None and nd == 3 and config.cpu_kernel and config.smooth_num
+            and _cpu_kernels.usable()):
         return _cpu_kernels.box_smooth(field, config.smooth_kernel, config.smooth_num)
     for _ in range(config.smooth_num):
-        field = filters.box_filter(_masked(field, mask), config.smooth_kernel)
+        field = filters.box_filter(_masked(field, mask), config.smooth_kernel, spatial_dims=nd)
     return field
 
 
@@ -91,7 +98,7 @@ def _adam(loss_fn: Callable[[jax.Array], jax.Array], params: jax.Array,
                                       length=config.iterations)
         return params
 
-    cells = params.size if mask is None else 3 * jnp.maximum(jnp.sum(mask), 1.0)
+    cells = params.size if mask is None else params.shape[-1] * jnp.maximum(jnp.sum(mask), 1.0)
 
     def keep_going(carry):
         i, _, _, change = carry
@@ -117,8 +124,8 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
     ``smooth_num`` times; the loop is one ``lax.scan``.
 
     Args:
-      fixed, moving: ``(H, W, D, C)`` feature volumes.
-      init: ``(H, W, D, 3)`` starting field (e.g. from :func:`coarse_stage`).
+      fixed, moving: ``(H, W, D, C)`` feature volumes; 2D ``(H, W, C)``.
+      init: ``(H, W, D, 3)`` (2D: ``(H, W, 2)``) start, e.g. from :func:`coarse_stage`.
       config: settings.
       similarity: ``(warped, fixed) -> scalar`` on the pooled features; default
         ``similarity_weight * losses.ssd``, computed with :func:`losses.warped_ssd`
@@ -129,7 +136,7 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
         of ``grid_sp_adam``.
 
     Returns:
-      ``(H, W, D, 3)`` displacement in voxels.
+      ``(H, W, D, 3)`` displacement in voxels; 2D ``(H, W, 2)``.
 
     Raises:
       ValueError: a side of the inputs is shorter than ``grid_sp_adam``
@@ -139,8 +146,9 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
     moving = jnp.asarray(moving, jnp.float32)
     g = config.grid_sp_adam
     _check_side("fine_stage", fixed.shape, g, "grid_sp_adam")
-    pf = filters.avg_pool(fixed, g)
-    pm = filters.avg_pool(moving, g)
+    nd = fixed.ndim - 1
+    pf = filters.avg_pool(fixed, g, spatial_dims=nd)
+    pm = filters.avg_pool(moving, g, spatial_dims=nd)
     mask, down, up = None, None, None
     if extent is not None:
         mask, down = _real_cells(pf.shape, extent, g)
@@ -151,18 +159,19 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
             pm, u, pf, mask=mask, kernel=config.cpu_kernel)
     else:
         data = lambda u: similarity(warp_lib.warp(pm, u), pf)
-    params = filters.resize(jnp.asarray(init, jnp.float32), pf.shape[:3], extents=down) / g
+    params = filters.resize(jnp.asarray(init, jnp.float32), pf.shape[:nd], extents=down) / g
 
     def loss_fn(p):
         u = _smooth(p, config, mask)
         return data(u) + config.lambda_weight * regularisers.diffusion(u, mask=mask)
 
     params = _adam(loss_fn, params, config, mask)
-    field = filters.resize(_smooth(params, config, mask) * g, fixed.shape[:3], extents=up)
+    field = filters.resize(_smooth(params, config, mask) * g, fixed.shape[:nd], extents=up)
     if config.final_smooth > 0:
         full = None if extent is None else filters.extent_mask(fixed.shape, extent)
         for _ in range(3):
-            field = filters.box_filter(_masked(field, full), config.final_smooth)
+            field = filters.box_filter(_masked(field, full), config.final_smooth,
+                                       spatial_dims=nd)
     return field
 
 
@@ -170,23 +179,24 @@ def _coarse_pair(fixed: jax.Array, moving: jax.Array, coarse_fixed: ArrayLike | 
                  coarse_moving: ArrayLike | None) -> tuple[ArrayLike, ArrayLike]:
     """Checks the shapes of :func:`convex_adam`'s features; returns the coarse stage's
     pair: ``coarse_fixed``, ``coarse_moving`` if given, else ``fixed``, ``moving``."""
-    if fixed.shape != moving.shape or fixed.ndim != 4:
-        raise ValueError(f"convex_adam: features must be two (H, W, D, C) of one shape, "
-                         f"got {fixed.shape} and {moving.shape}")
+    if fixed.shape != moving.shape or fixed.ndim not in (3, 4):
+        raise ValueError(f"convex_adam: features must be two (H, W, D, C) (or, in 2D, two "
+                         f"(H, W, C)) of one shape, got {fixed.shape} and {moving.shape}")
     if (coarse_fixed is None) != (coarse_moving is None):
         raise ValueError("convex_adam: give both coarse_fixed and coarse_moving, or neither")
     if coarse_fixed is None:
         return fixed, moving
-    if np.shape(coarse_fixed)[:3] != fixed.shape[:3] or (
+    grid = fixed.shape[:-1]
+    if np.ndim(coarse_fixed) != fixed.ndim or np.shape(coarse_fixed)[:-1] != grid or (
             np.shape(coarse_fixed) != np.shape(coarse_moving)):
         raise ValueError(f"convex_adam: coarse features {np.shape(coarse_fixed)} and "
-                         f"{np.shape(coarse_moving)} must share the grid {fixed.shape[:3]}")
+                         f"{np.shape(coarse_moving)} must share the grid {grid}")
     return coarse_fixed, coarse_moving
 
 
 def _pad_small_grid(arrays: tuple[ArrayLike, ...], config: ConvexAdamConfig,
                     extent: ArrayLike | None):
-    """Pads ``(H, W, D, C)`` arrays of a grid with a side shorter than one cell
+    """Pads ``(H, W, D, C)`` (2D: ``(H, W, C)``) arrays of a grid with a side shorter than one cell
     (:func:`_min_side`) at the end with copies of their border.
 
     Returns:
@@ -197,7 +207,7 @@ def _pad_small_grid(arrays: tuple[ArrayLike, ...], config: ConvexAdamConfig,
     Raises:
       ValueError: the grid is too small and ``extent`` is given (already padded inputs).
     """
-    grid = arrays[0].shape[:3]
+    grid = arrays[0].shape[:-1]
     need = _min_side(config)
     if min(grid) >= need:
         return arrays, extent, None
@@ -223,21 +233,23 @@ def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
     A grid with a side shorter than one cell (``grid_sp`` voxels, or ``grid_sp_adam``
     with the fine stage on) is padded at the end with copies of its border, registered
     with the padding kept out (``extent``) and the field cropped back: a 5x5x5 pair, or a
-    single slice, is registered as one coarse cell along its short sides.
+    single slice, is registered as one coarse cell along its short sides. 2D features
+    ``(H, W, C)`` register in 2D (a ``(H, W, 2)`` field).
 
     Args:
-      fixed, moving: ``(H, W, D, C)`` channels-last features on one voxel grid.
+      fixed, moving: ``(H, W, D, C)`` channels-last features on one voxel grid; 2D
+        ``(H, W, C)``.
       config: settings (static: one compilation per config and shape).
       coarse_fixed, coarse_moving: other ``(H, W, D, C')`` features for the coarse stage
         only (coarse to fine, e.g. a deeper encoder layer); default ``fixed``, ``moving``.
       extent: for inputs padded at the end of each axis (batches of mixed sizes), the
-        real size ``(h, w, d)`` (may be traced): the padding is kept out of every stage
-        and the field on ``[:h, :w, :d]`` is the unpadded pair's. Pad to a multiple of
-        ``lcm(grid_sp, grid_sp_adam)``.
+        real size ``(h, w, d)`` (2D: ``(h, w)``; may be traced): the padding is kept out
+        of every stage and the field on ``[:h, :w, :d]`` is the unpadded pair's. Pad to a
+        multiple of ``lcm(grid_sp, grid_sp_adam)``.
 
     Returns:
-      ``(H, W, D, 3)`` float32 voxel displacement; ``warp(moving_image, u)`` aligns the
-      moving image to the fixed one.
+      ``(H, W, D, 3)`` float32 voxel displacement (2D: ``(H, W, 2)``);
+      ``warp(moving_image, u)`` aligns the moving image to the fixed one.
 
     Raises:
       ValueError: the features are not two ``(H, W, D, C)`` of one shape (or the coarse
@@ -263,12 +275,22 @@ def register_mind(fixed: ArrayLike, moving: ArrayLike, *,
     """ConvexAdam on MIND-SSC features of two ``(H, W, D)`` images: the classical baseline.
 
     Images of any size register, a single slice or a 5x5x5 cube included (see
-    :func:`convex_adam`).
+    :func:`convex_adam`). Two 2D images ``(H, W)`` register in 2D with the 2D MIND-SSC
+    (4 channels, :func:`jaxreg.mind.mind_ssc`) and give a ``(H, W, 2)`` field; the
+    settings are used as they are (``similarity_weight`` multiplies the channel mean).
+
+    Args:
+      fixed, moving: ``(H, W, D)`` images on one grid, or two ``(H, W)`` images.
+      config: solver settings.
+      radius, dilation: MIND-SSC's (:func:`jaxreg.mind.mind_ssc`).
+
+    Returns:
+      ``(H, W, D, 3)`` float32 voxel displacement; 2D ``(H, W, 2)``.
 
     Raises:
-      ValueError: the images are not ``(H, W, D)`` of one shape; with concrete arguments
-        (not under ``jit``/``vmap``/``grad``), an image has NaN or Inf voxels or is
-        constant (one value everywhere: nothing to register).
+      ValueError: the images are not ``(H, W, D)`` or ``(H, W)`` of one shape; with
+        concrete arguments (not under ``jit``/``vmap``/``grad``), an image has NaN or Inf
+        voxels or is constant (one value everywhere: nothing to register).
 
     >>> import jax.numpy as jnp
     >>> img = jnp.zeros((24, 24, 24)).at[8:16, 8:16, 8:16].set(1.0)

@@ -1,8 +1,10 @@
 """Feature sources: what the solver registers.
 
 A source turns two images on one voxel grid into two channels-last feature volumes
-``(H, W, D, C)``; the solver (:func:`jaxreg.solver.convex_adam`) and the batched solver
-(:func:`jaxreg.batching.register_batch`) only ever see those. Handcrafted MIND-SSC is a
+``(H, W, D, C)`` (two ``(H, W)`` images into ``(H, W, C)`` feature images: every source
+here works on 2D pairs, which :func:`jaxreg.solver.convex_adam` registers in 2D); the
+solver and the batched solver (:func:`jaxreg.batching.register_batch`, 3D) only ever see
+those. Handcrafted MIND-SSC is a
 source like any foundation-model encoder, so one code path serves both, and
 :class:`HybridSource` mixes their channels in one objective.
 
@@ -33,7 +35,7 @@ __all__ = ["PairFeatures", "FeatureSource", "MindSource", "EncoderSource", "Hybr
 
 
 class PairFeatures(NamedTuple):
-    """A pair's features on the fixed grid, ``(H, W, D, C)`` float32 each.
+    """A pair's features on the fixed grid, ``(H, W, D, C)`` (2D: ``(H, W, C)``) float32 each.
 
     ``coarse_fixed`` / ``coarse_moving``: other features for the solver's coarse stage
     only (a coarse-to-fine pyramid), or None.
@@ -50,7 +52,7 @@ class FeatureSource(Protocol):
 
     Attributes:
       name: for logs and QC titles.
-      channels: ``C`` of the features it makes (memory planning).
+      channels: ``C`` of the features it makes of 3D images (memory planning).
     """
 
     name: str
@@ -59,8 +61,9 @@ class FeatureSource(Protocol):
     def __call__(self, fixed: ArrayLike, moving: ArrayLike, *,
                  fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
                  timings: dict[str, float] | None = None) -> PairFeatures:
-        """Features of ``(H, W, D)`` images on one grid; masks mark the foreground (a
-        source may use them, e.g. for the PCA fit); seconds are added to ``timings``."""
+        """Features of ``(H, W, D)`` (or ``(H, W)``) images on one grid; masks mark the
+        foreground (a source may use them, e.g. for the PCA fit); seconds are added to
+        ``timings``."""
 
 
 @functools.partial(jax.jit, static_argnames=("radius", "dilation"))
@@ -72,7 +75,8 @@ def _mind_pair(fixed, moving, *, radius, dilation):
 @dataclasses.dataclass(frozen=True)
 class MindSource:
     """MIND-SSC of both images, after clipping each to two percentiles and scaling to
-    [0, 1] (:func:`jaxreg.features.normalise_intensity`), 12 channels.
+    [0, 1] (:func:`jaxreg.features.normalise_intensity`), 12 channels (2D images: the
+    2D MIND-SSC's 4, :func:`jaxreg.mind.mind_ssc`; ``channels`` is the 3D count).
 
     Attributes:
       radius, dilation: as in :func:`jaxreg.mind.mind_ssc`.
@@ -135,11 +139,13 @@ def _concat(a: jax.Array, b: jax.Array, scale_a: float, scale_b: float) -> jax.A
 def hybrid_scales(weight: float, mind_channels: int, feature_channels: int
                   ) -> tuple[float, float]:
     """Factors on MIND-SSC's and the features' channels such that ``12 x`` the channel mean
-    of the concatenation's squared difference is MIND-SSC's objective plus ``weight`` x
-    the features' mean squared difference (:class:`HybridSource`)."""
+    of the concatenation's squared difference is MIND-SSC's objective (``12 x`` its channel
+    mean, the solver's default ``similarity_weight``) plus ``weight`` x the features' mean
+    squared difference (:class:`HybridSource`). ``mind_channels`` is 12 for 3D images, 4
+    for 2D ones."""
     total = mind_channels + feature_channels
     return (math.sqrt(total / mind_channels),
-            math.sqrt(weight * total / (mind_channels * feature_channels)))
+            math.sqrt(weight * total / (12 * feature_channels)))
 
 
 class HybridSource:
@@ -167,18 +173,22 @@ class HybridSource:
         self.name = f"{encoder.name}+mind"
         self.channels = mind.channels + encoder.channels
 
-    def scales(self, feature_channels: int) -> tuple[float, float]:
-        """The factors on the MIND-SSC and the feature channels (:func:`hybrid_scales`)."""
-        return hybrid_scales(self.weight, self.mind.channels, feature_channels)
+    def scales(self, feature_channels: int, mind_channels: int | None = None
+               ) -> tuple[float, float]:
+        """The factors on the MIND-SSC and the feature channels (:func:`hybrid_scales`);
+        ``mind_channels`` defaults to ``mind.channels`` (12; 4 for 2D images)."""
+        mind_channels = self.mind.channels if mind_channels is None else mind_channels
+        return hybrid_scales(self.weight, mind_channels, feature_channels)
 
     def __call__(self, fixed, moving, *, fixed_mask=None, moving_mask=None, timings=None):
         m = self.mind(fixed, moving, timings=timings)
         e = self.encoder(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask,
                          timings=timings)
-        a, b = self.scales(e.fixed.shape[-1])
+        mc = m.fixed.shape[-1]  # 12, or 4 for 2D images
+        a, b = self.scales(e.fixed.shape[-1], mc)
         out = [_concat(m.fixed, e.fixed, a, b), _concat(m.moving, e.moving, a, b)]
         if e.coarse_fixed is not None:
-            ac, bc = self.scales(e.coarse_fixed.shape[-1])
+            ac, bc = self.scales(e.coarse_fixed.shape[-1], mc)
             out += [_concat(m.fixed, e.coarse_fixed, ac, bc),
                     _concat(m.moving, e.coarse_moving, ac, bc)]
         return PairFeatures(*out)

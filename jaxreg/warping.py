@@ -2,7 +2,9 @@
 
 Field convention (used everywhere in jaxreg): a displacement field ``u`` is a float32
 array ``(H, W, D, 3)`` on the *fixed* image's voxel grid, in voxels, component ``i``
-along array axis ``i``. Warping is pull (backward) resampling::
+along array axis ``i``; for 2D images ``(H, W)`` it is ``(H, W, 2)``. The field's last
+axis (3 or 2) is the number of spatial dimensions everywhere in this module. Warping is
+pull (backward) resampling::
 
     warped(x) = moving(x + u(x))
 
@@ -11,9 +13,9 @@ so ``u(x)`` points from a fixed voxel to where its content sits in the moving im
 The warp is the hot loop of the solver. Autodiff of a gather produces a scatter-add
 for the gradient with respect to the sampling positions; :func:`warp` instead has a
 custom VJP whose field gradient is computed from the same eight gathered corners
-(the exact derivative of trilinear interpolation), so its backward pass is gathers
-only. The cotangent for the moving image (a scatter) is still provided and is dropped
-by XLA when unused.
+(the exact derivative of trilinear interpolation; four corners and bilinear in 2D), so
+its backward pass is gathers only. The cotangent for the moving image (a scatter) is
+still provided and is dropped by XLA when unused.
 
 :func:`warp` and :func:`warp_labels` are jitted: called on concrete arrays they run as one
 compiled program (on a 192x224x184 volume 0.6-1 s including compilation, against 3-6 s
@@ -40,31 +42,38 @@ __all__ = [
     "resize_field",
 ]
 
-# The eight corners of a trilinear cell, as 0/1 offsets along the three axes.
-_CORNERS = tuple(itertools.product((0, 1), repeat=3))
+# The corners of a trilinear (bilinear) cell, as 0/1 offsets along the three (two) axes.
+_CORNERS = {nd: tuple(itertools.product((0, 1), repeat=nd)) for nd in (2, 3)}
 
 
 def identity_grid(shape: Sequence[int]) -> jax.Array:
-    """Voxel coordinates ``(H, W, D, 3)`` float32: ``grid[i, j, k] == (i, j, k)``."""
+    """Voxel coordinates ``(*shape, len(shape))`` float32: ``grid[i, j, k] == (i, j, k)``
+    for a 3D ``shape`` (``(H, W, D, 3)``), ``grid[i, j] == (i, j)`` for a 2D one."""
     axes = [jnp.arange(int(s), dtype=jnp.float32) for s in shape]
     return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
-def _check_field(disp: jax.Array, where: str) -> None:
-    if disp.ndim != 4 or disp.shape[-1] != 3:
-        raise ValueError(f"{where}: displacement must be (H, W, D, 3), got {disp.shape}")
+def _check_field(disp: jax.Array, where: str) -> int:
+    """Raises unless ``disp`` is ``(H, W, D, 3)`` or ``(H, W, 2)``; returns 3 or 2."""
+    nd = disp.shape[-1] if disp.ndim else 0
+    if nd not in (2, 3) or disp.ndim != nd + 1:
+        raise ValueError(f"{where}: displacement must be (H, W, D, 3) or, in 2D, (H, W, 2), "
+                         f"got {disp.shape}")
+    return nd
 
 
 def _corner_setup(shape, coords):
-    """Per corner k: flat row index (N,), weight (N,), and its slope along each axis.
+    """Per corner k: flat row index (N,), weight (N,), and its slope along each axis
+    (``len(shape)`` axes: 8 corners in 3D, 4 in 2D).
 
     Zero padding is folded into the per-axis weights (a corner outside the volume gets
     weight 0 and slope 0, and a clamped, always valid index), so the sums below need
     no masks. Everything is built from (N,) vectors per axis: XLA vectorises those far
     better than (N, 8, 3) arrays.
     """
+    nd = len(shape)
     idx, wts, slopes = [], [], []
-    for a in range(3):
+    for a in range(nd):
         x = coords[:, a]
         base = jnp.floor(x)
         frac = x - base
@@ -74,13 +83,17 @@ def _corner_setup(shape, coords):
         idx.append((jnp.clip(base, 0, shape[a] - 1), jnp.clip(base + 1, 0, shape[a] - 1)))
         wts.append(((1.0 - frac) * lo_ok, frac * hi_ok))
         slopes.append((-lo_ok, hi_ok))
-    strides = (shape[1] * shape[2], shape[2], 1)
+    strides = (shape[1] * shape[2], shape[2], 1) if nd == 3 else (shape[1], 1)
     flat, weight, slope = [], [], []
-    for c in _CORNERS:
-        flat.append(sum(idx[a][c[a]] * strides[a] for a in range(3)))
-        weight.append(wts[0][c[0]] * wts[1][c[1]] * wts[2][c[2]])
-        slope.append([slopes[a][c[a]] * wts[(a + 1) % 3][c[(a + 1) % 3]]
-                      * wts[(a + 2) % 3][c[(a + 2) % 3]] for a in range(3)])
+    for c in _CORNERS[nd]:
+        flat.append(sum(idx[a][c[a]] * strides[a] for a in range(nd)))
+        if nd == 3:
+            weight.append(wts[0][c[0]] * wts[1][c[1]] * wts[2][c[2]])
+            slope.append([slopes[a][c[a]] * wts[(a + 1) % 3][c[(a + 1) % 3]]
+                          * wts[(a + 2) % 3][c[(a + 2) % 3]] for a in range(3)])
+        else:
+            weight.append(wts[0][c[0]] * wts[1][c[1]])
+            slope.append([slopes[0][c[0]] * wts[1][c[1]], slopes[1][c[1]] * wts[0][c[0]]])
     return flat, weight, slope
 
 
@@ -90,10 +103,12 @@ def _corner_setup(shape, coords):
 
 
 def _trilinear(moving, coords):
-    """Plain trilinear sampling, zero outside; moving (H, W, D, C), coords (N, 3)."""
-    flat, weight, _ = _corner_setup(moving.shape[:3], coords)
+    """Plain trilinear sampling, zero outside; moving (H, W, D, C), coords (N, 3) (in 2D
+    bilinear: moving (H, W, C), coords (N, 2))."""
+    nd = coords.shape[-1]
+    flat, weight, _ = _corner_setup(moving.shape[:nd], coords)
     rows = moving.reshape(-1, moving.shape[-1])
-    return sum(weight[k][:, None] * rows[flat[k]] for k in range(8))
+    return sum(weight[k][:, None] * rows[flat[k]] for k in range(2**nd))
 
 
 @jax.custom_vjp
@@ -107,13 +122,14 @@ def _sample_fwd(moving, coords):
 
 def _sample_bwd(res, g):
     moving, coords = res
-    flat, _, slope = _corner_setup(moving.shape[:3], coords)
+    nd = coords.shape[-1]
+    flat, _, slope = _corner_setup(moving.shape[:nd], coords)
     rows = moving.reshape(-1, moving.shape[-1])
     # d out[n, c] / d coords[n, a] = sum_k slope[k][a][n] * moving[corner_k(n), c], so
     # the field's cotangent needs only gathers: sum_k slope[k] * <moving[corner_k], g>.
-    corners = [rows[flat[k]] for k in range(8)]
-    deriv = jnp.stack([sum(slope[k][a][:, None] * corners[k] for k in range(8))
-                       for a in range(3)], axis=-1)
+    corners = [rows[flat[k]] for k in range(2**nd)]
+    deriv = jnp.stack([sum(slope[k][a][:, None] * corners[k] for k in range(2**nd))
+                       for a in range(nd)], axis=-1)
     g_coords = jnp.sum(deriv * g[:, :, None], axis=1)
     # Moving-image cotangent: the transpose of the interpolation (a scatter-add);
     # XLA removes it when only the field's gradient is used.
@@ -127,20 +143,25 @@ _sample.defvjp(_sample_fwd, _sample_bwd)
 
 @functools.partial(jax.jit, static_argnames=("mode",))
 def warp(moving: ArrayLike, disp: ArrayLike, *, mode: str = "zeros") -> jax.Array:
-    """Warps ``moving`` by ``disp`` with trilinear pull resampling.
+    """Warps ``moving`` by ``disp`` with trilinear (2D: bilinear) pull resampling.
 
     ``out(x) = moving(x + disp(x))``; the output lies on the field's grid.
 
     Args:
       moving: ``(H', W', D')`` or ``(H', W', D', C)`` volume (a feature volume is
-        channels-last).
-      disp: ``(H, W, D, 3)`` displacement in voxels of ``moving``'s grid.
+        channels-last); in 2D ``(H', W')`` or ``(H', W', C)``.
+      disp: ``(H, W, D, 3)`` displacement in voxels of ``moving``'s grid; in 2D
+        ``(H, W, 2)``. Its last axis sets the number of spatial dimensions.
       mode: ``"zeros"``: positions outside ``moving`` read zero, per corner (like
         ``grid_sample(padding_mode="zeros")`` and scipy's ``"grid-constant"``);
         ``"edge"``: positions are clamped to the volume (scipy's ``"nearest"``).
 
     Returns:
-      ``(H, W, D)`` or ``(H, W, D, C)`` float32.
+      ``(H, W, D)`` or ``(H, W, D, C)`` float32 (2D: ``(H, W)`` or ``(H, W, C)``).
+
+    Raises:
+      ValueError: ``disp`` is not a 3D or 2D field, or ``moving``'s rank does not match
+        it (a 2D image with a 3D field, say), or ``mode`` is unknown.
 
     >>> import jax.numpy as jnp
     >>> m = jnp.arange(8.0).reshape(2, 2, 2)
@@ -150,19 +171,21 @@ def warp(moving: ArrayLike, disp: ArrayLike, *, mode: str = "zeros") -> jax.Arra
     """
     moving = jnp.asarray(moving, dtype=jnp.float32)
     disp = jnp.asarray(disp, dtype=jnp.float32)
-    _check_field(disp, "warp")
-    if moving.ndim not in (3, 4):
-        raise ValueError(f"warp: moving must be (H, W, D) or (H, W, D, C), got {moving.shape}")
+    nd = _check_field(disp, "warp")
+    if moving.ndim not in (nd, nd + 1):
+        names = "(H, W, D) or (H, W, D, C)" if nd == 3 else "(H, W) or (H, W, C)"
+        raise ValueError(f"warp: moving must be {names} for a {disp.shape} field "
+                         f"({nd}D), got {moving.shape}")
     if mode not in ("zeros", "edge"):
         raise ValueError(f"warp: mode must be 'zeros' or 'edge', got {mode!r}")
-    squeeze = moving.ndim == 3
+    squeeze = moving.ndim == nd
     if squeeze:
         moving = moving[..., None]
-    coords = (identity_grid(disp.shape[:3]) + disp).reshape(-1, 3)
+    coords = (identity_grid(disp.shape[:nd]) + disp).reshape(-1, nd)
     if mode == "edge":
-        hi = jnp.array(moving.shape[:3], dtype=jnp.float32) - 1
+        hi = jnp.array(moving.shape[:nd], dtype=jnp.float32) - 1
         coords = jnp.clip(coords, 0.0, hi)
-    out = _sample(moving, coords).reshape(*disp.shape[:3], moving.shape[-1])
+    out = _sample(moving, coords).reshape(*disp.shape[:nd], moving.shape[-1])
     return out[..., 0] if squeeze else out
 
 
@@ -171,17 +194,29 @@ def warp_labels(labels: ArrayLike, disp: ArrayLike) -> jax.Array:
     """Warps a label map by nearest-neighbour pull resampling (labels stay labels).
 
     ``out(x) = labels(round(x + disp(x)))``, 0 outside the volume; dtype is kept.
+
+    Args:
+      labels: ``(H', W', D')`` label map; in 2D ``(H', W')``.
+      disp: ``(H, W, D, 3)`` displacement in voxels; in 2D ``(H, W, 2)``.
+
+    Returns:
+      ``(H, W, D)`` (2D: ``(H, W)``) labels of ``labels``' dtype.
+
+    Raises:
+      ValueError: ``disp`` is not a field, or ``labels``' rank is not its last axis.
     """
     labels = jnp.asarray(labels)
     disp = jnp.asarray(disp, dtype=jnp.float32)
-    _check_field(disp, "warp_labels")
-    if labels.ndim != 3:
-        raise ValueError(f"warp_labels: labels must be (H, W, D), got {labels.shape}")
-    pos = jnp.round(identity_grid(disp.shape[:3]) + disp).astype(jnp.int32)
+    nd = _check_field(disp, "warp_labels")
+    if labels.ndim != nd:
+        names = "(H, W, D)" if nd == 3 else "(H, W)"
+        raise ValueError(f"warp_labels: labels must be {names} for a {disp.shape} field "
+                         f"({nd}D), got {labels.shape}")
+    pos = jnp.round(identity_grid(disp.shape[:nd]) + disp).astype(jnp.int32)
     dims = jnp.array(labels.shape, dtype=jnp.int32)
     inside = jnp.all((pos >= 0) & (pos < dims), axis=-1)
     pos = jnp.clip(pos, 0, dims - 1)
-    out = labels[pos[..., 0], pos[..., 1], pos[..., 2]]
+    out = labels[tuple(pos[..., a] for a in range(nd))]
     return jnp.where(inside, out, jnp.zeros((), labels.dtype))
 
 
@@ -191,11 +226,21 @@ def compose(first: ArrayLike, second: ArrayLike) -> jax.Array:
     ``warp(warp(m, first), second) == warp(m, compose(first, second))`` up to
     interpolation: ``compose(first, second)(x) = second(x) + first(x + second(x))``.
     Outside ``first``'s grid, ``first`` is continued by its border values.
+
+    Args:
+      first, second: ``(H, W, D, 3)`` fields, or both 2D ``(H, W, 2)``.
+
+    Returns:
+      The composed field on ``second``'s grid.
+
+    Raises:
+      ValueError: a field is malformed, or one is 2D and the other 3D.
     """
     first = jnp.asarray(first, dtype=jnp.float32)
     second = jnp.asarray(second, dtype=jnp.float32)
-    _check_field(first, "compose")
-    _check_field(second, "compose")
+    if _check_field(first, "compose") != _check_field(second, "compose"):
+        raise ValueError(f"compose: fields of different dimension, {first.shape} and "
+                         f"{second.shape}")
     return second + warp(first, second, mode="edge")
 
 
@@ -203,9 +248,22 @@ def resize_field(disp: ArrayLike, shape: Sequence[int]) -> jax.Array:
     """Resamples a voxel displacement field to another grid over the same extent.
 
     The vectors are rescaled by ``new_size / old_size`` per axis so that they stay in
-    voxels of the new grid (half-pixel-centred trilinear resize).
+    voxels of the new grid (half-pixel-centred trilinear resize; bilinear in 2D).
+
+    Args:
+      disp: ``(H, W, D, 3)`` field; in 2D ``(H, W, 2)``.
+      shape: the new grid, 3 sizes (2 in 2D).
+
+    Returns:
+      ``(*shape, 3)`` (2D: ``(*shape, 2)``) displacement in voxels of the new grid.
+
+    Raises:
+      ValueError: ``shape`` has not one size per component of the field.
     """
     disp = jnp.asarray(disp, dtype=jnp.float32)
-    _check_field(disp, "resize_field")
-    scale = jnp.array([n / o for n, o in zip(shape, disp.shape[:3])], dtype=jnp.float32)
+    nd = _check_field(disp, "resize_field")
+    if len(shape) != nd:
+        raise ValueError(f"resize_field: a {disp.shape} field needs {nd} sizes, got "
+                         f"shape {tuple(shape)}")
+    scale = jnp.array([n / o for n, o in zip(shape, disp.shape[:nd])], dtype=jnp.float32)
     return filters.resize(disp, shape) * scale

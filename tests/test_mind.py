@@ -25,8 +25,9 @@ def test_mind_ssc_is_contrast_invariant():
 
 
 def test_mind_ssc_rejects_non_3d():
+    # 2D images (H, W) are valid since the 2D MIND-SSC (tests/test_2d.py); a channel axis is not
     with pytest.raises(ValueError, match="must be"):
-        mind.mind_ssc(np.zeros((4, 4)))
+        mind.mind_ssc(np.zeros((4, 4, 4, 1)))
 
 
 def test_padded_image_with_its_extent_gets_the_unpadded_descriptor():
