@@ -6,6 +6,7 @@ slice deformed by a known smooth field; the README's 2D example.
 """
 
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -434,23 +435,16 @@ def test_register_mind_recovers_a_known_deformation_of_a_real_slice(mni_slice):
     assert metrics.jacobian_stats(field)["folding_percent"] < 0.1
 
 
-README_EXAMPLE = '''
-import numpy as np
-import jaxreg
+def _readme_example() -> str:
+    """The README's 2D example: the python block after the line naming this file."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+    with open(path) as fh:
+        text = fh.read()
+    after = text[text.index("This example is run by `tests/test_2d.py`"):]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
 
-fixed = np.load("fixed.npy")                        # (H, W) image
-moving = np.load("moving.npy")                      # (H, W), same grid
-fixed_labels = np.load("fixed_labels.npy")          # (H, W) label maps
-moving_labels = np.load("moving_labels.npy")
 
-field = jaxreg.register_mind(fixed, moving)         # (H, W, 2), pixels, pull
-warped = jaxreg.warp(moving, field)                 # moving on the fixed grid
-warped_labels = jaxreg.warp_labels(moving_labels, field)
-print("NCC ", float(jaxreg.ncc(moving, fixed)), "->", float(jaxreg.ncc(warped, fixed)))
-print("Dice", jaxreg.dice(fixed_labels, moving_labels), "->",
-      jaxreg.dice(fixed_labels, warped_labels))
-print(jaxreg.jacobian_stats(field))                 # folding %, std of log |J|
-'''
+README_EXAMPLE = _readme_example()
 
 
 def test_readme_2d_example_runs_and_improves(mni_slice, tmp_path, monkeypatch, capsys):
