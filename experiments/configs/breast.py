@@ -91,6 +91,11 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     c.features.dtype = "auto"  # encoder compute dtype: auto (bf16 on GPU/TPU), float32, bfloat16
     c.features.cache = True  # keep encoded slices in workdir/feature_cache
 
+    # Pre-alignment before the deformable stage (jaxreg.affine, MIND-SSC similarity):
+    # "none", "rigid" or "affine". The saved field is then the total one and the
+    # transform is saved as affine.mat (ITK/ANTs, LPS) beside it.
+    c.affine = "none"
+
     c.qc = True  # a QC picture per pair (qc.png)
 
     # Several pairs at once (jaxreg.batching): pairs bucketed by padded shape, vmap on a

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxreg import affine as affine_lib
 from jaxreg import batching
 from jaxreg import sources
 from jaxreg.experiment import outputs
@@ -83,11 +84,15 @@ def _register_group(group, shape, config, source, solver_config, mesh, finish):
         return
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    fixed, moving, unpadded = [], [], []
+    fixed, moving, unpadded, matrices = [], [], [], []
     for lp in loaded:
-        feats = source(lp.fixed.data, lp.moving.data,
+        moving_data, moving_mask, matrix = pipeline.prealign(
+            lp.fixed, lp.moving, config=config.registration,
+            moving_mask=lp.masks[1] if lp.masks else None, timings=timings)
+        matrices.append(matrix)
+        feats = source(lp.fixed.data, moving_data,
                        fixed_mask=lp.masks[0] if lp.masks else None,
-                       moving_mask=lp.masks[1] if lp.masks else None, timings=timings)
+                       moving_mask=moving_mask, timings=timings)
         fixed.append(batching.pad_to(feats.fixed, shape))
         moving.append(batching.pad_to(feats.moving, shape))
         unpadded.append(feats.fixed)
@@ -101,9 +106,14 @@ def _register_group(group, shape, config, source, solver_config, mesh, finish):
     for j, lp in enumerate(loaded):
         h, w, d = lp.fixed.shape
         field = np.ascontiguousarray(fields[j, :h, :w, :d])
+        transform = {}
+        if matrices[j] is not None:  # the total field, as pipeline.register_volumes
+            field = np.asarray(affine_lib.compose(matrices[j], field))
+            transform = {"voxel": matrices[j], "world": affine_lib.world_matrix(
+                matrices[j], lp.fixed.affine, lp.fixed.affine)}
         finish(lp.pair, functools.partial(
             outputs.write_pair, lp, field, config=config, seconds=seconds, timings=per_pair,
-            fixed_features=unpadded[j]))
+            fixed_features=unpadded[j], transform=transform))
 
 
 def _raise(error: Exception, out_dir: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxreg import affine as affine_lib
 from jaxreg import io
 from jaxreg import metrics
 from jaxreg import solver
@@ -60,8 +61,13 @@ class _Pending:
 def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
                config: settings.StudyConfig,
                fixed_features: np.ndarray | None = None, seconds: float = 0.0,
-               timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+               timings: Mapping[str, float] | None = None,
+               transform: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Writes a registered pair's outputs into ``out_dir`` (created here) and scores it.
+
+    ``field`` is the total field; a pre-alignment's ``transform`` (``"world"`` matrix,
+    from :func:`jaxreg.experiment.register_volumes`) is saved as ``affine.mat`` (ITK and
+    ANTs read it; double precision).
 
     Files are compressed, and the QC picture and HD95 computed, in background threads
     while the warps and the other scores run; all are done when this returns.
@@ -75,6 +81,8 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
     pair, fixed, moving = loaded.pair, loaded.fixed, loaded.moving
     solver.check_field(field, name=f"pair {pair.name}: field")
     os.makedirs(out_dir)
+    if transform:
+        affine_lib.save_itk(os.path.join(out_dir, "affine.mat"), transform["world"])
     affine = fixed.affine
     background = _Background()
     try:

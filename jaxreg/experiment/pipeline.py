@@ -12,15 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxreg import affine as affine_lib
 from jaxreg import features as feat_lib
 from jaxreg import io
 from jaxreg import solver
 from jaxreg import sources
+from jaxreg import warping
 from jaxreg.encoders import registry
 from jaxreg.experiment import settings
 from jaxreg.experiment.pairs import Pair
 
-__all__ = ["LoadedPair", "load_pair", "make_source", "register_volumes"]
+__all__ = ["LoadedPair", "load_pair", "make_source", "prealign", "register_volumes"]
 
 # A label map whose grid covers less of its image than this gets a warning.
 _MIN_LABEL_COVERAGE = 0.99
@@ -60,10 +62,38 @@ def make_source(config: settings.RegistrationConfig, *,
     return sources.HybridSource(mind, source, weight=config.hybrid_weight)
 
 
+def prealign(fixed: io.Volume, moving: io.Volume, *, config: settings.RegistrationConfig,
+             moving_mask: np.ndarray | None = None, timings: dict[str, float] | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The moving image (and mask) resampled by ``config.affine``'s pre-alignment.
+
+    ``moving`` must be on the fixed grid. With ``config.affine == "none"`` the inputs
+    come back unchanged with no matrix.
+
+    Returns:
+      ``(moving data, moving mask, matrix)``: ``matrix`` maps fixed voxels to moving
+      voxels (:func:`jaxreg.affine.register_affine`), or None.
+    """
+    if config.affine == "none":
+        return moving.data, moving_mask, None
+    start = time.perf_counter()
+    shape = fixed.shape
+    result = affine_lib.register_affine(
+        fixed.data, moving.data, config=affine_lib.config_for_shape(shape, kind=config.affine))
+    disp = affine_lib.displacement(result.matrix, shape)
+    data = np.asarray(warping.warp(moving.data, disp))
+    if moving_mask is not None:
+        moving_mask = np.asarray(warping.warp_labels(moving_mask, disp))
+    if timings is not None:
+        timings["affine"] = timings.get("affine", 0.0) + time.perf_counter() - start
+    return data, moving_mask, result.matrix
+
+
 def register_volumes(fixed: io.Volume, moving: io.Volume, *,
                      config: settings.RegistrationConfig, source: sources.FeatureSource,
                      masks: tuple[np.ndarray, np.ndarray] | None = None,
-                     timings: dict[str, float] | None = None
+                     timings: dict[str, float] | None = None,
+                     transform: dict[str, np.ndarray] | None = None
                      ) -> tuple[np.ndarray, jax.Array]:
     """The displacement field (voxels of the fixed grid) aligning ``moving`` to ``fixed``.
 
@@ -74,19 +104,30 @@ def register_volumes(fixed: io.Volume, moving: io.Volume, *,
       source: from :func:`make_source`.
       masks: ``(fixed, moving)`` foreground masks (an encoder's PCA fit).
       timings: seconds per stage are added to it (the source's stages, and solving).
+      transform: with ``config.affine`` other than ``"none"``, receives the
+        pre-alignment: ``"voxel"`` (fixed voxel -> moving voxel) and ``"world"`` (fixed
+        world -> moving world, RAS) 4x4 matrices.
 
     Returns:
-      ``(field, fixed_features)``: the ``(H, W, D, 3)`` field, and the fixed image's
-      features used by the fine stage, for QC pictures.
+      ``(field, fixed_features)``: the ``(H, W, D, 3)`` field (with a pre-alignment, the
+      total field: affine, then the deformable stage, :func:`jaxreg.affine.compose`),
+      and the fixed image's features used by the fine stage, for QC pictures.
     """
     timings = {} if timings is None else timings
     fixed_mask, moving_mask = masks if masks is not None else (None, None)
-    feats = source(fixed.data, moving.data, fixed_mask=fixed_mask, moving_mask=moving_mask,
+    moving_data, moving_mask, matrix = prealign(fixed, moving, config=config,
+                                                moving_mask=moving_mask, timings=timings)
+    feats = source(fixed.data, moving_data, fixed_mask=fixed_mask, moving_mask=moving_mask,
                    timings=timings)
     start = time.perf_counter()
     field = solver.convex_adam(feats.fixed, feats.moving, config=config.solver,
                                coarse_fixed=feats.coarse_fixed,
                                coarse_moving=feats.coarse_moving)
+    if matrix is not None:
+        field = affine_lib.compose(matrix, field)
+        if transform is not None:
+            transform.update(voxel=matrix, world=affine_lib.world_matrix(
+                matrix, fixed.affine, fixed.affine))
     field = np.asarray(jax.block_until_ready(field))
     timings["solving"] = timings.get("solving", 0.0) + time.perf_counter() - start
     return field, feats.fixed

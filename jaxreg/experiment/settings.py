@@ -29,6 +29,8 @@ ENCODERS = (("mind",) + tuple(registry.ENCODERS)
 Pyramid = Literal["none", "joint", "coarse_to_fine"]
 PYRAMIDS = get_args(Pyramid)
 Dtype = Literal["auto", "float32", "bfloat16"]
+Affine = Literal["none", "rigid", "affine"]
+AFFINES = get_args(Affine)
 
 
 class ConfigError(io.InputError):
@@ -64,6 +66,8 @@ class RegistrationConfig:
         of the pair, or ``""`` (every token).
       dtype: the encoder's compute dtype (``"auto"``: bfloat16 on accelerators).
       cache: keep encoded slices on disk.
+      affine: pre-alignment before the deformable stage (:mod:`jaxreg.affine`):
+        ``"none"``, ``"rigid"`` or ``"affine"``; the saved field is then the total one.
     """
 
     encoder: str = "mind"
@@ -77,6 +81,7 @@ class RegistrationConfig:
     mask: str = "auto"
     dtype: Dtype = "auto"
     cache: bool = True
+    affine: Affine = "none"
 
     @property
     def model(self) -> str | None:
@@ -201,7 +206,8 @@ def _registration(c: Any) -> RegistrationConfig:
         pyramid=pyramid, percentiles=_percentiles(c), weights=str(c.weights),
         mask=str(c.features.mask),
         dtype=_choice(c.features.dtype, "features.dtype", get_args(Dtype)),
-        cache=bool(c.features.cache))
+        cache=bool(c.features.cache),
+        affine=_choice(c.get("affine", "none"), "affine", AFFINES))
 
 
 def _phantom(c: Any, needed: bool) -> PhantomSettings:
@@ -239,6 +245,8 @@ def result_settings(config: StudyConfig) -> dict[str, Any]:
         out["mind"] = dataclasses.asdict(r.mind)
     if r.encoder.endswith(HYBRID_SUFFIX):
         out["hybrid_weight"] = r.hybrid_weight
+    if r.affine != "none":  # absent otherwise: earlier results stay valid
+        out["affine"] = r.affine
     if r.model is not None:
         features = dataclasses.asdict(r.features)
         features.pop("chunk")

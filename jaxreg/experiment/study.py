@@ -36,14 +36,16 @@ def run_pair(pair: Pair, out_dir: str, *, config: settings.StudyConfig,
     """
     loaded = pipeline.load_pair(pair, config=config.registration)
     timings: dict[str, float] = {}
+    transform: dict = {}
     start = time.perf_counter()
     field, fixed_features = pipeline.register_volumes(
         loaded.fixed, loaded.moving, config=config.registration, source=source,
         masks=loaded.masks,
-        timings=timings)
+        timings=timings, transform=transform)
     seconds = time.perf_counter() - start
     return outputs.write_pair(loaded, field, out_dir, config=config,
-                              fixed_features=fixed_features, seconds=seconds, timings=timings)
+                              fixed_features=fixed_features, seconds=seconds, timings=timings,
+                              transform=transform)
 
 
 def select_devices(spec: str = "") -> list[jax.Device]:

@@ -1,0 +1,172 @@
+r"""Large motions on real anatomy: jaxreg with and without its affine stage, and peers.
+
+    python -m experiments.bench_affine                           # full size, all methods
+    python -m experiments.bench_affine --downsample=2 --methods=jaxreg,jaxreg_affine
+
+Data: nilearn's MNI152 2009 T1 with its GM/WM maps, cropped to 192x224x184 and
+block-averaged by ``--downsample`` (as ``experiments/bench_mni.py``). Each case moves the
+anatomy by an affine ``A`` (rotations about the centre around two axes, a translation,
+an isotropic scale; fixed voxel -> moving voxel) after a smooth random field ``s``
+(bench_mni's generator, max ``--smooth_disp`` voxels): a fixed voxel ``x`` sits at
+``A(x + s(x))`` in the moving image, so the true pull field is
+``w(x) = A(x + s(x)) - x`` (:func:`jaxreg.affine.compose`, exact), and the moving image
+and GM/WM masks are the fixed ones pulled through the inverse map
+(``A^-1`` then the fixed-point inverse of ``x + s(x)``). Translations are in voxels of
+the benchmark grid.
+
+Rows: before (zero field); convexadam 0.2.0 (``convex_adam_pt``, float32); ANTs
+``ants.registration(fixed, moving, "SyN")`` (antspyx, its default affine + SyN stages);
+jaxreg's ``register_mind`` alone; jaxreg's :func:`jaxreg.affine.register_affine` (default
+:class:`~jaxreg.affine.AffineConfig`: MIND-SSC, affine) then ``register_mind`` on the
+moving image resampled by it, the total field composed. Columns: GM and WM Dice (masks
+pulled by nearest neighbour), field error (mean voxel distance to ``w`` inside the
+brain), folding, and seconds of the registration call (jaxreg: a second call, after
+compilation; the first call's time is printed beside it). All methods run in this one
+process, one after the other, with ``--threads`` threads for torch and ITK.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+import numpy as np
+
+from experiments import bench_mni
+
+_CASES = {  # name: (rotation degrees about axes 0, 1, 2; translation voxels; scale)
+    "moderate": ((10.0, 0.0, -12.0), (12.0, -9.0, 6.0), 1.05),
+    "hard": ((18.0, -17.0, 0.0), (20.0, 12.0, -10.0), 1.05),
+}
+_BENCH_METHODS = ("convexadam", "ants", "jaxreg", "jaxreg_affine")
+
+_CASE = flags.DEFINE_list("cases", list(_CASES), f"cases to run, of {list(_CASES)}")
+_RUN = flags.DEFINE_list("run_methods", list(_BENCH_METHODS),
+                         f"methods to run, of {list(_BENCH_METHODS)}")
+_SMOOTH = flags.DEFINE_float("smooth_disp", 4.0, "max |s| of the smooth field, voxels at 1 mm")
+_SEED = flags.DEFINE_integer("field_seed", 0, "seed of the smooth field")
+
+
+def _rotation(degrees):
+    out = np.eye(3)
+    for axis, deg in enumerate(degrees):
+        c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+        i, j = [a for a in range(3) if a != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        out = r @ out
+    return out
+
+
+def make_case(base, degrees, shift, scale):
+    """The moved pair of one case: bench_mni's pair dict with moving, labels, truth."""
+    import jax
+    from jaxreg import affine
+    from jaxreg import warping
+
+    fixed = base["fixed"]
+    shape = fixed.shape
+    centre = (np.asarray(shape) - 1) / 2.0
+    matrix = np.eye(4)
+    matrix[:3, :3] = _rotation(degrees) * scale
+    matrix[:3, 3] = centre + np.asarray(shift) - matrix[:3, :3] @ centre
+    down = bench_mni._DOWNSAMPLE.value
+    s = bench_mni.smooth_field(shape, max_disp=_SMOOTH.value / down,
+                               spacing=max(2.0, 40.0 / down), seed=_SEED.value)
+
+    @jax.jit
+    def inverse(v):  # r(z) = -s(z + r(z)): the inverse of x -> x + s(x)
+        return jax.lax.fori_loop(0, 20, lambda _, r: -warping.warp(v, r, mode="edge"), -v)
+
+    r = inverse(s)
+    pull = warping.compose(r, affine.displacement(np.linalg.inv(matrix), shape))
+    pair = dict(base, matrix=matrix, true=np.asarray(affine.compose(matrix, s)),
+                moving=np.asarray(warping.warp(fixed, pull)))
+    for t in bench_mni._TISSUES:
+        pair[f"{t}_moving"] = np.asarray(warping.warp_labels(base[f"{t}_fixed"], pull))
+    return pair
+
+
+def _jaxreg(fixed, moving, with_affine):
+    import jax
+    from jaxreg import affine, solver, warping
+
+    def run():
+        start = time.perf_counter()
+        if not with_affine:
+            return np.asarray(jax.block_until_ready(solver.register_mind(fixed, moving))), 0.0
+        result = affine.register_affine(fixed, moving)
+        affine_s = time.perf_counter() - start
+        pre = warping.warp(moving, affine.displacement(result.matrix, fixed.shape))
+        u = solver.register_mind(fixed, pre)
+        return np.asarray(jax.block_until_ready(affine.compose(result.matrix, u))), affine_s
+
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    u, affine_s = run()
+    return u, dict(time=time.perf_counter() - start, first_call=first, affine_s=affine_s)
+
+
+def _method(name, pair):
+    threads = bench_mni._THREADS.value
+    if name == "convexadam":
+        return bench_mni.run_convexadam(pair["fixed"], pair["moving"], threads, "float32")
+    if name == "ants":
+        start = time.perf_counter()
+        import ants  # antspyx, only in this benchmark
+        f, m = ants.from_numpy(pair["fixed"]), ants.from_numpy(pair["moving"])
+        reg = ants.registration(f, m, "SyN")
+        elapsed = time.perf_counter() - start
+        return _ants_field(ants, f, pair["moving"].shape, reg), dict(time=elapsed)
+    return _jaxreg(pair["fixed"], pair["moving"], name == "jaxreg_affine")
+
+
+def _ants_field(ants, f, moving_shape, reg):
+    """ANTs' forward transforms as a voxel pull field (unit spacing, zero origin)."""
+    pad = 40
+    shape = np.array(moving_shape) + 2 * pad
+    idx = np.meshgrid(*[np.arange(s, dtype=np.float32) - pad for s in shape], indexing="ij")
+    grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in f.shape], indexing="ij")
+    u = np.empty(tuple(f.shape) + (3,), np.float32)
+    for a in range(3):
+        coord = ants.from_numpy(idx[a], origin=(-float(pad),) * 3, spacing=(1.0, 1.0, 1.0))
+        mapped = ants.apply_transforms(f, coord, reg["fwdtransforms"], interpolator="linear")
+        u[..., a] = mapped.numpy() - grid[a]
+    return u
+
+
+def _row(case, label, u, pair, info):
+    s = bench_mni._scores(u, pair)
+    t = "-" if info is None else f"{info['time']:.1f}"
+    extra = ""
+    if info and "first_call" in info:
+        extra = f" (1st call {info['first_call']:.1f}"
+        extra += f", affine {info['affine_s']:.2f} s)" if info["affine_s"] else ")"
+    return (f"| {case} | {label} | {s['gm']:.4f} | {s['wm']:.4f} | {s['ferr']:.3f} | "
+            f"{s['fold']:.3f} | {t}{extra} |")
+
+
+def main(argv):
+    del argv
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(bench_mni._THREADS.value))
+    down = bench_mni._DOWNSAMPLE.value
+    base = bench_mni.make_pair((192, 224, 184), down, 0.0, 40.0, 0)
+    print(f"grid {base['fixed'].shape} (downsample {down}), smooth field max "
+          f"{_SMOOTH.value / down:.1f} voxels, load avg {os.getloadavg()[0]:.1f}")
+    print("| case | method | GM Dice | WM Dice | field error (voxels) | folding % | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for case in _CASE.value:
+        degrees, shift, scale = _CASES[case]
+        pair = make_case(base, degrees, shift, scale)
+        print(_row(case, "before", np.zeros_like(pair["true"]), pair, None), flush=True)
+        for name in _RUN.value:
+            u, info = _method(name, pair)
+            print(_row(case, name, np.asarray(u, np.float32), pair, info), flush=True)
+    print(f"load avg at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
