@@ -3,9 +3,12 @@
 The pieces, each a module of its own name:
 
 * :mod:`jaxreg.warping`: identity grid, warping (pull, trilinear; nearest for labels),
-  composition and resizing of voxel displacement fields ``(H, W, D, 3)``;
+  composition and resizing of voxel displacement fields ``(H, W, D, 3)``, or ``(H, W, 2)``
+  for 2D images (every engine module takes 2D input; the dimension comes from it);
 * :mod:`jaxreg.losses` and :mod:`jaxreg.regularisers`: similarity losses, diffusion and
   bending regularisers, Jacobian determinant;
+* :mod:`jaxreg.mutual_information`: Parzen-window mutual information, a loss to compose;
+* :mod:`jaxreg.affine`: rigid/affine pre-alignment (voxel and world matrices, ITK files);
 * :mod:`jaxreg.mind`: MIND-SSC features;
 * :mod:`jaxreg.solver`: ConvexAdam (coupled convex coarse stage, Adam fine stage);
 * :mod:`jaxreg.compilation`: ``jax.jit`` with the XLA options the warp's loss needs on CPU;
@@ -16,12 +19,15 @@ The pieces, each a module of its own name:
 * :mod:`jaxreg.batching`: shape buckets, padded pairs, vmap/sharded batches, memory plan;
 * :mod:`jaxreg.qc`: QC pictures of a registration;
 * :mod:`jaxreg.experiment`: a registration study over pairs (behind the CLIs);
-* :mod:`jaxreg.encoders`: Flax NNX ports of SAM, TinyViT (LiteMedSAM), DINOv2, DINOv3, CLIP;
+* :mod:`jaxreg.encoders`: Flax NNX ports of SAM, TinyViT (LiteMedSAM, MobileSAM), DINOv2,
+  DINOv3, CLIP, SAM2's Hiera;
   :mod:`jaxreg.encoders.registry` names them and finds their weights.
 
 Importing jaxreg registers nothing and leaves ``jax.config`` alone.
 """
 
+from jaxreg.affine import AffineConfig
+from jaxreg.affine import register_affine
 from jaxreg.batching import register_batch
 from jaxreg.compilation import jit
 from jaxreg.features import FeatureConfig
@@ -44,6 +50,8 @@ from jaxreg.metrics import hd95
 from jaxreg.metrics import jacobian_stats
 from jaxreg.metrics import tre
 from jaxreg.mind import mind_ssc
+from jaxreg.mutual_information import MIConfig
+from jaxreg.mutual_information import mutual_information
 from jaxreg.phantom import breast_pair
 from jaxreg.phantom import random_field
 from jaxreg.regularisers import bending_energy
@@ -66,6 +74,7 @@ from jaxreg.warping import warp_labels
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffineConfig", "register_affine",
     "register_batch",
     "jit",
     "FeatureConfig", "SliceEncoder", "pair_features",
@@ -74,6 +83,7 @@ __all__ = [
     "local_ncc", "ncc", "ssd",
     "dice", "field_error", "hd95", "jacobian_stats", "tre",
     "mind_ssc",
+    "MIConfig", "mutual_information",
     "breast_pair", "random_field",
     "bending_energy", "diffusion", "jacobian_determinant",
     "ConvexAdamConfig", "coarse_stage", "convex_adam", "fine_stage", "register_mind",
