@@ -51,7 +51,6 @@ from jaxreg.metrics import jacobian_stats
 from jaxreg.metrics import tre
 from jaxreg.mind import mind_ssc
 from jaxreg.mutual_information import MIConfig
-from jaxreg.mutual_information import mutual_information
 from jaxreg.phantom import breast_pair
 from jaxreg.phantom import random_field
 from jaxreg.regularisers import bending_energy
@@ -83,7 +82,7 @@ __all__ = [
     "local_ncc", "ncc", "ssd",
     "dice", "field_error", "hd95", "jacobian_stats", "tre",
     "mind_ssc",
-    "MIConfig", "mutual_information",
+    "MIConfig",
     "breast_pair", "random_field",
     "bending_energy", "diffusion", "jacobian_determinant",
     "ConvexAdamConfig", "coarse_stage", "convex_adam", "fine_stage", "register_mind",
