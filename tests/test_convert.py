@@ -56,7 +56,9 @@ def test_registry_pyramid_names_maps_the_model_returns(name):
     out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
                          jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
     assert set(entry.pyramid) <= set(out) and entry.pyramid[-1] == "features"
-    numbered = sorted((k for k in out if k not in ("features", "cls")),
-                      key=lambda k: int(k.split("_")[1]))
-    kind = "stage" if entry.family == "tinyvit" else "block"
-    assert numbered == [f"{kind}_{i}" for i in range(1, len(numbered) + 1)]
+    kinds = {"tinyvit": {"stage"}, "hiera": {"stage", "fpn"}}.get(entry.family, {"block"})
+    numbered = [k for k in out if k not in ("features", "cls")]
+    assert {k.split("_")[0] for k in numbered} == kinds
+    for kind in kinds:  # each kind counted from 1 without gaps
+        got = sorted(int(k.split("_")[1]) for k in numbered if k.startswith(kind + "_"))
+        assert got == list(range(1, len(got) + 1)), (kind, got)
