@@ -43,7 +43,8 @@ def _robust(x: np.ndarray, a: float, b: float) -> np.ndarray:
 
 def _plane(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
     """The plane ``axis = index``, transposed so rows are the last remaining axis."""
-    return np.take(vol, index, axis=axis).swapaxes(0, 1)
+    # A view (np.take copied the plane out through a gather: 8 ms a plane at MNI size).
+    return vol[(slice(None),) * axis + (index,)].swapaxes(0, 1)
 
 
 def _cut(vol: np.ndarray, slices: Sequence[int]) -> list[np.ndarray]:
