@@ -1,7 +1,8 @@
 r"""Prompt-based against atlas-based segmentation of the same structures.
 
     python -m experiments.segment_vs_atlas                         # atlas rows; phantom prompts
-    python -m experiments.segment_vs_atlas --cerebra_prompts       # + CerebrA prompts (~10 min/model)
+    python -m experiments.segment_vs_atlas --cerebra_prompts       # + CerebrA prompts
+    python -m experiments.segment_vs_atlas --cerebra_task=t2t1 --cerebra_prompts --phantom_task=''  # the T2
 
 Atlas-based: a label map warped from another image by a registration, what jaxreg's
 experiment writes as ``warped_<x>.nii.gz``. Prompt-based: :func:`jaxreg.segment.segment_3d`
@@ -33,7 +34,9 @@ _CEREBRA = flags.DEFINE_list("cerebra_labels", "21,72,40,91,41,92,48,99,49,100,4
                              "CerebrA structures")
 _CEREBRA_PROMPTS = flags.DEFINE_bool("cerebra_prompts", False,
                                      "also segment the CerebrA structures from boxes (slow)")
-_PHANTOM_TASK = flags.DEFINE_string("phantom_task", "date", "breast_pair task")
+_PHANTOM_TASK = flags.DEFINE_string("phantom_task", "date", "breast_pair task ('' skips)")
+_CEREBRA_TASK = flags.DEFINE_enum("cerebra_task", "t1t2", ["t1t2", "t2t1"],
+                                  "t1t2: segment the T1 (atlas: the T2); t2t1: the reverse")
 _MODELS = flags.DEFINE_list("models", "litemedsam,mobilesam", "segmenters")
 
 
@@ -90,8 +93,10 @@ def _cerebra():
     from experiments import real_data
 
     values = [int(v) for v in _CEREBRA.value]
-    pair = real_data.make_pair("t1t2", seed=_SEED.value)
-    print(f"CerebrA: fixed T1, atlas T2 + labels through field seed {_SEED.value}", flush=True)
+    pair = real_data.make_pair(_CEREBRA_TASK.value, seed=_SEED.value)
+    fixed, atlas_name = _CEREBRA_TASK.value[:2].upper(), _CEREBRA_TASK.value[2:].upper()
+    print(f"CerebrA: fixed {fixed}, atlas {atlas_name} + labels through field seed "
+          f"{_SEED.value}", flush=True)
     atlas = _atlas_rows(_register(pair["fixed"], pair["moving"]), pair["labels_fixed"],
                         pair["labels_moving"], values)
     prompts = ({m: _prompt_dice(m, pair["fixed"], pair["labels_fixed"], values)
@@ -124,7 +129,8 @@ def _phantom():
 def main(argv):
     del argv
     _cerebra()
-    _phantom()
+    if _PHANTOM_TASK.value:
+        _phantom()
 
 
 if __name__ == "__main__":
