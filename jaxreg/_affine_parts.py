@@ -17,12 +17,13 @@ per-parameter steps balanced.
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxreg import warping
 
 
 def n_rotations(d: int) -> int:
@@ -144,32 +145,16 @@ def interpolate(volume, coords):
 
     Zero outside. Returns ``(values (N, C), inside (N,))``, ``inside`` 1.0 where the
     position lies within the volume's voxel centres. Differentiable in ``coords``; the
-    volume is only gathered (no scatter in a gradient with respect to ``coords``).
-    Built from ``(N,)`` vectors per axis, as :mod:`jaxreg.warping` does.
+    volume is only gathered. The values are :mod:`jaxreg.warping`'s own sampling (its
+    plain, autodiff form, whose gradient with respect to ``coords`` needs no scatter).
     """
     d = coords.shape[-1]
     shape = volume.shape[:d]
-    rows = volume.reshape(-1, volume.shape[-1])
-    strides = np.cumprod((1,) + tuple(shape[::-1]))[:d][::-1]
-    idx, wts = [], []
     inside = 1.0
     for a in range(d):
         x = coords[:, a]
-        base = jnp.floor(x)
-        frac = x - base
-        base = base.astype(jnp.int32)
-        lo_ok = ((base >= 0) & (base < shape[a])).astype(jnp.float32)
-        hi_ok = ((base >= -1) & (base < shape[a] - 1)).astype(jnp.float32)
-        idx.append((jnp.clip(base, 0, shape[a] - 1) * int(strides[a]),
-                    jnp.clip(base + 1, 0, shape[a] - 1) * int(strides[a])))
-        wts.append(((1.0 - frac) * lo_ok, frac * hi_ok))
         inside = inside * ((x >= 0.0) & (x <= shape[a] - 1.0)).astype(jnp.float32)
-    out = 0.0
-    for corner in itertools.product((0, 1), repeat=d):
-        flat = sum(idx[a][corner[a]] for a in range(d))
-        w = functools.reduce(lambda p, q: p * q, [wts[a][corner[a]] for a in range(d)])
-        out = out + w[:, None] * rows[flat]
-    return out, inside
+    return warping._trilinear(volume, coords), inside
 
 
 def weighted_ncc(a, b, w):
