@@ -22,7 +22,7 @@ from scipy import ndimage
 from jaxreg import compilation
 from jaxreg.regularisers import jacobian_determinant
 
-__all__ = ["dice", "hd95", "jacobian_stats", "tre", "field_error"]
+__all__ = ["dice", "hd95", "jacobian_stats", "jacobian_summary", "tre", "field_error"]
 
 
 def _labels(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None) -> list[int]:
@@ -37,8 +37,7 @@ def _labels(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None) -> list[
 def _present(x: np.ndarray) -> np.ndarray:
     """The sorted values of ``x``: counted in one pass for small non-negative integers
     (label maps; 0.2 s -> 0.02 s at 192x224x184), else sorted by ``np.unique``."""
-    if x.size and (x.dtype.kind == "b" or (x.dtype.kind in "iu" and x.min() >= 0
-                                           and x.max() < 2**16)):
+    if _small_labels(x):
         return np.flatnonzero(np.bincount(x.reshape(-1).astype(np.intp)))
     return np.unique(x)
 
@@ -61,12 +60,40 @@ def dice(a: ArrayLike, b: ArrayLike, *, labels: Iterable[int] | None = None
     {1: 0.5}
     """
     a, b = np.asarray(a), np.asarray(b)
+    wanted = _labels(a, b, labels)
+    counts = _overlap_counts(a, b) if len(wanted) > 4 else None
     out = {}
-    for label in _labels(a, b, labels):
-        in_a, in_b = a == label, b == label
-        total = int(in_a.sum()) + int(in_b.sum())
-        out[label] = 2.0 * int(np.logical_and(in_a, in_b).sum()) / total if total else float("nan")
+    for label in wanted:
+        if counts is not None:
+            in_both, total = _counted(counts, label)
+        else:
+            in_a, in_b = a == label, b == label
+            in_both, total = int(np.logical_and(in_a, in_b).sum()), int(in_a.sum()) + int(in_b.sum())
+        out[label] = 2.0 * in_both / total if total else float("nan")
     return out
+
+
+def _small_labels(x: np.ndarray) -> bool:
+    return bool(x.size) and (x.dtype.kind == "b" or (x.dtype.kind in "iu" and x.min() >= 0
+                                                     and x.max() < 2**16))
+
+
+def _overlap_counts(a: np.ndarray, b: np.ndarray):
+    """Voxel counts per label of ``a``, of ``b`` and of both where they agree, in three
+    ``np.bincount`` passes: every label at once, ~0.3 s for the 102 CerebrA labels at
+    192x224x184 against ~40 ms a label by masks (which :func:`dice` keeps for a few
+    labels). None unless both are maps of small non-negative integers."""
+    if not (_small_labels(a) and _small_labels(b)):
+        return None
+    a, b = a.reshape(-1).astype(np.intp), b.reshape(-1).astype(np.intp)
+    return np.bincount(a), np.bincount(b), np.bincount(a[a == b])
+
+
+def _counted(counts, label: int) -> tuple[int, int]:
+    """``(|A & B|, |A| + |B|)`` of ``label`` from :func:`_overlap_counts`."""
+    at = lambda c: int(c[label]) if 0 <= label < len(c) else 0
+    in_a, in_b, in_both = counts
+    return at(in_both), at(in_a) + at(in_b)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -118,12 +145,20 @@ def hd95(a: ArrayLike, b: ArrayLike, *, spacing: Sequence[float],
         box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in idx)
         # Surface voxels in mm; nearest neighbours from k-d trees (exact Euclidean
         # distances, as a distance transform gives, at half its cost here).
-        pts_a = np.argwhere(_surface(in_a[box])) * np.asarray(spacing)
-        pts_b = np.argwhere(_surface(in_b[box])) * np.asarray(spacing)
-        to_b = cKDTree(pts_b).query(pts_a, workers=-1)[0]
-        to_a = cKDTree(pts_a).query(pts_b, workers=-1)[0]
+        surf_a, surf_b = _surface(in_a[box]), _surface(in_b[box])
+        to_b = _surface_distances(surf_a, surf_b, spacing, cKDTree)
+        to_a = _surface_distances(surf_b, surf_a, spacing, cKDTree)
         out[label] = float(max(np.percentile(to_b, 95), np.percentile(to_a, 95)))
     return out
+
+
+def _surface_distances(src: np.ndarray, dst: np.ndarray, spacing, tree_type) -> np.ndarray:
+    """Distance (mm) from each voxel of ``src`` to the nearest voxel of ``dst``: 0 where
+    ``src`` is on ``dst`` (most of them once registered), a k-d tree query elsewhere."""
+    scale = np.asarray(spacing)
+    off = src & ~dst
+    far = tree_type(np.argwhere(dst) * scale).query(np.argwhere(off) * scale, workers=-1)[0]
+    return np.concatenate([np.zeros(int(src.sum()) - len(far)), far])
 
 
 def jacobian_stats(disp: ArrayLike, *, eps: float = 1e-9) -> dict[str, float]:
@@ -138,14 +173,21 @@ def jacobian_stats(disp: ArrayLike, *, eps: float = 1e-9) -> dict[str, float]:
       ``std_log_jac``: standard deviation of ``log(max(det, eps))`` over all voxels.
       Derivatives as :func:`jaxreg.regularisers.jacobian_determinant` (np.gradient).
     """
-    folding, std_log = _jacobian_summary(jnp.asarray(disp, jnp.float32), eps)
-    return {"folding_percent": float(folding), "std_log_jac": float(std_log)}
+    return jacobian_summary(disp, eps=eps)[1]
+
+
+def jacobian_summary(disp: ArrayLike, *, eps: float = 1e-9
+                     ) -> tuple[np.ndarray, dict[str, float]]:
+    """The Jacobian determinant map and :func:`jacobian_stats`, from one program (for a
+    caller that shows the map too, e.g. the QC picture)."""
+    det, folding, std_log = _jacobian_summary(jnp.asarray(disp, jnp.float32), eps)
+    return np.asarray(det), {"folding_percent": float(folding), "std_log_jac": float(std_log)}
 
 
 @compilation.jit
 def _jacobian_summary(disp, eps):
     det = jacobian_determinant(disp)
-    return 100.0 * jnp.mean(det <= 0), jnp.std(jnp.log(jnp.maximum(det, eps)))
+    return det, 100.0 * jnp.mean(det <= 0), jnp.std(jnp.log(jnp.maximum(det, eps)))
 
 
 def tre(fixed_points: ArrayLike, moving_points: ArrayLike, disp: ArrayLike, *,

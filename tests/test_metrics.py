@@ -171,3 +171,16 @@ def test_hd95_matches_distance_transforms_on_real_sized_labels():
     to_a = ndimage.distance_transform_edt(~sa, sampling=spacing)[sb]
     expected = max(np.percentile(to_b, 95), np.percentile(to_a, 95))
     assert metrics.hd95(a, b, spacing=spacing)[2] == pytest.approx(expected, rel=1e-9)
+
+
+def test_dice_counted_path_matches_masks():
+    # Integer maps are scored by counting every label at once; float maps (and labels
+    # outside the counted range) by per-label masks: the two must agree.
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, (12, 13, 14)).astype(np.uint8)
+    b = rng.integers(0, 6, (12, 13, 14)).astype(np.int16)
+    counted = metrics.dice(a, b, labels=[1, 2, 5, 9])
+    masked = metrics.dice(a.astype(float), b.astype(float), labels=[1, 2, 5, 9])
+    assert counted[5] == 0.0 and math.isnan(counted[9])
+    np.testing.assert_equal(counted, masked)
+    assert metrics.dice(a, b) == metrics.dice(a.astype(float), b.astype(float))
