@@ -56,7 +56,7 @@ def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: Array
                 field: ArrayLike, features: Optional[ArrayLike] = None,
                 slices: Optional[Sequence[int]] = None,
                 spacing: Optional[Sequence[float]] = None,
-                title: Optional[str] = None) -> str:
+                title: Optional[str] = None, jacobian: Optional[ArrayLike] = None) -> str:
     """Writes a QC figure of one registration to ``path`` (PNG, atomically).
 
     One row per view: the planes ``i = slices[0]``, ``j = slices[1]`` and ``k = slices[2]``
@@ -80,6 +80,8 @@ def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: Array
       slices: ``(i, j, k)`` of the three planes; default the volume centre.
       spacing: voxel sizes in mm along ``(i, j, k)`` for the panels' aspect; default 1.
       title: optional figure title.
+      jacobian: the ``(H, W, D)`` Jacobian determinant of ``field`` if the caller has it
+        (:func:`jaxreg.metrics.jacobian_summary`); default computed here.
 
     Returns:
       ``path``.
@@ -92,7 +94,10 @@ def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: Array
     _check_shapes(fixed, moving, warped, field)
     slices, spacing = _planes(slices, spacing, fixed.shape)
     rgb = None if features is None else _features_rgb(features, fixed.shape, slices)
-    fig = _figure(_columns(fixed, moving, warped, field, rgb, slices), slices, spacing, title)
+    jac = np.asarray(_jacobian(field) if jacobian is None else jacobian)
+    if jac.shape != fixed.shape:
+        raise ValueError(f"jacobian {jac.shape} does not match the volumes {fixed.shape}")
+    fig = _figure(_columns(fixed, moving, warped, jac, rgb, slices), slices, spacing, title)
     with atomic.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return path
@@ -158,7 +163,7 @@ def _jacobian(field):
     return jacobian_determinant(field)
 
 
-def _columns(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, field: np.ndarray,
+def _columns(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, jac: np.ndarray,
              rgb: Optional[list[np.ndarray]], slices: Sequence[int]
              ) -> list[tuple[str, list[np.ndarray], dict]]:
     """The figure's columns as ``(title, the three planes, imshow keywords)``, left to
@@ -170,7 +175,6 @@ def _columns(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, field: n
     f01, w01 = robust(fixed), robust(warped)
     tiles = _tiles(fixed.shape, slices)
     diff = np.abs(warped - fixed)
-    jac = np.asarray(_jacobian(field))
     folding = 100.0 * float(np.mean(jac <= 0))
     gray = dict(cmap="gray", vmin=0.0, vmax=1.0)
     columns = [("fixed", f01, gray), ("moving", robust(moving), gray), ("warped", w01, gray),

@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxreg import affine as affine_lib
@@ -94,13 +95,14 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
         save("field_mm.nii.gz", io.field_to_mm(field, affine), compresslevel=0)
         warped = np.asarray(warp_lib.warp(moving.data, field))
         save("warped.nii.gz", warped)
+        jacobian, jacobian_stats = metrics.jacobian_summary(field)  # for the row and QC
         if config.qc:
             background.submit(_save_qc, os.path.join(out_dir, "qc.png"), loaded, warped,
-                              field, fixed_features, config)
+                              field, jacobian, fixed_features, config)
         row: dict[str, Any] = {"pair": pair.name, "seconds": round(seconds, 3)}
         row.update({f"seconds_{k}": round(v, 3) for k, v in (timings or {}).items()})
         row.update(_label_rows(loaded, field, save, background, hd=config.hd95))
-        row.update({k: round(float(v), 4) for k, v in metrics.jacobian_stats(field).items()})
+        row.update({k: round(float(v), 4) for k, v in jacobian_stats.items()})
         row.update(_field_errors(loaded, field, true))
         background.wait()
     finally:
@@ -111,11 +113,11 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
 
 
 def _save_qc(path: str, loaded: LoadedPair, warped: np.ndarray, field: np.ndarray,
-             fixed_features: np.ndarray | None, config: settings.StudyConfig) -> None:
+             jacobian: np.ndarray, fixed_features: np.ndarray | None, config: settings.StudyConfig) -> None:
     from jaxreg import qc  # matplotlib: imported only when a picture is drawn
 
     qc.save_qc_png(path, fixed=loaded.fixed.data, moving=loaded.moving.data, warped=warped,
-                   field=field, features=fixed_features,
+                   field=field, jacobian=jacobian, features=fixed_features,
                    spacing=tuple(float(s) for s in loaded.fixed.spacing),
                    title=f"{loaded.pair.name} ({config.registration.encoder})")
 
@@ -161,10 +163,11 @@ def _field_errors(loaded: LoadedPair, field: np.ndarray,
                             f"the fixed grid {field.shape}")
     mask = None
     if labels:
-        mask = np.any([fix_lab > 0 for _, fix_lab in labels.values()], axis=0)
+        mask = np.logical_or.reduce([fix_lab > 0 for _, fix_lab in labels.values()])
     spacing = loaded.fixed.spacing
+    true = jnp.asarray(true, jnp.float32)  # on the device once, for both scores
     return {key: round(float(metrics.field_error(estimate, true, mask=mask, spacing=spacing)), 4)
-            for key, estimate in (("field_error_mm_before", np.zeros_like(true)),
+            for key, estimate in (("field_error_mm_before", jnp.zeros_like(true)),
                                   ("field_error_mm", field))}
 
 
