@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 from jax.typing import ArrayLike
 
 from jaxreg import atomic
@@ -124,6 +123,7 @@ def _encode_chunk(state, slices, *, graphdef, preprocessing, patch_size, layers,
     cells that cover the slice (:func:`map_cells`)."""
     resized, _ = token_geometry(slices.shape[1:], preprocessing, image_size=image_size,
                                 patch_size=patch_size)
+    from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
     out = nnx.merge(graphdef, state)(encoder_input(slices, preprocessing, image_size=image_size))
     missing = [k for k in layers if k not in out]
     if missing:
@@ -158,6 +158,7 @@ class SliceEncoder:
         self.name = name or spec.name
         self.calls = 0  # encoder invocations (slices), for tests and logs
         self._strides = None
+        from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
         self._graphdef, self._state = nnx.split(model)
         self._sharding = None
         if devices is not None and len(devices) > 1:
@@ -200,6 +201,7 @@ class SliceEncoder:
         (from the model's output shapes, traced once without computing)."""
         if self._strides is None:
             s = self.image_size
+            from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
             model = nnx.merge(self._graphdef, self._state)
             shapes = jax.eval_shape(model, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
             self._strides = {k: (s / shapes[k].shape[1], s / shapes[k].shape[2])

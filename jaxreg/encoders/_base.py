@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from jaxreg.encoders import _checkpoint, _folder_config
 
@@ -124,6 +123,7 @@ def abstract_with(create: Callable[..., nnx.Module], variant: object,
     ``open_clip_config.json`` must describe the model's ``config``
     (:func:`jaxreg.encoders._folder_config.check_folder`).
     """
+    from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
     model = nnx.eval_shape(lambda: create(variant, rngs=nnx.Rngs(0), dtype=dtype))
     if folder is not None and hasattr(model, "config"):
         _folder_config.check_folder(folder, model.config)
@@ -161,6 +161,7 @@ def load_checkpoint(create: Callable[..., nnx.Module], convert: Convert, variant
         variant = variant_for(variant, params)
     folder = path if os.path.isdir(path) else None
     model = abstract_with(create, variant, params, source=source, dtype=dtype, folder=folder)
+    from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
     graphdef, state = nnx.split(model)  # host numpy -> jax arrays
     logging.info("Loaded %s from %s (%d tensors).",
                  variant if isinstance(variant, str) else type(model).__name__, source,

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from jaxreg import atomic
 
@@ -190,6 +189,7 @@ def _path_name(path: tuple) -> str:
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters (and batch statistics) as ``{"a.0.kernel": array}``."""
+    from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
     return {_path_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
@@ -207,6 +207,7 @@ def assign_params(
     Raises:
       CheckpointError: listing every missing, unexpected and mis-shaped parameter.
     """
+    from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
     flat = nnx.to_flat_state(state)
     names = {_path_name(p): (p, v) for p, v in flat}
