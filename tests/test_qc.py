@@ -108,7 +108,21 @@ def test_planes_are_the_full_volume_pictures_cut():
 def test_importing_jaxreg_does_not_import_matplotlib():
     import subprocess
 
-    code = "import jaxreg, jaxreg.qc, sys; print('matplotlib' in sys.modules)"
+    code = ("import jaxreg, jaxreg.qc, experiments.breast, sys; "
+            "print('matplotlib' in sys.modules, 'flax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert out.stdout.strip() == "False"
+    # Neither the picture's matplotlib nor the encoders' flax loads for a MIND-SSC run.
+    assert out.stdout.strip() == "False False"
+
+
+def test_given_jacobian_draws_the_same_picture(case, tmp_path):
+    from jaxreg import metrics
+
+    det, _ = metrics.jacobian_summary(case["field"])
+    own = qc.save_qc_png(str(tmp_path / "own.png"), **case)
+    given = qc.save_qc_png(str(tmp_path / "given.png"), **case, jacobian=det)
+    np.testing.assert_allclose(matplotlib.image.imread(given), matplotlib.image.imread(own),
+                               atol=1.5 / 255)
+    with pytest.raises(ValueError, match="jacobian"):
+        qc.save_qc_png(str(tmp_path / "bad.png"), **case, jacobian=det[:-1])
