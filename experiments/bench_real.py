@@ -11,7 +11,8 @@ Rows (``--rows``): encoder names the experiment config accepts (``mind``, ``lite
 weights are missing, is listed as skipped with the reason. ``mind`` is one row; every
 other name one row per variant (``--variants``): ``last`` (last layer, slices along the
 third axis: the reference), ``pyramid`` (the encoder's pyramid maps jointly),
-``triplanar`` (last layer, slices along all three axes). ``--iterations`` overrides the
+``triplanar`` (last layer, slices along all three axes), ``gradient`` (last layer, the
+encoder sees each image's gradient magnitude: ``features.render="gradient"``). ``--iterations`` overrides the
 Adam iterations of the encoder rows (0: the config's, 1000 for the reference); ``mind``
 and the hybrids keep the config's MIND-SSC solver settings (80 iterations).
 A row's variants share one encoder yielding every pyramid map and the slice cache in
@@ -54,7 +55,7 @@ from experiments import real_data
 from jaxreg import phantom
 
 ROWS = ("mind", "litemedsam", "mobilesam", "litemedsam+mind", "mobilesam+mind")
-VARIANTS = ("last", "pyramid", "triplanar")
+VARIANTS = ("last", "pyramid", "triplanar", "gradient")
 TASKS = ("t1t2", "t2t1", "vfa") + tuple(phantom.TASKS)
 _MNI_TASKS = tuple(real_data.PAIR_TASKS)
 
@@ -123,6 +124,8 @@ def config(row: str, variant: str, iterations: int = 0):
         c.features.pyramid = "joint"
     elif variant == "triplanar":
         c.features.axes = (0, 1, 2)
+    elif variant == "gradient":
+        c.features.render = "gradient"
     elif variant != "last":
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     return c

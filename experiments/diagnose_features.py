@@ -25,6 +25,10 @@ moving correlate most, fitted inside the brain at the unregistered positions),
 ``fmind:W`` (MIND-SSC plus, at weight ``W``, the MIND-SSC descriptor of the first 3 PCA
 channels, averaged over them: the features' self-similarity instead of their values).
 
+``--render`` changes what the encoder sees (not MIND-SSC's input): the image, its
+gradient magnitude (Gaussian derivatives, sigma 1 voxel) or one minus the mean of its
+MIND-SSC channels, both edge maps in which T1 and T2 differ less than in intensity.
+
 It also prints, per encoder map, the correlation between fixed and moving of each PCA
 channel inside the brain (the sign tells whether a channel follows the anatomy or the
 contrast).
@@ -52,6 +56,9 @@ _ENCODER = flags.DEFINE_string("encoder", "litemedsam", "encoder of the registry
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "encoder input pixels (0: its own)")
 _GAP = flags.DEFINE_integer("gap", 6, "encode every gap-th slice")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxreg-diagnose", "encoded-slice cache")
+_RENDER = flags.DEFINE_enum("render", "intensity", ["intensity", "gradient", "mind"],
+                            "what the encoder sees: the image, its gradient magnitude, or "
+                            "the mean of its MIND-SSC channels (contrast-free renderings)")
 
 
 def _pair():
@@ -64,6 +71,16 @@ def _pair():
         x = F.normalise_intensity(p["moving"])
         p["moving"] = np.where(F.foreground_mask(x), 1.0 - x, 0.0).astype(np.float32)
     return p
+
+
+def _render(x):
+    """The image as the encoder sees it (``--render``), scaled to [0, 1]."""
+    from jaxreg import features as F, mind
+
+    if _RENDER.value != "mind":
+        return F.render(x, _RENDER.value)
+    descriptor = np.asarray(mind.mind_ssc(jnp.asarray(F.normalise_intensity(x))))
+    return F.normalise_intensity(1.0 - descriptor.mean(-1))
 
 
 def _correlation(f, m, mask):
@@ -80,7 +97,7 @@ def _features(p, dims):
     layers = registry.ENCODERS[_ENCODER.value].pyramid
     encoder = F.SliceEncoder(model, spec, layers=layers, image_size=_IMAGE_SIZE.value)
     config = F.FeatureConfig(layers=layers, pca_dims=dims, gap=_GAP.value)
-    out = F.pair_features(p["fixed"], p["moving"], encoder, config=config,
+    out = F.pair_features(_render(p["fixed"]), _render(p["moving"]), encoder, config=config,
                           fixed_mask=F.foreground_mask(p["fixed"]),
                           moving_mask=F.foreground_mask(p["moving"]),
                           cache=F.FeatureCache(_WORKDIR.value))

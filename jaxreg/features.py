@@ -7,7 +7,9 @@ each replaceable:
 
 1. :func:`normalise_intensity`: robust min-max of a volume to [0, 1] (percentile clipping,
    0.5 / 99.5 by default), one mapping for the whole volume so every slice sees the same
-   intensity scale.
+   intensity scale; optionally (:func:`render`, not in the reference) the encoder sees the
+   image's gradient magnitude instead, an edge map that differs less between MRI
+   sequences than their intensities do.
 2. :func:`slice_plan`: slices along an axis; slices of uniform intensity in the fixed image
    are dropped (in both images); every ``gap``-th remaining slice and the last one are
    encoded.
@@ -59,6 +61,7 @@ __all__ = [
     "SlicePlan",
     "PCA",
     "normalise_intensity",
+    "render",
     "foreground_mask",
     "slice_plan",
     "interpolation_matrix",
@@ -93,6 +96,8 @@ class FeatureConfig:
       uniform_tolerance: a slice whose normalised range is at most this is dropped.
       scale: divide PCA outputs by the standard deviation of the first component, so that
         the solver's similarity weight means the same for every encoder.
+      render: what the encoder sees (:func:`render`): ``"intensity"`` (the reference) or
+        ``"gradient"`` (the gradient magnitude, for pairs of different contrasts).
     """
 
     axes: tuple[int, ...] = (2,)
@@ -105,10 +110,13 @@ class FeatureConfig:
     percentiles: tuple[float, float] = (0.5, 99.5)
     uniform_tolerance: float = 1e-6
     scale: bool = True
+    render: str = "intensity"
 
     def __post_init__(self):
         if not self.axes or any(a not in (0, 1, 2) for a in self.axes):
             raise ValueError(f"axes must be a non-empty subset of (0, 1, 2), got {self.axes}")
+        if self.render not in RENDERS:
+            raise ValueError(f"render must be one of {RENDERS}, got {self.render!r}")
         if self.fusion not in ("concat", "mean"):
             raise ValueError(f"fusion must be 'concat' or 'mean', got {self.fusion!r}")
         if self.gap < 1 or self.pca_dims < 1 or not self.layers:
@@ -130,6 +138,30 @@ def normalise_intensity(volume: ArrayLike, *,
     if hi <= lo:
         lo, hi = float(volume.min()), float(volume.max())
     return np.clip((volume - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+RENDERS = ("intensity", "gradient")
+
+
+def render(volume: ArrayLike, kind: str = "intensity", *,
+           percentiles: tuple[float, float] = (0.5, 99.5), sigma: float = 1.0) -> np.ndarray:
+    """The volume as an encoder sees it, in [0, 1] (float32).
+
+    ``"intensity"``: :func:`normalise_intensity`. ``"gradient"``: the gradient magnitude
+    of that (Gaussian derivatives, ``sigma`` voxels), normalised the same way: tissue
+    boundaries at the same places whichever way a sequence orders the tissues' brightness
+    (T1 and T2 invert it), so the features of the two images agree far better (BUILD.md,
+    "Real features"). Any rank (2D images too).
+    """
+    x = normalise_intensity(volume, percentiles=percentiles)
+    if kind == "intensity":
+        return x
+    if kind != "gradient":
+        raise ValueError(f"render must be one of {RENDERS}, got {kind!r}")
+    from scipy import ndimage  # imported when used
+
+    return normalise_intensity(ndimage.gaussian_gradient_magnitude(x, sigma),
+                               percentiles=percentiles)
 
 
 def foreground_mask(volume: ArrayLike, *, threshold: float = 0.05,
@@ -366,8 +398,8 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
     """
     times = timings if timings is not None else {}
     with _timed(times, "slicing"):
-        fixed = normalise_intensity(fixed, percentiles=config.percentiles)
-        moving = normalise_intensity(moving, percentiles=config.percentiles)
+        fixed = render(fixed, config.render, percentiles=config.percentiles)
+        moving = render(moving, config.render, percentiles=config.percentiles)
         two_d = fixed.ndim == 2
         fixed, moving, fixed_mask, moving_mask, axes = _as_volumes(
             fixed, moving, fixed_mask, moving_mask, config)

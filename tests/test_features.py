@@ -255,3 +255,36 @@ def test_maps_of_another_stride_land_on_the_image_grid_where_they_belong():
     r = np.corrcoef(s1[inner].ravel(), s4[inner].ravel())[0, 1]
     assert abs(r) > 0.99, r
     np.testing.assert_allclose(np.abs(s1[inner]), np.abs(s4[inner]), atol=0.05 * np.abs(s4).max())
+
+
+def test_gradient_render_is_blind_to_contrast_inversion():
+    # A T1/T2-like pair: the same tissues with their brightness order reversed. The
+    # gradient magnitude (what render="gradient" feeds the encoder) is the same for both.
+    rng = np.random.default_rng(3)
+    tissue = (rng.random((20, 16, 14)) > 0.5).astype(np.float32)
+    from scipy import ndimage
+
+    tissue = ndimage.gaussian_filter(tissue, 1.5)
+    t1, t2 = 100.0 * tissue + 20.0, 300.0 - 200.0 * tissue
+    g1, g2 = F.render(t1, "gradient"), F.render(t2, "gradient")
+    assert g1.dtype == np.float32 and 0.0 <= g1.min() and g1.max() <= 1.0
+    np.testing.assert_allclose(g1, g2, atol=1e-4)
+    assert np.corrcoef(F.render(t1).ravel(), F.render(t2).ravel())[0, 1] < -0.99
+    np.testing.assert_array_equal(F.render(t1), F.normalise_intensity(t1))
+    with pytest.raises(ValueError, match="render"):
+        F.FeatureConfig(render="edges")
+    with pytest.raises(ValueError, match="render"):
+        F.render(t1, "edges")
+
+
+def test_pair_features_encode_the_rendered_images():
+    fixed, moving = volume(seed=0), volume(seed=1)
+    enc = make_encoder()
+    # Percentiles 0 / 100: normalising an image already in [0, 1] again changes nothing.
+    cfg = F.FeatureConfig(gap=2, pca_dims=2, render="gradient", percentiles=(0.0, 100.0))
+    got = F.pair_features(fixed, moving, enc, config=cfg)["features"]
+    rendered = [F.render(v, "gradient", percentiles=(0.0, 100.0)) for v in (fixed, moving)]
+    want = F.pair_features(*rendered, enc, config=F.FeatureConfig(
+        gap=2, pca_dims=2, percentiles=(0.0, 100.0)))["features"]
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5)

@@ -17,6 +17,7 @@ from experiments.configs import breast
 from jaxreg import experiment
 from jaxreg import io
 from jaxreg.experiment import pipeline
+from jaxreg.experiment import settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,17 +154,28 @@ def test_a_damaged_true_field_is_reported_not_scored(data, tmp_path):
     ("solver.learning_rate", float("inf"), "learning_rate"),
     ("features.pyramid", "jiont", "features.pyramid='jiont': must be one of none, joint"),
     ("features.percentiles", (99.0, 1.0), "features.percentiles"),
+    ("features.render", "edges", "features.render='edges': must be one of intensity, gradient"),
     ("features.dtype", "float16", "features.dtype"),
     ("batch.batch_per_device", 0, "batch.batch_per_device"),
     ("phantom.tasks", ("dates",), "phantom.tasks"),
 ])
 def test_nonsense_settings_are_refused_naming_the_field(field, value, message, tmp_path):
-    config = breast.get_config("litemedsam" if field == "features.pyramid" else "mind")
+    config = breast.get_config("litemedsam" if field.startswith("features.") else "mind")
     section, key = field.split(".")
     config[section][key] = value
     with pytest.raises(experiment.ConfigError, match=message.replace("(", r"\(")):
         experiment.run_study(config, str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()  # refused before the workdir was made
+
+
+def test_render_is_recorded_only_when_it_is_not_the_reference():
+    config = breast.get_config("litemedsam")
+    assert "render" not in settings.result_settings(experiment.from_configdict(config))[
+        "features"]  # earlier results stay valid
+    config.features.render = "gradient"
+    study = experiment.from_configdict(config)
+    assert study.registration.features.render == "gradient"
+    assert settings.result_settings(study)["features"]["render"] == "gradient"
 
 
 def test_mind_normalisation_follows_features_percentiles(data):

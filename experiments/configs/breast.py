@@ -88,6 +88,9 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     c.features.image_size = 0  # encoder input pixels; 0 = the encoder's own
     c.features.chunk = 0  # slices per encoder call; 0 = from device memory
     c.features.percentiles = (0.5, 99.5)  # intensity clipping before encoding
+    # What the encoder sees: "intensity" (the reference) or "gradient" (the gradient
+    # magnitude: features that agree across MRI sequences, e.g. T1 against T2; BUILD.md).
+    c.features.render = "intensity"
     c.features.dtype = "auto"  # encoder compute dtype: auto (bf16 on GPU/TPU), float32, bfloat16
     c.features.cache = True  # keep encoded slices in workdir/feature_cache
 

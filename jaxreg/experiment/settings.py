@@ -178,7 +178,8 @@ def _features(c: Any, pyramid: str) -> feat_lib.FeatureConfig:
             axes=tuple(f.axes), fusion=f.fusion, gap=f.gap,
             layers=("features",) if pyramid == "none" else entry.pyramid,
             pca_dims=f.pca_dims or entry.pca_dims, image_size=f.image_size, chunk=f.chunk,
-            percentiles=_percentiles(c))
+            percentiles=_percentiles(c),
+            render=_choice(f.get("render", "intensity"), "features.render", feat_lib.RENDERS))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.features: {e}") from None
 
@@ -250,6 +251,8 @@ def result_settings(config: StudyConfig) -> dict[str, Any]:
     if r.model is not None:
         features = dataclasses.asdict(r.features)
         features.pop("chunk")
+        if features["render"] == "intensity":  # absent then: earlier results stay valid
+            features.pop("render")
         out.update(weights=r.weights, features=features, pyramid=r.pyramid, mask=r.mask,
                    dtype=r.dtype)
     if config.uses_phantom:
