@@ -56,6 +56,8 @@ _ENCODER = flags.DEFINE_string("encoder", "litemedsam", "encoder of the registry
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "encoder input pixels (0: its own)")
 _GAP = flags.DEFINE_integer("gap", 6, "encode every gap-th slice")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxreg-diagnose", "encoded-slice cache")
+_AXES = flags.DEFINE_list("axes", ["2"], "slicing axes; 0,1,2 = tri-planar (fused by "
+                          "averaging the three volumes in one PCA basis)")
 _RENDER = flags.DEFINE_enum("render", "intensity", ["intensity", "gradient", "mind"],
                             "what the encoder sees: the image, its gradient magnitude, or "
                             "the mean of its MIND-SSC channels (contrast-free renderings)")
@@ -96,7 +98,9 @@ def _features(p, dims):
     model, spec = registry.load_encoder(_ENCODER.value)
     layers = registry.ENCODERS[_ENCODER.value].pyramid
     encoder = F.SliceEncoder(model, spec, layers=layers, image_size=_IMAGE_SIZE.value)
-    config = F.FeatureConfig(layers=layers, pca_dims=dims, gap=_GAP.value)
+    axes = tuple(int(a) for a in _AXES.value)
+    config = F.FeatureConfig(layers=layers, pca_dims=dims, gap=_GAP.value, axes=axes,
+                             fusion="mean")
     out = F.pair_features(_render(p["fixed"]), _render(p["moving"]), encoder, config=config,
                           fixed_mask=F.foreground_mask(p["fixed"]),
                           moving_mask=F.foreground_mask(p["moving"]),
