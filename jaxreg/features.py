@@ -54,6 +54,7 @@ from absl import logging
 from jax.typing import ArrayLike
 
 from jaxreg.encoding import FeatureCache, SliceEncoder, encoder_input, token_geometry
+from jaxreg.intensity import RENDERS, foreground_mask, normalise_intensity, render
 from jaxreg.pca import PCA, fit_pca, project
 
 __all__ = [
@@ -124,55 +125,7 @@ class FeatureConfig:
                              f"{self.gap}, pca_dims={self.pca_dims}, layers={self.layers}")
 
 
-# 1. intensities ------------------------------------------------------------------------
-
-def normalise_intensity(volume: ArrayLike, *,
-                        percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
-    """Clips a volume to two percentiles and scales it to [0, 1] (float32).
-
-    A volume whose percentiles coincide falls back to its min and max; a constant volume
-    becomes zeros.
-    """
-    volume = np.asarray(volume, np.float32)
-    lo, hi = np.percentile(volume, percentiles)
-    if hi <= lo:
-        lo, hi = float(volume.min()), float(volume.max())
-    return np.clip((volume - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
-
-
-RENDERS = ("intensity", "gradient")
-
-
-def render(volume: ArrayLike, kind: str = "intensity", *,
-           percentiles: tuple[float, float] = (0.5, 99.5), sigma: float = 1.0) -> np.ndarray:
-    """The volume as an encoder sees it, in [0, 1] (float32).
-
-    ``"intensity"``: :func:`normalise_intensity`. ``"gradient"``: the gradient magnitude
-    of that (Gaussian derivatives, ``sigma`` voxels), normalised the same way: tissue
-    boundaries at the same places whichever way a sequence orders the tissues' brightness
-    (T1 and T2 invert it), so the features of the two images agree far better (BUILD.md,
-    "Real features"). Any rank (2D images too).
-    """
-    x = normalise_intensity(volume, percentiles=percentiles)
-    if kind == "intensity":
-        return x
-    if kind != "gradient":
-        raise ValueError(f"render must be one of {RENDERS}, got {kind!r}")
-    from scipy import ndimage  # imported when used
-
-    return normalise_intensity(ndimage.gaussian_gradient_magnitude(x, sigma),
-                               percentiles=percentiles)
-
-
-def foreground_mask(volume: ArrayLike, *, threshold: float = 0.05,
-                    percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
-    """Voxels brighter than ``threshold`` after :func:`normalise_intensity` (air is out).
-
-    A cheap default for fitting the PCA on anatomy rather than on the background, which
-    otherwise dominates the feature variance of skull-stripped or breast volumes.
-    """
-    return normalise_intensity(volume, percentiles=percentiles) > threshold
-
+# 1. intensities: jaxreg/intensity.py (normalise_intensity, render, foreground_mask)
 
 # 2. slices ------------------------------------------------------------------------------
 
