@@ -123,8 +123,6 @@ def hd95(a: ArrayLike, b: ArrayLike, *, spacing: Sequence[float],
       ``{label: hd95_mm}``; ``nan`` when the label is absent from both maps, ``inf``
       when it is absent from one only.
     """
-    from scipy.spatial import cKDTree  # imported when scored, not with jaxreg
-
     a, b = np.asarray(a), np.asarray(b)
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != a.ndim:
@@ -146,18 +144,20 @@ def hd95(a: ArrayLike, b: ArrayLike, *, spacing: Sequence[float],
         # Surface voxels in mm; nearest neighbours from k-d trees (exact Euclidean
         # distances, as a distance transform gives, at half its cost here).
         surf_a, surf_b = _surface(in_a[box]), _surface(in_b[box])
-        to_b = _surface_distances(surf_a, surf_b, spacing, cKDTree)
-        to_a = _surface_distances(surf_b, surf_a, spacing, cKDTree)
+        to_b = _surface_distances(surf_a, surf_b, spacing)
+        to_a = _surface_distances(surf_b, surf_a, spacing)
         out[label] = float(max(np.percentile(to_b, 95), np.percentile(to_a, 95)))
     return out
 
 
-def _surface_distances(src: np.ndarray, dst: np.ndarray, spacing, tree_type) -> np.ndarray:
+def _surface_distances(src: np.ndarray, dst: np.ndarray, spacing) -> np.ndarray:
     """Distance (mm) from each voxel of ``src`` to the nearest voxel of ``dst``: 0 where
     ``src`` is on ``dst`` (most of them once registered), a k-d tree query elsewhere."""
+    from scipy.spatial import cKDTree  # imported when scored, not with jaxreg
+
     scale = np.asarray(spacing)
     off = src & ~dst
-    far = tree_type(np.argwhere(dst) * scale).query(np.argwhere(off) * scale, workers=-1)[0]
+    far = cKDTree(np.argwhere(dst) * scale).query(np.argwhere(off) * scale, workers=-1)[0]
     return np.concatenate([np.zeros(int(src.sum()) - len(far)), far])
 
 

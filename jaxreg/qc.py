@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Sequence
 
-import jax
 import numpy as np
 from jax.typing import ArrayLike
 
 from jaxreg import atomic
-from jaxreg.regularisers import jacobian_determinant
+from jaxreg import metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -94,7 +93,7 @@ def save_qc_png(path: str, *, fixed: ArrayLike, moving: ArrayLike, warped: Array
     _check_shapes(fixed, moving, warped, field)
     slices, spacing = _planes(slices, spacing, fixed.shape)
     rgb = None if features is None else _features_rgb(features, fixed.shape, slices)
-    jac = np.asarray(_jacobian(field) if jacobian is None else jacobian)
+    jac = metrics.jacobian_summary(field)[0] if jacobian is None else np.asarray(jacobian)
     if jac.shape != fixed.shape:
         raise ValueError(f"jacobian {jac.shape} does not match the volumes {fixed.shape}")
     fig = _figure(_columns(fixed, moving, warped, jac, rgb, slices), slices, spacing, title)
@@ -156,11 +155,6 @@ def _tiles(shape: Sequence[int], slices: Sequence[int]) -> list[np.ndarray]:
         parity = index[p][:, None] + index[q][None, :] + slices[axis] // _TILE
         out.append((parity % 2 == 0).swapaxes(0, 1))
     return out
-
-
-@jax.jit
-def _jacobian(field):
-    return jacobian_determinant(field)
 
 
 def _columns(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, jac: np.ndarray,

@@ -113,7 +113,8 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
 
 
 def _save_qc(path: str, loaded: LoadedPair, warped: np.ndarray, field: np.ndarray,
-             jacobian: np.ndarray, fixed_features: np.ndarray | None, config: settings.StudyConfig) -> None:
+             jacobian: np.ndarray, fixed_features: np.ndarray | None,
+             config: settings.StudyConfig) -> None:
     from jaxreg import qc  # matplotlib: imported only when a picture is drawn
 
     qc.save_qc_png(path, fixed=loaded.fixed.data, moving=loaded.moving.data, warped=warped,
