@@ -156,6 +156,7 @@ def test_a_damaged_true_field_is_reported_not_scored(data, tmp_path):
     ("features.percentiles", (99.0, 1.0), "features.percentiles"),
     ("features.render", "edges", "features.render='edges': must be one of intensity, gradient"),
     ("features.dtype", "float16", "features.dtype"),
+    ("features.attention", "flash", "features.attention='flash': must be one of xla, cudnn"),
     ("batch.batch_per_device", 0, "batch.batch_per_device"),
     ("phantom.tasks", ("dates",), "phantom.tasks"),
 ])
@@ -176,6 +177,16 @@ def test_render_is_recorded_only_when_it_is_not_the_reference():
     study = experiment.from_configdict(config)
     assert study.registration.features.render == "gradient"
     assert settings.result_settings(study)["features"]["render"] == "gradient"
+
+
+def test_cudnn_attention_off_a_gpu_is_refused_before_loading_weights():
+    config = breast.get_config("dinov2")  # no dinov2 weights here: the check comes first
+    config.features.attention = "cudnn"
+    registration = experiment.from_configdict(config).registration
+    assert registration.attention == "cudnn"
+    with pytest.raises(experiment.ConfigError, match="features.attention='cudnn' needs an "
+                       "NVIDIA GPU and bfloat16 \\(backend cpu, dtype float32\\)"):
+        pipeline.make_source(registration)
 
 
 def test_mind_normalisation_follows_features_percentiles(data):

@@ -53,3 +53,21 @@ def test_resolve_checkpoint(tmp_path):
         str(tmp_path / "oc" / "open_clip_pytorch_model.bin")]
     with pytest.raises(CheckpointError, match="no such"):
         resolve_checkpoint(tmp_path / "absent")
+
+
+def test_set_attention_reaches_every_vit_layer_and_refuses_unknown_names():
+    from flax import nnx
+
+    from jaxreg.encoders import dinov2, sam
+
+    model = dinov2.create("dinov2_vits14_reg", rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    x = jnp.asarray(np.random.RandomState(0).rand(1, 56, 56, 3), jnp.float32)
+    before = nnx.merge(graphdef, state)(x)["features"]
+    assert vit.set_attention(model, "xla") == 12  # one per block of ViT-S
+    assert all(node.implementation == "xla" for _, node in nnx.iter_graph(model)
+               if isinstance(node, vit.Attention))
+    np.testing.assert_array_equal(model(x)["features"], before)  # None and "xla": one path
+    with pytest.raises(ValueError, match="'flash'"):
+        vit.set_attention(model, "flash")
+    assert vit.set_attention(sam.create("sam_vitb", rngs=nnx.Rngs(0)), "cudnn") == 0

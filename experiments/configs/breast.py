@@ -92,6 +92,7 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     # magnitude: features that agree across MRI sequences, e.g. T1 against T2; BUILD.md).
     c.features.render = "intensity"
     c.features.dtype = "auto"  # encoder compute dtype: auto (bf16 on GPU/TPU), float32, bfloat16
+    c.features.attention = "xla"  # ViT attention kernel: xla, or cudnn (NVIDIA GPU, bfloat16)
     c.features.cache = True  # keep encoded slices in workdir/feature_cache
 
     # Pre-alignment before the deformable stage (jaxreg.affine, MIND-SSC similarity):

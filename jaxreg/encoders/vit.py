@@ -26,7 +26,9 @@ from flax import nnx
 __all__ = [
     "ViTConfig",
     "PatchEmbed",
+    "ATTENTION_IMPLEMENTATIONS",
     "Attention",
+    "set_attention",
     "Mlp",
     "GatedMlp",
     "Block",
@@ -117,13 +119,22 @@ class PatchEmbed(nnx.Module):
         return self.proj(images)
 
 
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
 class Attention(nnx.Module):
-    """Multi-head self-attention through ``jax.nn.dot_product_attention``."""
+    """Multi-head self-attention through ``jax.nn.dot_product_attention``.
+
+    ``implementation`` is that function's argument: None or ``"xla"``, XLA's composition
+    (the attention weights materialised); ``"cudnn"``, cuDNN's fused kernel (NVIDIA GPUs,
+    bfloat16 or float16 only). :func:`set_attention` sets it for a whole model.
+    """
 
     def __init__(self, *, hidden_size: int, num_heads: int,
                  qkv_bias: Sequence[bool] = (True, True, True), proj_bias: bool = True,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, implementation: str | None = None, rngs: nnx.Rngs):
         self.num_heads = num_heads
+        self.implementation = implementation
         kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.q = nnx.Linear(hidden_size, hidden_size, use_bias=qkv_bias[0], **kw)
         self.k = nnx.Linear(hidden_size, hidden_size, use_bias=qkv_bias[1], **kw)
@@ -145,8 +156,21 @@ class Attention(nnx.Module):
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         if rope is not None:
             q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-        o = jax.nn.dot_product_attention(q, k, v)
+        o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         return self.out(o.reshape(b, t, c))
+
+
+def set_attention(model: nnx.Module, implementation: str | None) -> int:
+    """Sets the ``implementation`` of every :class:`Attention` in ``model``; returns how
+    many layers it set (0 for a model without them, e.g. SAM's). Raises ValueError for a
+    name not in :data:`ATTENTION_IMPLEMENTATIONS`."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: choose from "
+                         f"{ATTENTION_IMPLEMENTATIONS}")
+    layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, Attention)]
+    for layer in layers:
+        layer.implementation = implementation
+    return len(layers)
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -49,8 +49,17 @@ def make_source(config: settings.RegistrationConfig, *,
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:  # "auto": bfloat16 on accelerators, float32 on CPU
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if config.attention == "cudnn" and (jax.default_backend() != "gpu" or dtype != jnp.bfloat16):
+        raise settings.ConfigError(
+            f"features.attention='cudnn' needs an NVIDIA GPU and bfloat16 (backend "
+            f"{jax.default_backend()}, dtype {jnp.dtype(dtype).name}); use 'xla'")
     path = registry.find_weights(config.model, config.weights or None)
     model, spec = registry.load_encoder(config.model, path, dtype=dtype)
+    from jaxreg.encoders import vit  # with the encoders only: MIND-SSC runs never load flax
+
+    if config.attention != "xla" and not vit.set_attention(model, config.attention):
+        logging.warning("features.attention=%r: encoder %s has no ViT attention layers; "
+                        "its own attention runs", config.attention, config.model)
     fc = config.features
     encoder = feat_lib.SliceEncoder(
         model, spec, layers=fc.layers, image_size=fc.image_size, chunk=fc.chunk,

@@ -29,6 +29,7 @@ ENCODERS = (("mind",) + tuple(registry.ENCODERS)
 Pyramid = Literal["none", "joint", "coarse_to_fine"]
 PYRAMIDS = get_args(Pyramid)
 Dtype = Literal["auto", "float32", "bfloat16"]
+Attention = Literal["xla", "cudnn"]
 Affine = Literal["none", "rigid", "affine"]
 AFFINES = get_args(Affine)
 
@@ -65,6 +66,8 @@ class RegistrationConfig:
       mask: what an encoder's PCA is fitted on: ``"auto"`` (foreground), a label name
         of the pair, or ``""`` (every token).
       dtype: the encoder's compute dtype (``"auto"``: bfloat16 on accelerators).
+      attention: a ViT encoder's attention kernel: ``"xla"`` (XLA's composition) or
+        ``"cudnn"`` (cuDNN's fused kernel; NVIDIA GPUs, bfloat16).
       cache: keep encoded slices on disk.
       affine: pre-alignment before the deformable stage (:mod:`jaxreg.affine`):
         ``"none"``, ``"rigid"`` or ``"affine"``; the saved field is then the total one.
@@ -80,6 +83,7 @@ class RegistrationConfig:
     weights: str = ""
     mask: str = "auto"
     dtype: Dtype = "auto"
+    attention: Attention = "xla"
     cache: bool = True
     affine: Affine = "none"
 
@@ -207,6 +211,8 @@ def _registration(c: Any) -> RegistrationConfig:
         pyramid=pyramid, percentiles=_percentiles(c), weights=str(c.weights),
         mask=str(c.features.mask),
         dtype=_choice(c.features.dtype, "features.dtype", get_args(Dtype)),
+        attention=_choice(c.features.get("attention", "xla"), "features.attention",
+                          get_args(Attention)),
         cache=bool(c.features.cache),
         affine=_choice(c.get("affine", "none"), "affine", AFFINES))
 
