@@ -33,7 +33,8 @@ from jax.typing import ArrayLike
 from jaxreg import atomic
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 
-__all__ = ["token_geometry", "encoder_input", "map_cells", "SliceEncoder", "FeatureCache"]
+__all__ = ["token_geometry", "encoder_input", "map_cells", "plan_chunk", "SliceEncoder",
+           "FeatureCache"]
 
 
 # encoder input (step 3) ------------------------------------------------------------------
@@ -88,8 +89,13 @@ def encoder_input(slices: ArrayLike, preprocessing: Preprocessing, *,
 
 # encoding (step 4) -----------------------------------------------------------------------
 
-def _auto_chunk(spec: EncoderSpec, image_size: int) -> int:
-    """Slices per call so that activations stay within ~1/4 of the device memory."""
+def plan_chunk(spec: EncoderSpec, image_size: int) -> int:
+    """The memory plan: slices per encoder call so that activations stay within ~1/4 of
+    the first device's memory (4 on a host, where batches gain nothing but memory).
+
+    The estimate per slice is float32 activations of a ViT that materialises its
+    attention weights (``tokens**2`` per head), the worst case of the families.
+    """
     device = jax.devices()[0]
     try:
         budget = device.memory_stats()["bytes_limit"] / 4
@@ -154,7 +160,7 @@ class SliceEncoder:
         self.spec = spec
         self.layers = tuple(layers)
         self.image_size = image_size or spec.preprocessing.image_size
-        self.chunk = chunk or _auto_chunk(spec, self.image_size)
+        self.chunk = chunk or plan_chunk(spec, self.image_size)
         self.name = name or spec.name
         self.calls = 0  # encoder invocations (slices), for tests and logs
         self._strides = None
