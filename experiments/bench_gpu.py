@@ -18,7 +18,7 @@ Stages (``--stages``):
     its TF32 peak on NVIDIA GPUs, which is how jax runs float32 matmuls there by default),
     and the compiled program's memory.
   pairs: ``python -m experiments.breast`` as a user runs it, in a fresh process per
-    encoder (``mind`` and ``--encoders``), on two phantom pairs of ``--shape`` with random
+    encoder of ``--encoders`` (``mind`` included), on two phantom pairs of ``--shape`` with random
     weights written to a checkpoint: the process's wall time with a cold compilation
     cache, the first pair's stages (compilation included) and the second pair's (warm);
     for ``--warm_process`` encoders the whole process again on the warm cache.
@@ -45,7 +45,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ALL_ENCODERS = ["sam", "dinov2", "dinov3", "medclip", "litemedsam", "mobilesam", "sam2"]
 
 _STAGES = flags.DEFINE_list("stages", "encoders,pairs,mind,fine", "what to measure")
-_ENCODERS = flags.DEFINE_list("encoders", _ALL_ENCODERS, "encoders (jaxreg.encoders.registry)")
+_ENCODERS = flags.DEFINE_list("encoders", ["mind"] + _ALL_ENCODERS,
+                              "encoders (jaxreg.encoders.registry); 'mind' counts for pairs only")
 _DTYPES = flags.DEFINE_list("dtypes", "bfloat16,float32", "encoder compute dtypes")
 _ATTENTION = flags.DEFINE_list("attention", "xla", "encoders: ViT attention kernels to "
                                 "compare (xla, cudnn: NVIDIA GPUs, bfloat16 only)")
@@ -157,7 +158,7 @@ def bench_encoder(name: str, dtype_name: str, attention: str = "xla") -> dict | 
 
 
 def stage_encoders() -> None:
-    for name in _ENCODERS.value:
+    for name in [e for e in _ENCODERS.value if e != "mind"]:
         for dtype_name in _DTYPES.value:
             for attention in _ATTENTION.value:
                 try:
@@ -223,7 +224,7 @@ def stage_pairs() -> None:
 
     data = os.path.join(_SCRATCH.value, "pairs", "data")
     pairs.write_phantom_pairs(data, tasks=("date", "sequence"), shape=_shape())
-    for name in ["mind"] + [e for e in _ENCODERS.value if e != "mind"]:
+    for name in _ENCODERS.value:
         cache = os.path.join(_SCRATCH.value, "pairs", f"xla-{name}")
         try:
             weights = None if name == "mind" else _write_random_weights(

@@ -24,7 +24,7 @@ def test_peak_table(kind, dtype, peak):
 def test_every_stage_runs_and_records(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "experiments.bench_gpu", "--smoke", f"--out={out}",
-           f"--scratch={tmp_path / 'scratch'}", "--encoders=litemedsam", "--dtypes=float32",
+           f"--scratch={tmp_path / 'scratch'}", "--encoders=mind,litemedsam", "--dtypes=float32",
            "--warm_process=", "--iterations=5", "--trace"]
     proc = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
