@@ -2,7 +2,7 @@ r"""jaxreg measured on an accelerator: encoders, one pair end to end, MIND batch
 
     python -m experiments.bench_gpu --out=/tmp/bench_gpu                     # every stage
     python -m experiments.bench_gpu --stages=encoders --encoders=sam,dinov2 --dtypes=bfloat16
-    python -m experiments.bench_gpu --smoke --out=/tmp/smoke                 # CPU: checks the command
+    python -m experiments.bench_gpu --smoke --out=/tmp/smoke        # CPU: checks the command
 
 Each stage prints its rows and appends them as JSON lines to ``--out``/bench_gpu.jsonl as
 soon as they are measured, so a run cut short keeps what it finished; ``--out`` gets only
@@ -88,8 +88,10 @@ def _record(row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def _median_seconds(fn, repeats: int) -> tuple[float, float]:
-    """(first call, median of ``repeats`` more) in seconds; ``fn`` must block."""
+def _median_seconds(fn) -> tuple[float, float]:
+    """(first call, median of ``--repeats`` more, one with ``--smoke``) in seconds; ``fn``
+    must block."""
+    repeats = 1 if _SMOKE.value else _REPEATS.value
     t = time.perf_counter()
     fn()
     first = time.perf_counter() - t
@@ -130,8 +132,10 @@ def bench_encoder(name: str, dtype_name: str, attention: str = "xla") -> dict | 
 
     entry, spec, size = _encoder_input(name)
     dtype = jnp.dtype(dtype_name)
+    if attention != "xla" and dtype_name == "float32":  # cuDNN's kernel: bf16/fp16 only
+        return None
     model = entry.module.create(entry.variant, rngs=nnx.Rngs(0), dtype=dtype)
-    if attention != "xla" and (dtype_name == "float32" or not vit.set_attention(model, attention)):
+    if attention != "xla" and not vit.set_attention(model, attention):
         return None
     graphdef, state = nnx.split(model)
     batch = _BATCH.value or (1 if _SMOKE.value else encoding.plan_chunk(spec, size))
@@ -145,13 +149,13 @@ def bench_encoder(name: str, dtype_name: str, attention: str = "xla") -> dict | 
     flops = float((cost or {}).get("flops", float("nan")))
     memory = compiled.memory_analysis()
     temp_gib = getattr(memory, "temp_size_in_bytes", float("nan")) / 2**30
-    _, seconds = _median_seconds(lambda: jax.block_until_ready(compiled(state, x)),
-                                 1 if _SMOKE.value else _REPEATS.value)
+    _, seconds = _median_seconds(lambda: jax.block_until_ready(compiled(state, x)))
     device = jax.devices()[0]
     tflops = flops / seconds / 1e12
     peak = peak_tflops(device.device_kind, dtype_name)
     return dict(stage="encoders", encoder=name, variant=entry.variant, dtype=dtype_name,
-                attention=attention, input=size, batch=batch, compile_s=compile_s, seconds_per_call=seconds,
+                attention=attention, input=size, batch=batch, compile_s=compile_s,
+                seconds_per_call=seconds,
                 slices_per_s=batch / seconds, gflop_per_slice=flops / batch / 1e9,
                 tflops=tflops, mfu=(tflops / peak if peak else None), peak_tflops=peak,
                 temp_gib=temp_gib, device=device.device_kind)
@@ -251,7 +255,7 @@ def stage_mind() -> None:
     fixed, moving = _mind_pair()
     config = solver.ConvexAdamConfig()
     run = lambda: jax.block_until_ready(solver.register_mind(fixed, moving, config=config))
-    first, warm = _median_seconds(run, 1 if _SMOKE.value else _REPEATS.value)
+    first, warm = _median_seconds(run)
     _record(dict(stage="mind", what="register_mind", shape="x".join(map(str, _shape())),
                  first_s=first, warm_s=warm, pairs_per_hour=3600 / warm,
                  device=jax.devices()[0].device_kind))
@@ -272,8 +276,7 @@ def _scan_seconds(step, init, iterations: int) -> float:
 
     run = jax.jit(lambda c: jax.lax.scan(lambda c, _: (step(c), None), c, None,
                                          length=iterations)[0])
-    _, seconds = _median_seconds(lambda: jax.block_until_ready(run(init)),
-                                 1 if _SMOKE.value else _REPEATS.value)
+    _, seconds = _median_seconds(lambda: jax.block_until_ready(run(init)))
     return seconds / iterations
 
 
@@ -292,14 +295,15 @@ def stage_fine() -> None:
         coarse=jax.jit(lambda f, m: solver.coarse_stage(f, m, config=config)),
         fine=jax.jit(lambda f, m, u: solver.fine_stage(f, m, u, config=config)))
     t = {}
-    f, m = parts["mind"](fixed, moving)
-    _, t["mind"] = _median_seconds(lambda: jax.block_until_ready(parts["mind"](fixed, moving)),
-                                   _REPEATS.value)
-    u = parts["coarse"](f, m)
-    _, t["coarse"] = _median_seconds(lambda: jax.block_until_ready(parts["coarse"](f, m)),
-                                     _REPEATS.value)
-    _, t["fine"] = _median_seconds(lambda: jax.block_until_ready(parts["fine"](f, m, u)),
-                                   _REPEATS.value)
+
+    def timed(name, *args):
+        """``parts[name](*args)``, its warm median seconds kept in ``t``."""
+        _, t[name] = _median_seconds(lambda: jax.block_until_ready(parts[name](*args)))
+        return parts[name](*args)
+
+    f, m = timed("mind", fixed, moving)
+    u = timed("coarse", f, m)
+    timed("fine", f, m, u)
     g = config.grid_sp_adam
     pf, pm = filters.avg_pool(f, g), filters.avg_pool(m, g)
     p0 = filters.resize(u, pf.shape[:3]) / g

@@ -124,6 +124,8 @@ def test_vit_bfloat16_agrees_with_float32(accelerator):
 
 
 def test_cudnn_attention_agrees_with_xla(accelerator):
+    from flax import nnx
+
     from jaxreg.encoders import vit
 
     if accelerator.platform != "gpu":
@@ -132,8 +134,6 @@ def test_cudnn_attention_agrees_with_xla(accelerator):
     model, graphdef, state = _vit(jnp.bfloat16)
     xla = _features(accelerator, graphdef, state, images)
     assert vit.set_attention(model, "cudnn") == 12
-    from flax import nnx
-
     cudnn = _features(accelerator, *nnx.split(model), images)
     assert _relative(cudnn, xla) < 0.02
 
