@@ -11,11 +11,11 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from _parity import relative_errors, vit_bound  # noqa: E402
 from jaxreg.encoders import dinov2, vit  # noqa: E402
 from jaxreg.encoders._checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
                                          write_safetensors)
 
-TOL = 1e-4
 SIZES = [(224, 224), (280, 364)]
 
 
@@ -54,20 +54,20 @@ def _images(h, w, batch=1, seed=0):
     return np.random.RandomState(seed).randn(batch, h, w, 3).astype(np.float32)
 
 
-def _max_diffs(hf, model, x, registers):
+def _errors(hf, model, x, registers):
+    """Relative error of every map (tests/_parity.py), and the bound it must meet."""
     with torch.no_grad():
         ref = hf(torch.from_numpy(x).permute(0, 3, 1, 2), output_hidden_states=True)
     out = model(jnp.asarray(x))
     b, h, w = x.shape[0], x.shape[1] // 14, x.shape[2] // 14
     n = 1 + registers
     maps = lambda t: t[:, n:].reshape(b, h, w, -1).numpy()
-    diffs = {"features": np.abs(maps(ref.last_hidden_state) - out["features"]).max(),
-             "cls": np.abs(ref.pooler_output.numpy() - out["cls"]).max()}
+    expected = {"features": maps(ref.last_hidden_state), "cls": ref.pooler_output.numpy()}
     for i in range(1, len(ref.hidden_states)):
-        diffs[f"block_{i}"] = np.abs(maps(ref.hidden_states[i]) - out[f"block_{i}"]).max()
+        expected[f"block_{i}"] = maps(ref.hidden_states[i])
     assert out["features"].shape == (b, h, w, hf.config.hidden_size)
     assert all(v.dtype == jnp.float32 for v in out.values())
-    return diffs
+    return relative_errors(expected, out), vit_bound(model.config, n + h * w)
 
 
 @pytest.mark.parametrize("registers,swiglu", [(0, False), (4, False), (0, True)])
@@ -75,17 +75,22 @@ def _max_diffs(hf, model, x, registers):
 def test_small_matches_transformers(registers, swiglu, size):
     hf = _hf_model(registers=registers, swiglu=swiglu)
     model = _jax_model(hf, _config(hf, registers=registers, swiglu=swiglu))
-    diffs = _max_diffs(hf, model, _images(*size, batch=2), registers)
-    assert max(diffs.values()) <= TOL, diffs
+    errors, bound = _errors(hf, model, _images(*size, batch=2), registers)
+    assert max(errors.values()) <= bound, (bound, errors)
 
 
 def test_vitb_reg_matches_transformers():
-    """Full-size ViT-B/14 with registers, on the 37x37 learned grid, at 224 and 280x364."""
+    """Full-size ViT-B/14 with registers, on the 37x37 learned grid, at 224 and 280x364;
+    a position grid shifted by one token is caught at ten times the bound."""
     hf = _hf_model(width=768, depth=12, heads=12, registers=4, image_size=518)
     model = _jax_model(hf, "dinov2_vitb14_reg")
     for size in SIZES:
-        diffs = _max_diffs(hf, model, _images(*size), 4)
-        assert max(diffs.values()) <= TOL, (size, diffs)
+        errors, bound = _errors(hf, model, _images(*size), 4)
+        assert max(errors.values()) <= bound, (size, bound, errors)
+    grid = jnp.asarray(model.pos_embed[...])  # a copy: the parameter may share torch's memory
+    model.pos_embed.value = jnp.concatenate([grid[:1], jnp.roll(grid[1:], 1, axis=0)])
+    errors, bound = _errors(hf, model, _images(*SIZES[0]), 4)
+    assert max(errors.values()) > 10 * bound, (bound, errors)
 
 
 def _original_layout(sd):

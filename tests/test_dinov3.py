@@ -1,5 +1,6 @@
 """DINOv3 against transformers' DINOv3ViTModel on random weights."""
 
+import dataclasses
 import shutil
 
 import jax.numpy as jnp
@@ -10,11 +11,11 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from _parity import relative_errors, vit_bound  # noqa: E402
 from jaxreg.encoders import dinov3, vit  # noqa: E402
 from jaxreg.encoders._checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
                                          read_state_dict, write_safetensors)
 
-TOL = 1e-4
 SIZES = [(224, 224), (256, 352)]
 
 
@@ -46,19 +47,19 @@ def _jax_model(hf, variant):
     return model
 
 
-def _max_diffs(hf, model, x):
+def _errors(hf, model, x):
+    """Relative error of every map (tests/_parity.py), and the bound it must meet."""
     with torch.no_grad():
         ref = hf(torch.from_numpy(x).permute(0, 3, 1, 2), output_hidden_states=True)
     out = model(jnp.asarray(x))
     b, h, w = x.shape[0], x.shape[1] // 16, x.shape[2] // 16
     n = 1 + hf.config.num_register_tokens
     maps = lambda t: t[:, n:].reshape(b, h, w, -1).numpy()
-    diffs = {"features": np.abs(maps(ref.last_hidden_state) - out["features"]).max(),
-             "cls": np.abs(ref.pooler_output.numpy() - out["cls"]).max()}
+    expected = {"features": maps(ref.last_hidden_state), "cls": ref.pooler_output.numpy()}
     for i in range(1, len(ref.hidden_states)):
-        diffs[f"block_{i}"] = np.abs(maps(ref.hidden_states[i]) - out[f"block_{i}"]).max()
+        expected[f"block_{i}"] = maps(ref.hidden_states[i])
     assert out["features"].shape == (b, h, w, hf.config.hidden_size)
-    return diffs
+    return relative_errors(expected, out), vit_bound(model.config, n + h * w)
 
 
 def _images(h, w, batch=1):
@@ -69,17 +70,22 @@ def _images(h, w, batch=1):
 @pytest.mark.parametrize("size", SIZES)
 def test_small_matches_transformers(registers, gated, size):
     hf = _hf_model(registers=registers, gated=gated)
-    diffs = _max_diffs(hf, _jax_model(hf, _config(hf)), _images(*size, batch=2))
-    assert max(diffs.values()) <= TOL, diffs
+    errors, bound = _errors(hf, _jax_model(hf, _config(hf)), _images(*size, batch=2))
+    assert max(errors.values()) <= bound, (bound, errors)
 
 
 def test_vitb_matches_transformers():
+    """Full-size ViT-B/16; a RoPE theta of 10000 (the LLM default) instead of DINOv3's 100 is
+    caught at ten times the bound."""
     hf = _hf_model(width=768, depth=12, heads=12)
     assert dinov3.VARIANTS["dinov3_vitb16"].config == _config(hf)
     model = _jax_model(hf, "dinov3_vitb16")
     for size in SIZES:
-        diffs = _max_diffs(hf, model, _images(*size))
-        assert max(diffs.values()) <= TOL, (size, diffs)
+        errors, bound = _errors(hf, model, _images(*size))
+        assert max(errors.values()) <= bound, (size, bound, errors)
+    wrong = _jax_model(hf, dataclasses.replace(_config(hf), rope_theta=10000.0))
+    errors, bound = _errors(hf, wrong, _images(*SIZES[0]))
+    assert max(errors.values()) > 10 * bound, (bound, errors)
 
 
 def test_round_trip_folders_and_errors(tmp_path):
