@@ -30,17 +30,29 @@ def _offsets(disp_hw: int, ndim: int = 3) -> np.ndarray:
 
 
 def correlation_cost(fixed: ArrayLike, moving: ArrayLike, *, disp_hw: int,
-                     mask: ArrayLike | None = None) -> jax.Array:
+                     mask: ArrayLike | None = None,
+                     fixed_weight: ArrayLike | None = None,
+                     moving_weight: ArrayLike | None = None) -> jax.Array:
     """Dense SSD cost of every integer displacement in a cube, box-filtered twice.
 
     ``cost[k, x] = box3(box3(sum_c (fixed[x, c] - moving[x + offset_k, c])^2))`` with
     ``moving`` zero outside its grid; offsets as in :func:`_offsets`.
+
+    Similarity masks (cost-function masking) weight the squared differences before the
+    box filters: ``fixed_weight[x]`` multiplies every offset's cost at ``x`` (a cell
+    outside the fixed mask costs nothing whatever its displacement, so the coupling
+    fills it in from its neighbours); ``moving_weight[x + offset_k]`` marks the offsets
+    that land in the moving mask, and an offset that does not is given the mean cost of
+    those that do at ``x`` instead of its own (a neutral value: a zero cost would pull
+    the field out of the mask). Outside its grid the moving weight is 0.
 
     Args:
       fixed, moving: ``(h, w, d, C)`` pooled feature volumes; 2D ``(h, w, C)``.
       disp_hw: half-width of the cube; ``K = (2 * disp_hw + 1)**3`` (2D: ``**2``).
       mask: ``(h, w, d)`` 0/1 real cells of a padded grid (:func:`coarse_stage`'s
         ``extent``); the padding then counts as outside the grid everywhere.
+      fixed_weight, moving_weight: optional ``(h, w, d)`` weights in [0, 1] (pooled
+        masks) on the fixed and the moving grid.
 
     Returns:
       ``(K, h, w, d)`` float32; 2D ``(K, h, w)``.
@@ -48,16 +60,29 @@ def correlation_cost(fixed: ArrayLike, moving: ArrayLike, *, disp_hw: int,
     fixed = jnp.asarray(fixed, jnp.float32)
     moving = _masked(jnp.asarray(moving, jnp.float32), mask)
     nd = fixed.ndim - 1
-    padded = jnp.pad(moving, [(disp_hw, disp_hw)] * nd + [(0, 0)])
+    pad = [(disp_hw, disp_hw)] * nd
+    padded = jnp.pad(moving, pad + [(0, 0)])
     starts = jnp.asarray(_offsets(disp_hw, nd) + disp_hw, jnp.int32)
+    box = lambda cost: filters.box_filter(_masked(filters.box_filter(_masked(cost, mask), 3),
+                                                  mask), 3)
 
-    def one(start):
+    def squared(start):
         shifted = jax.lax.dynamic_slice(padded, tuple(start[a] for a in range(nd)) + (0,),
                                         fixed.shape)
         cost = jnp.sum((fixed - shifted) ** 2, axis=-1)
-        return filters.box_filter(_masked(filters.box_filter(_masked(cost, mask), 3), mask), 3)
+        return cost if fixed_weight is None else cost * fixed_weight
 
-    return jax.lax.map(one, starts, batch_size=27)
+    if moving_weight is None:
+        return jax.lax.map(lambda start: box(squared(start)), starts, batch_size=27)
+    weights = jnp.pad(_masked(jnp.asarray(moving_weight, jnp.float32), mask), pad)
+
+    def weighted(start):
+        w = jax.lax.dynamic_slice(weights, tuple(start[a] for a in range(nd)), fixed.shape[:nd])
+        return squared(start) * w, w
+
+    costs, w = jax.lax.map(weighted, starts, batch_size=27)
+    neutral = jnp.sum(costs, axis=0) / jnp.maximum(jnp.sum(w, axis=0), 1e-6)
+    return jax.lax.map(box, costs + (1.0 - w) * neutral, batch_size=27)
 
 
 def coupled_convex(cost: ArrayLike, *, disp_hw: int,
@@ -129,7 +154,9 @@ def inverse_consistency(forward: ArrayLike, backward: ArrayLike, *,
 
 def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
                  config: ConvexAdamConfig = ConvexAdamConfig(),
-                 extent: ArrayLike | None = None) -> jax.Array:
+                 extent: ArrayLike | None = None,
+                 fixed_mask: ArrayLike | None = None,
+                 moving_mask: ArrayLike | None = None) -> jax.Array:
     """Discrete coarse registration of two feature volumes; full-resolution field.
 
     Features are ``(H, W, D, C)``, or 2D ``(H, W, C)`` (then the field is ``(H, W, 2)``).
@@ -141,6 +168,11 @@ def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
     (:func:`jaxreg.batching.plan_buckets` does). A real side shorter than ``grid_sp``
     is one cell, padding included (pad it with copies of the border).
 
+    ``fixed_mask``, ``moving_mask`` (``(H, W, D)`` weights in [0, 1], both on the fixed
+    grid): restrict the similarity to the masks, pooled to cells
+    (:func:`correlation_cost`); the backward field of the inverse consistency swaps
+    their roles.
+
     Raises:
       ValueError: a side of the inputs is shorter than ``grid_sp``
         (:func:`jaxreg.solver.convex_adam` pads such volumes).
@@ -148,6 +180,9 @@ def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
     fixed = jnp.asarray(fixed, jnp.float32)
     moving = jnp.asarray(moving, jnp.float32)
     _check_side("coarse_stage", fixed.shape, config.grid_sp, "grid_sp")
+    pool = lambda m: None if m is None else filters.avg_pool(
+        jnp.asarray(m, jnp.float32), config.grid_sp, spatial_dims=fixed.ndim - 1)
+    wf, wm = pool(fixed_mask), pool(moving_mask)
     nd = fixed.ndim - 1
     pf = filters.avg_pool(fixed, config.grid_sp, spatial_dims=nd)
     pm = filters.avg_pool(moving, config.grid_sp, spatial_dims=nd)
@@ -157,9 +192,10 @@ def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
         sizes = sizes[::-1]  # cells -> voxels
     solve = functools.partial(coupled_convex, disp_hw=config.disp_hw, coupling=config.coupling,
                               mask=mask)
-    field = solve(correlation_cost(pf, pm, disp_hw=config.disp_hw, mask=mask))
+    cost = functools.partial(correlation_cost, disp_hw=config.disp_hw, mask=mask)
+    field = solve(cost(pf, pm, fixed_weight=wf, moving_weight=wm))
     if config.ic:
-        back = solve(correlation_cost(pm, pf, disp_hw=config.disp_hw, mask=mask))
+        back = solve(cost(pm, pf, fixed_weight=wm, moving_weight=wf))
         field, _ = inverse_consistency(field, back, iterations=config.ic_iterations, mask=mask)
     return filters.resize(field * config.grid_sp, fixed.shape[:nd], extents=sizes)
 

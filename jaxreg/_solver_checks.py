@@ -52,14 +52,23 @@ def _as_arrays(where, arguments, names):
 def _check_features(arguments):
     """:func:`jaxreg.solver.convex_adam`'s concrete inputs: finite features, an extent
     within the grid."""
-    names = ("fixed", "moving", "coarse_fixed", "coarse_moving")
+    names = ("fixed", "moving", "coarse_fixed", "coarse_moving", "fixed_mask", "moving_mask")
     arrays = _as_arrays("convex_adam", arguments, names)
-    stats, extent = jax.device_get((_input_stats(tuple(arrays.values()), ranges=False),
+    stats, extent = jax.device_get((_input_stats(tuple(arrays.values()), ranges=True),
                                     arguments.get("extent")))
-    for (name, x), finite in zip(arrays.items(), stats[0]):
-        if not finite:
-            raise ValueError(f"convex_adam: {name} features have {_count_nonfinite(x)} NaN or "
+    for i, (name, x) in enumerate(arrays.items()):
+        what = "mask" if name.endswith("_mask") else "features"
+        if not stats[0][i]:
+            raise ValueError(f"convex_adam: {name} {what} have {_count_nonfinite(x)} NaN or "
                              f"Inf value(s) (of {x.size}); replace or mask them first")
+        if what == "mask":
+            grid = arrays["fixed"].shape[:-1] if "fixed" in arrays else None
+            if x.shape != grid:
+                raise ValueError(f"convex_adam: {name} must be the fixed grid {grid}, got "
+                                 f"{x.shape}")
+            if stats[1][i] < 0 or stats[2][i] > 1 or stats[2][i] == 0:
+                raise ValueError(f"convex_adam: {name} must be weights in [0, 1], not all "
+                                 f"zero; got values from {stats[1][i]:g} to {stats[2][i]:g}")
     if extent is not None and "fixed" in arrays and arrays["fixed"].ndim in (3, 4):
         grid = arrays["fixed"].shape[:-1]
         e = np.asarray(extent)

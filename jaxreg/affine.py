@@ -154,7 +154,7 @@ def _features(image, config):
     return image[..., None]
 
 
-def _level(fixed, moving, mask, factor, config):
+def _level(fixed, moving, mask, moving_mask, factor, config):
     """One pyramid level: sampled fixed features, the moving features, weights."""
     d = fixed.ndim
     pf = parts.pool(fixed, factor, d)
@@ -167,6 +167,8 @@ def _level(fixed, moving, mask, factor, config):
     level = {"points": jnp.asarray(grid * factor + (factor - 1) / 2.0),
              "fixed": feats_f[sub].reshape(grid.shape[0], -1), "weights": weights,
              "moving": _features(pm, config), "factor": factor}
+    if moving_mask is not None:
+        level["moving_mask"] = parts.pool(moving_mask, factor, d)[..., None]
     if config.similarity == "mi":  # the fixed points' Parzen weights, once per level
         cfg = config.mi
         range_f = mi_lib.intensity_range(pf, mask=None if mask is None else parts.pool(
@@ -185,6 +187,9 @@ def _level_loss(params, frame, level, config):
     f = level["factor"]
     values, inside = parts.interpolate(level["moving"], (y - (f - 1) / 2.0) / f)
     w = level["weights"] * inside
+    if "moving_mask" in level:  # held constant: leaving the mask must not lower the loss
+        in_mask, _ = parts.interpolate(level["moving_mask"], (y - (f - 1) / 2.0) / f)
+        w = w * jax.lax.stop_gradient(in_mask[:, 0])
     if config.similarity == "mind":
         sq = jnp.mean((values - level["fixed"]) ** 2, axis=-1)
         return jnp.sum(w * sq) / jnp.maximum(jnp.sum(w), 1.0)
@@ -212,11 +217,11 @@ def _optimise(params, frame, level, iterations, lr, config):
     return params, loss_fn(params)
 
 
-def _frame(fixed, moving, mask, l_f, l_m, header, config):
+def _frame(fixed, moving, mask, moving_mask, l_f, l_m, header, config):
     d, f = fixed.ndim, config.levels[-1]  # moments on the finest level's grid
     pooled = lambda x: None if x is None else parts.pool(x, f, d)
     c_f, cov_f = parts.moments(pooled(fixed), pooled(mask), l_f * f)
-    c_m, cov_m = parts.moments(pooled(moving), None, l_m * f)
+    c_m, cov_m = parts.moments(pooled(moving), pooled(moving_mask), l_m * f)
     c_f, c_m = c_f * f + (f - 1) / 2.0, c_m * f + (f - 1) / 2.0
     if config.init == "identity":
         c_f = (jnp.asarray(fixed.shape, jnp.float32) - 1.0) / 2.0
@@ -228,11 +233,11 @@ def _frame(fixed, moving, mask, l_f, l_m, header, config):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _solve(fixed, moving, mask, l_f, l_m, header, config):
+def _solve(fixed, moving, mask, moving_mask, l_f, l_m, header, config):
     """The compiled registration: (matrix, initial matrix, final loss)."""
     d = fixed.ndim
-    frame, q_axes = _frame(fixed, moving, mask, l_f, l_m, header, config)
-    levels = [_level(fixed, moving, mask, f, config) for f in config.levels]
+    frame, q_axes = _frame(fixed, moving, mask, moving_mask, l_f, l_m, header, config)
+    levels = [_level(fixed, moving, mask, moving_mask, f, config) for f in config.levels]
     params = jnp.zeros(parts.n_params(d, config.kind))
     if config.init == "moments":  # keep the principal axes only if they help
         q0s = jnp.stack([frame["q0"], q_axes])
@@ -257,13 +262,16 @@ def _check_affine(name, affine, d):
     return a
 
 
-def _check_inputs(fixed, moving, mask, config):
+def _check_inputs(fixed, moving, mask, moving_mask, config):
     if fixed.ndim not in (2, 3) or moving.ndim != fixed.ndim:
         raise ValueError("register_affine: fixed and moving must both be 2D or both 3D "
                          f"images, got {fixed.shape} and {moving.shape}")
     if mask is not None and mask.shape != fixed.shape:
         raise ValueError(f"register_affine: mask shape {mask.shape} does not match fixed "
                          f"{fixed.shape}")
+    if moving_mask is not None and moving_mask.shape != moving.shape:
+        raise ValueError(f"register_affine: moving_mask shape {moving_mask.shape} does not "
+                         f"match moving {moving.shape}")
     for f in config.levels:
         for name, shape in (("fixed", fixed.shape), ("moving", moving.shape)):
             if min(shape) // f < 4:
@@ -275,7 +283,8 @@ def register_affine(fixed: ArrayLike, moving: ArrayLike, *,
                     config: AffineConfig = AffineConfig(),
                     fixed_affine: ArrayLike | None = None,
                     moving_affine: ArrayLike | None = None,
-                    mask: ArrayLike | None = None) -> AffineResult:
+                    mask: ArrayLike | None = None,
+                    moving_mask: ArrayLike | None = None) -> AffineResult:
     """Rigid or affine registration of ``moving`` onto ``fixed``.
 
     Args:
@@ -285,6 +294,9 @@ def register_affine(fixed: ArrayLike, moving: ArrayLike, *,
         neither); they set the millimetre frame (a rigid transform is rigid in the
         world) and the result's ``world`` matrix.
       mask: optional fixed-grid weights (1: voxels that count).
+      moving_mask: optional moving-grid weights: a fixed point counts as much as the
+        moving mask where the transform sends it (held constant in the gradient); the
+        moving image's centre of mass is taken inside it.
 
     Returns:
       :class:`AffineResult`; ``matrix`` maps fixed voxels to moving voxels.
@@ -296,7 +308,8 @@ def register_affine(fixed: ArrayLike, moving: ArrayLike, *,
     fixed = jnp.asarray(fixed, jnp.float32)
     moving = jnp.asarray(moving, jnp.float32)
     mask = None if mask is None else jnp.asarray(mask, jnp.float32)
-    _check_inputs(fixed, moving, mask, config)
+    moving_mask = None if moving_mask is None else jnp.asarray(moving_mask, jnp.float32)
+    _check_inputs(fixed, moving, mask, moving_mask, config)
     d = fixed.ndim
     if (fixed_affine is None) != (moving_affine is None):
         raise ValueError("register_affine: give both fixed_affine and moving_affine, or "
@@ -307,7 +320,8 @@ def register_affine(fixed: ArrayLike, moving: ArrayLike, *,
         a_m = _check_affine("moving_affine", moving_affine, d)
     header = np.linalg.inv(a_m) @ a_f
     f32 = lambda a: jnp.asarray(a, jnp.float32)
-    matrix, initial, loss = _solve(fixed, moving, mask, f32(a_f[:d, :d]), f32(a_m[:d, :d]),
+    matrix, initial, loss = _solve(fixed, moving, mask, moving_mask, f32(a_f[:d, :d]),
+                                   f32(a_m[:d, :d]),
                                    f32(header), config=config)
     matrix = np.asarray(matrix, np.float64)
     world = None if fixed_affine is None else world_matrix(matrix, a_f, a_m)

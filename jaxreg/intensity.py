@@ -7,6 +7,8 @@ Robust min-max scaling (:func:`normalise_intensity`), the optional contrast-free
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
@@ -18,13 +20,16 @@ def normalise_intensity(volume: ArrayLike, *,
     """Clips a volume to two percentiles and scales it to [0, 1] (float32).
 
     A volume whose percentiles coincide falls back to its min and max; a constant volume
-    becomes zeros.
+    becomes zeros. Concrete input is computed with numpy (a numpy array back); traced
+    input (inside ``jit`` or ``vmap``) with the same formula in ``jax.numpy``, whose
+    percentile sorts the whole volume (seconds for a large one on a CPU).
     """
-    volume = np.asarray(volume, np.float32)
-    lo, hi = np.percentile(volume, percentiles)
-    if hi <= lo:
-        lo, hi = float(volume.min()), float(volume.max())
-    return np.clip((volume - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+    xp = jnp if isinstance(volume, jax.core.Tracer) else np
+    volume = xp.asarray(volume, xp.float32)
+    lo, hi = xp.percentile(volume, xp.asarray(percentiles, xp.float32))
+    flat = hi <= lo
+    lo, hi = xp.where(flat, volume.min(), lo), xp.where(flat, volume.max(), hi)
+    return xp.clip((volume - lo) / xp.maximum(hi - lo, 1e-6), 0.0, 1.0).astype(xp.float32)
 
 
 RENDERS = ("intensity", "gradient")

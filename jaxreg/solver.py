@@ -41,6 +41,7 @@ from jax.typing import ArrayLike
 from jaxreg import _cpu_kernels
 from jaxreg import compilation
 from jaxreg import filters
+from jaxreg import intensity
 from jaxreg import losses
 from jaxreg import mind
 from jaxreg import regularisers
@@ -116,7 +117,9 @@ def _adam(loss_fn: Callable[[jax.Array], jax.Array], params: jax.Array,
 def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
                config: ConvexAdamConfig = ConvexAdamConfig(),
                similarity: Loss | None = None,
-               extent: ArrayLike | None = None) -> jax.Array:
+               extent: ArrayLike | None = None,
+               fixed_mask: ArrayLike | None = None,
+               moving_mask: ArrayLike | None = None) -> jax.Array:
     """Adam instance optimisation of a smoothed low-resolution displacement grid.
 
     Minimises ``similarity(warp(moving, u), fixed) + lambda_weight * diffusion(u)`` on a
@@ -154,9 +157,17 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
         mask, down = _real_cells(pf.shape, extent, g)
         up = down[::-1]
         pf, pm = _masked(pf, mask), _masked(pm, mask)
+    weight, moving_weight = _fine_weights(fixed_mask, moving_mask, mask, g, nd)
     if similarity is None:
-        data = lambda u: config.similarity_weight * losses.warped_ssd(
-            pm, u, pf, mask=mask, kernel=config.cpu_kernel)
+        def data(u):
+            w = weight
+            if moving_weight is not None:
+                w = _times(w, jax.lax.stop_gradient(warp_lib.warp(moving_weight, u)))
+            return config.similarity_weight * losses.warped_ssd(pm, u, pf, mask=w,
+                                                                kernel=config.cpu_kernel)
+    elif fixed_mask is not None or moving_mask is not None:
+        raise ValueError("fine_stage: similarity masks apply to the default similarity; "
+                         "a custom similarity must weight its residuals itself")
     else:
         data = lambda u: similarity(warp_lib.warp(pm, u), pf)
     params = filters.resize(jnp.asarray(init, jnp.float32), pf.shape[:nd], extents=down) / g
@@ -173,6 +184,22 @@ def fine_stage(fixed: ArrayLike, moving: ArrayLike, init: ArrayLike, *,
             field = filters.box_filter(_masked(field, full), config.final_smooth,
                                        spatial_dims=nd)
     return field
+
+
+def _times(a, b):
+    """``a * b`` where either may be None (no weight)."""
+    return b if a is None else a if b is None else a * b
+
+
+def _fine_weights(fixed_mask, moving_mask, extent_mask, factor, nd):
+    """The fine grid's similarity weights: (fixed mask pooled, times the padded grid's
+    real cells; moving mask pooled, or None)."""
+    pool = lambda m: None if m is None else filters.avg_pool(
+        jnp.asarray(m, jnp.float32), factor, spatial_dims=nd)
+    moving = pool(moving_mask)
+    if moving is not None and extent_mask is not None:
+        moving = moving * extent_mask
+    return _times(extent_mask, pool(fixed_mask)), moving
 
 
 def _coarse_pair(fixed: jax.Array, moving: jax.Array, coarse_fixed: ArrayLike | None,
@@ -218,7 +245,8 @@ def _pad_small_grid(arrays: tuple[ArrayLike, ...], config: ConvexAdamConfig,
             f"grid_sp_adam={config.grid_sp_adam} with lambda_weight > 0); pad them to "
             f"{tuple(max(s, need) for s in grid)} or more")
     widths = [(0, max(0, need - s)) for s in grid] + [(0, 0)]
-    padded = tuple(jnp.pad(jnp.asarray(x, jnp.float32), widths, mode="edge") for x in arrays)
+    padded = tuple(None if x is None else jnp.pad(jnp.asarray(x, jnp.float32), widths,
+                                                  mode="edge") for x in arrays)
     return padded, jnp.asarray(grid, jnp.int32), tuple(slice(0, s) for s in grid)
 
 
@@ -227,7 +255,9 @@ def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
                 config: ConvexAdamConfig = ConvexAdamConfig(),
                 coarse_fixed: ArrayLike | None = None,
                 coarse_moving: ArrayLike | None = None,
-                extent: ArrayLike | None = None) -> jax.Array:
+                extent: ArrayLike | None = None,
+                fixed_mask: ArrayLike | None = None,
+                moving_mask: ArrayLike | None = None) -> jax.Array:
     """Registers two feature volumes: coarse convex stage, then Adam (if lambda > 0).
 
     A grid with a side shorter than one cell (``grid_sp`` voxels, or ``grid_sp_adam``
@@ -246,6 +276,12 @@ def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
         real size ``(h, w, d)`` (2D: ``(h, w)``; may be traced): the padding is kept out
         of every stage and the field on ``[:h, :w, :d]`` is the unpadded pair's. Pad to a
         multiple of ``lcm(grid_sp, grid_sp_adam)``.
+      fixed_mask, moving_mask: optional ``(H, W, D)`` (2D ``(H, W)``) weights in [0, 1],
+        both on the fixed grid (the moving image's mask as the moving image is given),
+        that restrict the similarity to them in both stages (cost-function masking, as
+        ANTs' ``-x`` and greedy's ``-gm``/``-mm``): :func:`coarse_stage`,
+        :func:`fine_stage`. The regulariser still acts everywhere, so the field outside
+        the masks follows from inside them.
 
     Returns:
       ``(H, W, D, 3)`` float32 voxel displacement (2D: ``(H, W, 2)``);
@@ -255,24 +291,37 @@ def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
       ValueError: the features are not two ``(H, W, D, C)`` of one shape (or the coarse
         ones not on their grid); with ``extent``, a side is shorter than one cell (the
         minimum is in the message); with concrete arguments (not under ``jit``/``vmap``/
-        ``grad``), an input has NaN or Inf values or ``extent`` is outside ``[1, grid]``.
+        ``grad``), an input has NaN or Inf values, ``extent`` is outside ``[1, grid]``,
+        or a mask is not weights in [0, 1] on the fixed grid (or all zero).
     """
     fixed = jnp.asarray(fixed, jnp.float32)
     moving = jnp.asarray(moving, jnp.float32)
     coarse_fixed, coarse_moving = _coarse_pair(fixed, moving, coarse_fixed, coarse_moving)
-    (fixed, moving, coarse_fixed, coarse_moving), extent, crop = _pad_small_grid(
-        (fixed, moving, coarse_fixed, coarse_moving), config, extent)
-    field = coarse_stage(coarse_fixed, coarse_moving, config=config, extent=extent)
+    masks = tuple(None if m is None else jnp.asarray(m, jnp.float32)[..., None]
+                  for m in (fixed_mask, moving_mask))  # channels-last, to pad like features
+    (fixed, moving, coarse_fixed, coarse_moving, *masks), extent, crop = _pad_small_grid(
+        (fixed, moving, coarse_fixed, coarse_moving, *masks), config, extent)
+    fixed_mask, moving_mask = (None if m is None else m[..., 0] for m in masks)
+    field = coarse_stage(coarse_fixed, coarse_moving, config=config, extent=extent,
+                         fixed_mask=fixed_mask, moving_mask=moving_mask)
     if config.lambda_weight > 0:
-        field = fine_stage(fixed, moving, field, config=config, extent=extent)
+        field = fine_stage(fixed, moving, field, config=config, extent=extent,
+                           fixed_mask=fixed_mask, moving_mask=moving_mask)
     return field if crop is None else field[crop]
 
 
-@compilation.jit(static_argnames=("config", "radius", "dilation"), check=_check_images)
 def register_mind(fixed: ArrayLike, moving: ArrayLike, *,
                   config: ConvexAdamConfig = ConvexAdamConfig(),
-                  radius: int = 1, dilation: int = 2) -> jax.Array:
+                  radius: int = 1, dilation: int = 2,
+                  percentiles: tuple[float, float] | None = (0.5, 99.5),
+                  fixed_mask: ArrayLike | None = None,
+                  moving_mask: ArrayLike | None = None) -> jax.Array:
     """ConvexAdam on MIND-SSC features of two ``(H, W, D)`` images: the classical baseline.
+
+    Each image is first clipped to ``percentiles`` and scaled to [0, 1]
+    (:func:`jaxreg.intensity.normalise_intensity`), as :class:`jaxreg.sources.MindSource`
+    and :func:`jaxreg.register` do, so that all three give the same field; None skips
+    it (MIND-SSC itself ignores a linear change of intensity, not outliers).
 
     Images of any size register, a single slice or a 5x5x5 cube included (see
     :func:`convex_adam`). Two 2D images ``(H, W)`` register in 2D with the 2D MIND-SSC
@@ -283,6 +332,8 @@ def register_mind(fixed: ArrayLike, moving: ArrayLike, *,
       fixed, moving: ``(H, W, D)`` images on one grid, or two ``(H, W)`` images.
       config: solver settings.
       radius, dilation: MIND-SSC's (:func:`jaxreg.mind.mind_ssc`).
+      percentiles: intensity clipping, or None.
+      fixed_mask, moving_mask: similarity masks (:func:`convex_adam`).
 
     Returns:
       ``(H, W, D, 3)`` float32 voxel displacement; 2D ``(H, W, 2)``.
@@ -297,6 +348,18 @@ def register_mind(fixed: ArrayLike, moving: ArrayLike, *,
     >>> register_mind(img, img, config=ConvexAdamConfig(iterations=2)).shape
     (24, 24, 24, 3)
     """
+    if percentiles is not None:
+        if not any(isinstance(x, jax.core.Tracer) for x in (fixed, moving)):
+            _check_images({"fixed": fixed, "moving": moving})  # the values as given
+        fixed, moving = (intensity.normalise_intensity(x, percentiles=tuple(percentiles))
+                         for x in (fixed, moving))
+    return _register_mind(fixed, moving, config=config, radius=radius, dilation=dilation,
+                          fixed_mask=fixed_mask, moving_mask=moving_mask)
+
+
+@compilation.jit(static_argnames=("config", "radius", "dilation"), check=_check_images)
+def _register_mind(fixed, moving, *, config, radius, dilation, fixed_mask, moving_mask):
+    """:func:`register_mind` after the intensity scaling: one compiled program."""
     f = mind.mind_ssc(fixed, radius=radius, dilation=dilation)
     m = mind.mind_ssc(moving, radius=radius, dilation=dilation)
-    return convex_adam(f, m, config=config)
+    return convex_adam(f, m, config=config, fixed_mask=fixed_mask, moving_mask=moving_mask)

@@ -83,9 +83,9 @@ def test_second_pair_of_same_shape_does_not_recompile():
     shape = (18, 18, 18)
     a, b, c, d = (rng.random(shape).astype(np.float32) for _ in range(4))
     solver.register_mind(a, b, config=FAST).block_until_ready()
-    size = solver.register_mind._cache_size()
+    size = solver._register_mind._cache_size()
     solver.register_mind(c, d, config=FAST).block_until_ready()
-    assert solver.register_mind._cache_size() == size
+    assert solver._register_mind._cache_size() == size
 
 
 def test_vmap_over_pairs_equals_loop():
