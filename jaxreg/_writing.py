@@ -37,16 +37,19 @@ def write_nrrd(path: str, data: np.ndarray, affine: np.ndarray) -> None:
 
 
 def write_nifti(path: str, data: np.ndarray, affine: np.ndarray, *, gz: bool,
-                compresslevel: int | None) -> None:
-    """A volume, or an (H, W, D, 3) field with intent ``vector``, as NIfTI-1 (sform and
-    qform set to ``affine``, mm); a ``gz`` file at ``compresslevel`` (``None``: nibabel's
-    default)."""
+                compresslevel: int | None, comment: str | None = None) -> None:
+    """A volume, or a field (``(H, W, D, 3)``, or ITK's ``(H, W, D, 1, 3)``) with intent
+    ``vector``, as NIfTI-1 (sform and qform set to ``affine``, mm); a ``gz`` file at
+    ``compresslevel`` (``None``: nibabel's default); ``comment``: text in a comment
+    header extension (other readers ignore it)."""
     image = nib.Nifti1Image(data, affine)
     image.header.set_xyzt_units("mm")
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
-    if data.ndim == 4:
+    if data.ndim >= 4:
         image.header.set_intent("vector")
+    if comment is not None:
+        image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", comment.encode()))
     if gz and compresslevel is not None:
         with gzip.open(path, "wb", compresslevel=compresslevel) as fh:
             fh.write(image.to_bytes())
