@@ -5,11 +5,12 @@ voxel array and a RAS+ affine, trusting nothing it has not checked: compressed d
 read to the end of the stream (every gzip member's CRC-32 and length verified) before
 the voxels are used; the size a header claims is compared with what the file holds,
 and buffers grow only with the bytes present; a header's voxel count above ``limit``
-is refused before anything is allocated. ``merge_segments`` decodes a 3D Slicer
-``.seg.nrrd`` into one label map. Anything wrong raises :class:`InputError` (one line,
-starting with the path). The plausibility checks on what was read (3D, sides, spacing,
-values) are in jaxreg.io beside their public constants; this module must not import
-jaxreg.io, which imports it.
+is refused before anything is allocated. A DICOM series (a folder, or a file of it:
+``is_dicom``) is handed to jaxreg._dicom, which reads it with SimpleITK.
+``merge_segments`` decodes a 3D Slicer ``.seg.nrrd`` into one label map. Anything wrong
+raises :class:`InputError` (one line, starting with the path). The plausibility checks
+on what was read (3D, sides, spacing, values) are in jaxreg.io beside their public
+constants; this module must not import jaxreg.io, which imports it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ def suffix(path: str) -> str:
         if lower.endswith(known):
             return known
     return ""
+
+
+def is_dicom(path: str) -> bool:
+    """Whether ``path`` is read as DICOM: a folder (of one series), a ``.dcm`` file, or a
+    file of no known suffix whose bytes 128:132 are ``DICM`` (the DICOM preamble)."""
+    if os.path.isdir(path) or path.lower().endswith(".dcm"):
+        return True
+    if suffix(path):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def voxel_limit(max_voxels: int | None, default: int) -> int:
@@ -332,13 +347,22 @@ def read_file(path: str, limit: int) -> tuple[np.ndarray, np.ndarray, dict]:
     The file must exist, be a readable regular file of a known type, not be empty,
     hold no more than ``limit`` voxels and be complete and undamaged. The affine is the
     NIfTI's best affine or the NRRD's, converted to RAS+, with the NRRD's spatial axes
-    first; it is not yet checked (see jaxreg.io).
+    first; it is not yet checked (see jaxreg.io). A DICOM folder or file (:func:`is_dicom`)
+    is read as a series by jaxreg._dicom.read_series (SimpleITK's geometry, in RAS+).
     """
     kind = suffix(path)
     header: dict = {}
+    if is_dicom(path):
+        if not os.path.isdir(path):
+            open_file(path).close()  # missing or unreadable: the same messages as any file
+        from jaxreg import _dicom  # imports SimpleITK only when DICOM is read
+
+        data, affine = _dicom.read_series(path, limit)
+        return data, affine, header
     with open_file(path) as fh:
         if kind not in NIFTI_SUFFIXES + NRRD_SUFFIXES:
-            raise InputError(f"{path}: unknown file type (expected .nii, .nii.gz, .nrrd or .nhdr)")
+            raise InputError(f"{path}: unknown file type (expected .nii, .nii.gz, .nrrd, "
+                             f".nhdr, a DICOM file (.dcm) or a folder of one DICOM series)")
         if os.fstat(fh.fileno()).st_size == 0:
             raise InputError(f"{path}: file is empty (0 bytes)")
         try:

@@ -1,9 +1,22 @@
-"""Reading, checking, resampling and writing volumes (NIfTI and NRRD).
+"""Reading, checking, resampling and writing volumes (NIfTI, NRRD; DICOM series in).
 
 Every loader returns a :class:`Volume`: the voxel array and the 4x4 affine that maps
 voxel indices to world millimetres in RAS+ (NIfTI's convention; NRRD files written in
-LPS are converted). Anything wrong with an input file raises :class:`InputError`, whose
-one-line message starts with the file's path and names the problem, e.g.
+LPS are converted).
+
+Wherever a volume path is accepted, a DICOM series may be given instead: a folder
+holding one series (files of any or no extension), or one file of it (``.dcm``, or any
+file with the ``DICM`` preamble), whose series (same SeriesInstanceUID) in the same
+folder is read. It is read with SimpleITK (``pip install SimpleITK``), whose
+``ImageSeriesReader`` (GDCM) sorts the slices along their normal and gives the
+geometry and the rescaled values; the voxel axes are (column, row, slice) and the LPS
+geometry becomes RAS+. Before any pixel is read, every slice's position and orientation
+are checked: several series in the folder, mixed orientations, missing, repeated or
+unevenly spaced slices and gantry tilt are refused (ITK would build a volume with the
+wrong geometry from them), as are multi-frame and colour images.
+
+Anything wrong with an input file raises :class:`InputError`, whose one-line message
+starts with the file's path and names the problem, e.g.
 ``/x/a.nii.gz: file is corrupt (gzip: CRC check failed ...)``.
 
 Loading verifies before it trusts:
@@ -119,8 +132,10 @@ def _read(path: str | os.PathLike, *, max_voxels: int | None = None
     if data.ndim < 3:
         raise InputError(f"{path}: volume is {data.ndim}D with shape {data.shape}, expected 3D")
     if min(data.shape[:3]) < MIN_SIDE:
-        raise InputError(f"{path}: volume has shape {data.shape}; needs at least {MIN_SIDE} "
-                         f"voxels along each axis")
+        slices = (f" ({data.shape[2]} slice{'s' * (data.shape[2] != 1)} in the DICOM series)"
+                  if _reading.is_dicom(path) else "")
+        raise InputError(f"{path}: volume has shape {data.shape}{slices}; needs at least "
+                         f"{MIN_SIDE} voxels along each axis")
     affine = _check_affine(affine, path)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if not np.all((spacing >= MIN_SPACING_MM) & (spacing <= MAX_SPACING_MM)):
@@ -134,7 +149,11 @@ def load_volume(path: str | os.PathLike, *, max_voxels: int | None = None) -> Vo
     """Reads a 3D image and checks that it can be registered.
 
     Args:
-      path: a ``.nii``, ``.nii.gz``, ``.nrrd`` or ``.nhdr`` file.
+      path: a ``.nii``, ``.nii.gz``, ``.nrrd`` or ``.nhdr`` file, or a DICOM series: a
+        folder of one series or one file of it (``.dcm`` or with the ``DICM``
+        preamble; its series in its folder is read). The DICOM geometry (orientation,
+        spacing, slice order) is SimpleITK's ``ImageSeriesReader``'s, converted from LPS
+        to RAS+, with the axes (column, row, slice); see the module docstring.
       max_voxels: the most voxels the file may hold; None means the environment
         variable ``JAXREG_MAX_VOXELS`` if set, else :data:`MAX_VOXELS` (``2**30``).
 
@@ -148,7 +167,10 @@ def load_volume(path: str | os.PathLike, *, max_voxels: int | None = None) -> Vo
         trailing singleton 4th axis is dropped) or has a side shorter than
         :data:`MIN_SIDE` voxels; its affine is not invertible or its spacing is outside
         :data:`MIN_SPACING_MM`..:data:`MAX_SPACING_MM`; it holds NaN or Inf voxels or
-        values beyond :data:`MAX_ABS_VALUE` in magnitude, or is constant.
+        values beyond :data:`MAX_ABS_VALUE` in magnitude, or is constant. For DICOM: no
+        series or several in the folder, fewer than :data:`MIN_SIDE` slices, unreadable
+        files, mixed orientations, missing or unevenly spaced slices, multi-frame or
+        colour images, or SimpleITK not installed.
       ValueError: ``max_voxels`` or ``JAXREG_MAX_VOXELS`` is not a positive integer.
     """
     data, affine, _, path = _read(path, max_voxels=max_voxels)
@@ -197,7 +219,8 @@ def load_labels(path: str | os.PathLike, *, max_voxels: int | None = None) -> Vo
     where segments overlap the later one wins. Names are kept in ``segment_names``.
 
     Args:
-      path: a ``.nii``, ``.nii.gz``, ``.nrrd`` or ``.seg.nrrd`` file.
+      path: a ``.nii``, ``.nii.gz``, ``.nrrd`` or ``.seg.nrrd`` file, or a DICOM series
+        (folder or file) as in :func:`load_volume`.
       max_voxels: the most voxels the file may hold (all layers of a ``.seg.nrrd``
         counted); None means ``JAXREG_MAX_VOXELS`` if set, else :data:`MAX_VOXELS`.
 
