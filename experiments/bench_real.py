@@ -7,7 +7,7 @@
 Rows (``--rows``): encoder names the experiment config accepts (``mind``, ``litemedsam``,
 ``mobilesam``, hybrids ``<name>+mind``, any other); each is built as the CLI builds it:
 ``experiments/configs/breast.py`` get_config(name) -> ``jaxreg.experiment.from_configdict``
--> ``make_source`` -> ``register_volumes``. A row whose name the config refuses, or whose
+-> ``make_source`` -> ``jaxreg.register``. A row whose name the config refuses, or whose
 weights are missing, is listed as skipped with the reason. ``mind`` is one row; every
 other name one row per variant (``--variants``): ``last`` (last layer, slices along the
 third axis: the reference), ``pyramid`` (the encoder's pyramid maps jointly),
@@ -32,7 +32,7 @@ Tasks (``--tasks``; :mod:`experiments.real_data` has the data and definitions):
     (``experiments.bench_features``' pairs): Dice mean of breast and FGT, error against
     the true field inside the breast (voxels).
 Every task: folding (% voxels with det J <= 0) and seconds per registration (wall time
-of ``register_volumes``: features, encoding unless cached, solving; the first pair of a
+of ``jaxreg.register``: features, encoding unless cached, solving; the first pair of a
 shape includes compilation). ``before`` is the identity field.
 """
 
@@ -192,21 +192,18 @@ def build_methods(args: argparse.Namespace, workdir: str) -> list[Method]:
 
 def register(method: Method, fixed, moving, affine) -> tuple[np.ndarray, dict]:
     """The method's field for one pair on one grid, and its timings (``seconds``: the
-    whole ``register_volumes`` call)."""
-    from jaxreg import experiment, features, io
+    whole ``jaxreg.register`` call, PCA masks from ``mask="auto"`` as the study's)."""
+    import jaxreg
+    from jaxreg import io
 
-    r = method.registration
-    masks = None
-    if r.encoder != "mind" and r.mask == "auto":  # as jaxreg.experiment.load_pair
-        masks = (features.foreground_mask(fixed), features.foreground_mask(moving))
     timings = {}
     start = time.perf_counter()
-    field, _ = experiment.register_volumes(
+    transform = jaxreg.register(
         io.Volume(np.ascontiguousarray(fixed, np.float32), affine),
         io.Volume(np.ascontiguousarray(moving, np.float32), affine),
-        config=r, source=method.source, masks=masks, timings=timings)
+        config=method.registration, source=method.source, timings=timings)
     timings["seconds"] = time.perf_counter() - start
-    return field, timings
+    return transform.field, timings
 
 
 def _fold(field) -> float:
@@ -450,7 +447,7 @@ _LEGEND = [
     "voxels; vfa the cycle error of the ring 0->1->2->3->4->0 (mean norm of the composed "
     "field over the body mask, voxels; identity fields score 0 trivially, see mean abs u "
     "below); phantom mean |u - true| inside the breast, voxels. Folding: voxels with "
-    "det(I + grad u) <= 0 (vfa: mean over its six fields). Seconds: register_volumes wall "
+    "det(I + grad u) <= 0 (vfa: mean over its six fields). Seconds: jaxreg.register wall "
     "time per registration (vfa: mean of six), encoding included unless cached by an "
     "earlier variant or task; the first pair of a shape includes compilation.",
 ]

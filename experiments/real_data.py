@@ -198,20 +198,11 @@ def make_pair(task: str, *, seed: int = 0, max_disp: float = 6.0,
 
 
 def invert_field(d: np.ndarray, *, iterations: int = 20) -> tuple[np.ndarray, float]:
-    """The aligning field ``w`` with ``w(x) = -d(x + w(x))`` (fixed-point iteration, as
-    ``bench_mni``), and the largest remaining residual in voxels."""
-    import jax
-    import jax.numpy as jnp
-
+    """The aligning field ``w`` with ``w(x) = -d(x + w(x))`` (:func:`jaxreg.warping.invert`),
+    and the largest remaining residual in voxels."""
     from jaxreg import warping
 
-    @jax.jit
-    def solve(dj):
-        step = lambda _, w: -warping.warp(dj, w, mode="edge")
-        w = jax.lax.fori_loop(0, iterations, step, -dj)
-        return w, jnp.abs(w + warping.warp(dj, w, mode="edge")).max()
-
-    w, residual = solve(jnp.asarray(d, jnp.float32))
+    w, residual = warping.invert(d, iterations=iterations)
     return np.asarray(w), float(residual)
 
 

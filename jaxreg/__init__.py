@@ -1,6 +1,17 @@
 """jaxreg: zero-shot deformable registration with foundation-model features, in JAX.
 
+One call registers a pair, one object holds the result::
+
+    transform = jaxreg.register("fixed.nii.gz", "moving.nii.gz", method="mind")
+    transform.apply("moving_phase2.nii.gz"); transform.export("out/")
+
 The pieces, each a module of its own name:
+
+* :mod:`jaxreg.registration`: :func:`register` and its stages, the settings of every
+  method (:func:`~jaxreg.registration.default_config`);
+* :mod:`jaxreg.transform`: :class:`Transform` (apply to images and labels, map points,
+  invert, save as ANTs/ITK/Slicer files);
+* :mod:`jaxreg.points`: landmark files (ANTs CSV, Slicer ``.fcsv``/``.mrk.json``);
 
 * :mod:`jaxreg.warping`: identity grid, warping (pull, trilinear; nearest for labels),
   composition and resizing of voxel displacement fields ``(H, W, D, 3)``, or ``(H, W, 2)``
@@ -13,7 +24,7 @@ The pieces, each a module of its own name:
 * :mod:`jaxreg.solver`: ConvexAdam (coupled convex coarse stage, Adam fine stage);
 * :mod:`jaxreg.compilation`: ``jax.jit`` with the XLA options the warp's loss needs on CPU;
 * :mod:`jaxreg.metrics`: Dice, HD95, Jacobian statistics, TRE, field error;
-* :mod:`jaxreg.io`: NIfTI/NRRD volumes and label maps with their affines;
+* :mod:`jaxreg.io`: NIfTI/NRRD/DICOM volumes and label maps with their affines;
 * :mod:`jaxreg.phantom`: the built-in breast MRI phantom;
 * :mod:`jaxreg.features`: volumes -> slices -> encoder -> PCA -> feature volumes;
 * :mod:`jaxreg.batching`: shape buckets, padded pairs, vmap/sharded batches, memory plan;
@@ -51,8 +62,15 @@ from jaxreg.metrics import jacobian_stats
 from jaxreg.metrics import tre
 from jaxreg.mind import mind_ssc
 from jaxreg.mutual_information import MIConfig
+from jaxreg.points import Points
+from jaxreg.points import read_points
+from jaxreg.points import write_points
 from jaxreg.phantom import breast_pair
 from jaxreg.phantom import random_field
+from jaxreg.registration import RegistrationConfig
+from jaxreg.registration import default_config
+from jaxreg.registration import make_source
+from jaxreg.registration import register
 from jaxreg.regularisers import bending_energy
 from jaxreg.regularisers import diffusion
 from jaxreg.regularisers import jacobian_determinant
@@ -64,8 +82,11 @@ from jaxreg.solver import register_mind
 from jaxreg.sources import EncoderSource
 from jaxreg.sources import MindSource
 from jaxreg.sources import PairFeatures
+from jaxreg.transform import Transform
+from jaxreg.transform import inverse_consistency
 from jaxreg.warping import compose
 from jaxreg.warping import identity_grid
+from jaxreg.warping import invert
 from jaxreg.warping import resize_field
 from jaxreg.warping import warp
 from jaxreg.warping import warp_labels
@@ -73,6 +94,9 @@ from jaxreg.warping import warp_labels
 __version__ = "0.1.0"
 
 __all__ = [
+    "register", "RegistrationConfig", "default_config", "make_source",
+    "Transform", "inverse_consistency",
+    "Points", "read_points", "write_points",
     "AffineConfig", "register_affine",
     "register_batch",
     "jit",
@@ -87,5 +111,5 @@ __all__ = [
     "bending_energy", "diffusion", "jacobian_determinant",
     "ConvexAdamConfig", "coarse_stage", "convex_adam", "fine_stage", "register_mind",
     "EncoderSource", "MindSource", "PairFeatures",
-    "compose", "identity_grid", "resize_field", "warp", "warp_labels",
+    "compose", "identity_grid", "invert", "resize_field", "warp", "warp_labels",
 ]

@@ -12,9 +12,9 @@ from jaxreg import affine
 from jaxreg import experiment
 from jaxreg import io
 from jaxreg import phantom
+from jaxreg import registration
 from jaxreg import solver
 from jaxreg import warping
-from jaxreg.experiment import pipeline
 from jaxreg.experiment import settings
 
 
@@ -27,16 +27,14 @@ def test_affine_none_leaves_the_deformable_result_unchanged():
     assert "affine" not in settings.result_settings(study)  # earlier results stay valid
     p = phantom.breast_pair("date", shape=(40, 32, 24))
     fixed, moving = io.Volume(p["fixed"], p["affine"]), io.Volume(p["moving"], p["affine"])
-    source = pipeline.make_source(study.registration)
-    transform = {}
-    field, _ = pipeline.register_volumes(fixed, moving, config=study.registration,
-                                         source=source, transform=transform)
+    source = registration.make_source(study.registration)
+    transform = registration.register(fixed, moving, config=study.registration, source=source)
     feats = source(p["fixed"], p["moving"])  # the registration as it was before
     direct = solver.convex_adam(feats.fixed, feats.moving, config=study.registration.solver,
                                 coarse_fixed=feats.coarse_fixed,
                                 coarse_moving=feats.coarse_moving)
-    np.testing.assert_array_equal(field, np.asarray(direct))
-    assert transform == {}
+    np.testing.assert_array_equal(transform.field, np.asarray(direct))
+    assert transform.prealignment is None
 
 
 def test_bad_affine_setting_names_the_field():

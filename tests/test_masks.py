@@ -97,7 +97,6 @@ def test_masks_are_checked():
 
 def test_affine_stage_follows_the_moving_mask():
     """Two objects moved differently: the masks pick whose motion the affine stage finds."""
-    shape = (40, 40, 40)
     yy, xx, zz = np.mgrid[:40, :40, :40].astype(np.float32)
     blob = lambda c, r: np.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2 + (zz - c[2]) ** 2)
                                / (2 * r * r))

@@ -14,38 +14,25 @@ Override any field: ``--config.solver.iterations=200``. Select another file:
 breast and FGT masks rising on every phantom task, no folding.
 """
 
+import dataclasses
+
 import ml_collections
 
-# Fine-stage settings per encoder. "mind" uses the convexadam package's defaults;
-# foundation features use the Adam settings of the reference paper's code (Gu et al.,
-# arXiv 2507.11569; github.com/mazurowski-lab/Foundation-based-reg): lr 3, 1000
-# iterations, lambda 2, grid 2, a width-7 pool applied 5 times, SSD loss. Their PCA features
-# are scaled to a unit first component (jaxreg.features.FeatureConfig.scale), so the
-# similarity weight is 1 instead of MIND-SSC's 12 channels.
-_REFERENCE_ADAM = dict(lambda_weight=2.0, iterations=1000, learning_rate=3.0,
-                       smooth_kernel=7, smooth_num=5, similarity_weight=1.0)
-_SOLVER = {
-    "mind": dict(lambda_weight=1.25, iterations=80, learning_rate=1.0,
-                 smooth_kernel=3, smooth_num=3, similarity_weight=12.0),
-    **{name: _REFERENCE_ADAM for name in ("litemedsam", "mobilesam", "sam", "medsam", "sslsam",
-                                          "dinov2", "dinov3", "medclip", "sam2")},
-}
-# A hybrid "<encoder>+mind" (jaxreg.sources.HybridSource) uses MIND-SSC's solver settings
-# and adds the encoder's last-layer PCA channels with this weight beside MIND-SSC's
-# objective. Measured on the real T1/T2 pair (BUILD.md, "Real features"): LiteMedSAM's
-# channels lower mean CerebrA Dice as the weight grows (MIND alone 0.904; weight 0.1:
-# 0.904, 0.25: 0.902, 0.5: 0.900, 2: 0.877), so the default is the small weight that
-# costs nothing measurable; raise it where features are known to help.
-_HYBRID_WEIGHT = 0.1
+from jaxreg import registration
 
 
 def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
-    """The experiment's settings as plain values (``encoder``: a name, or ``<name>+mind``)."""
-    model = encoder.removesuffix("+mind")
-    hybrid = model != encoder
-    if model not in _SOLVER or (hybrid and model == "mind"):
-        raise ValueError(f"unknown encoder {encoder!r}; choose from {sorted(_SOLVER)} or "
-                         "<encoder>+mind")
+    """The experiment's settings as plain values (``encoder``: a name, or ``<name>+mind``).
+
+    Every default is the library's (:func:`jaxreg.registration.default_config`, where the
+    per-method solver settings and their sources are), so that ``jaxreg.register`` and
+    this experiment register a pair alike.
+    """
+    try:
+        defaults = registration.default_config(encoder)
+    except ValueError as e:
+        raise ValueError(f"unknown encoder {encoder!r}; choose from "
+                         f"{', '.join(registration.METHODS)}") from e
     c = ml_collections.ConfigDict()
     c.encoder = encoder
     c.data_dir = ""  # folder of the pairs CSV (pairs.csv) and volumes; "" = phantom
@@ -60,15 +47,10 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     c.mind.radius = 1
     c.mind.dilation = 2
 
-    c.solver = ml_collections.ConfigDict()
-    c.solver.grid_sp = 6
-    c.solver.disp_hw = 4
-    c.solver.ic = True
-    c.solver.ic_iterations = 15
-    c.solver.grid_sp_adam = 2
-    c.solver.final_smooth = 0
-    c.solver.update(_SOLVER["mind" if hybrid else encoder])
-    c.hybrid_weight = _HYBRID_WEIGHT if hybrid else 0.0  # the features' weight beside MIND-SSC
+    # ConvexAdam (jaxreg.solver.ConvexAdamConfig): MIND-SSC and the hybrids take the
+    # convexadam package's settings, encoders the reference paper's Adam stage.
+    c.solver = ml_collections.ConfigDict(dataclasses.asdict(defaults.solver))
+    c.hybrid_weight = defaults.hybrid_weight  # the features' weight beside MIND-SSC
 
     # Foundation features (every encoder but "mind"); see jaxreg.features.
     c.weights = ""  # checkpoint file or Hugging Face folder; "" = search (registry.py)
@@ -79,7 +61,7 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     # LiteMedSAM defaults to "joint": better Dice and field error than its last layer on
     # the phantom and MNI benchmarks at the same encoding cost (BUILD.md); the others keep
     # the reference until they are measured with real weights.
-    c.features.pyramid = "joint" if encoder == "litemedsam" else "none"
+    c.features.pyramid = defaults.pyramid
     c.features.gap = 6  # encode every gap-th slice, interpolate the others
     c.features.pca_dims = 0  # 0 = the encoder's reference setting
     # PCA fitted on: "auto" voxels above 5% of the robust intensity range, a label name
@@ -101,6 +83,10 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     c.affine = "none"
 
     c.qc = True  # a QC picture per pair (qc.png)
+
+    # The label whose maps restrict the similarity (cost-function masking) where a pair
+    # has them: "mask" = the pairs CSV's mov_mask/fix_mask columns; "" = never.
+    c.similarity_mask = "mask"
 
     # Several pairs at once (jaxreg.batching): pairs bucketed by padded shape, vmap on a
     # device, the pair axis sharded over the devices; batch capped by the memory plan.

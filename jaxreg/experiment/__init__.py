@@ -12,8 +12,8 @@ The modules, by job:
 - :mod:`~jaxreg.experiment.settings`: the ConfigDict checked once and turned into a
   frozen :class:`StudyConfig` (below that edge everything is typed), the settings
   recorded per pair.
-- :mod:`~jaxreg.experiment.pipeline`: one pair loaded onto the fixed grid, its features
-  made and registered.
+- :mod:`~jaxreg.experiment.pipeline`: one pair loaded onto the fixed grid with its label
+  maps and masks; :func:`jaxreg.register` registers it (:mod:`jaxreg.registration`).
 - :mod:`~jaxreg.experiment.outputs`: a pair's files and scores, the summary table.
 - :mod:`~jaxreg.experiment.workdir`: one run per workdir (a lock), pair folders written
   whole (staging, then rename), leftovers of a killed run removed, settings recorded.
@@ -25,7 +25,8 @@ The modules, by job:
 from jaxreg.experiment.outputs import format_summary, write_pair
 from jaxreg.experiment.pairs import Pair, check_name, find_pairs_csv, read_pairs
 from jaxreg.experiment.pairs import write_phantom_pairs
-from jaxreg.experiment.pipeline import LoadedPair, load_pair, make_source, register_volumes
+from jaxreg.experiment.pipeline import LoadedPair, load_pair
+from jaxreg.registration import make_source
 from jaxreg.experiment.settings import ENCODERS, PYRAMIDS, ConfigError, MindSettings
 from jaxreg.experiment.settings import PhantomSettings, RegistrationConfig, StudyConfig
 from jaxreg.experiment.settings import from_configdict
@@ -38,6 +39,6 @@ __all__ = [
     "PhantomSettings", "RegistrationConfig", "StudyConfig", "Workdir", "WorkdirError",
     "check_name", "find_pairs_csv", "format_summary", "from_configdict",
     "grid_shape", "load_pair", "make_source", "read_pairs",
-    "register_volumes", "run_pair", "run_study", "select_devices",
+    "run_pair", "run_study", "select_devices",
     "write_pair", "write_phantom_pairs",
 ]

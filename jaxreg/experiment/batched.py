@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxreg import affine as affine_lib
 from jaxreg import batching
+from jaxreg import registration
+from jaxreg import solver
 from jaxreg import sources
 from jaxreg.experiment import outputs
 from jaxreg.experiment import pipeline
@@ -29,7 +30,13 @@ PAIR_ERRORS = (ValueError, OSError)
 def grid_shape(path: str) -> tuple[int, ...]:
     """The voxel grid of an image file from its header (cheap), for bucketing."""
     try:
-        if path.endswith(".nrrd"):
+        from jaxreg import _reading
+
+        if _reading.is_dicom(path):
+            from jaxreg import _dicom
+
+            return tuple(_dicom.series_shape(path))  # headers only, no pixels
+        if path.endswith((".nrrd", ".nhdr")):
             import nrrd
 
             return tuple(int(x) for x in nrrd.read_header(path)["sizes"][:3])
@@ -85,10 +92,10 @@ def _register_group(group, shape, config, source, solver_config, mesh, finish):
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     fixed, moving, unpadded, matrices = [], [], [], []
-    for lp in loaded:
-        moving_data, moving_mask, matrix = pipeline.prealign(
+    for lp in loaded:  # the stages of jaxreg.register, the solver's left for the batch
+        moving_data, (moving_mask,), matrix = registration.prealign(
             lp.fixed, lp.moving, config=config.registration,
-            moving_mask=lp.masks[1] if lp.masks else None, timings=timings)
+            moving_masks=(lp.masks[1] if lp.masks else None,), timings=timings)
         matrices.append(matrix)
         feats = source(lp.fixed.data, moving_data,
                        fixed_mask=lp.masks[0] if lp.masks else None,
@@ -106,14 +113,16 @@ def _register_group(group, shape, config, source, solver_config, mesh, finish):
     for j, lp in enumerate(loaded):
         h, w, d = lp.fixed.shape
         field = np.ascontiguousarray(fields[j, :h, :w, :d])
-        transform = {}
-        if matrices[j] is not None:  # the total field, as pipeline.register_volumes
-            field = np.asarray(affine_lib.compose(matrices[j], field))
-            transform = {"voxel": matrices[j], "world": affine_lib.world_matrix(
-                matrices[j], lp.fixed.affine, lp.fixed.affine)}
         finish(lp.pair, functools.partial(
-            outputs.write_pair, lp, field, config=config, seconds=seconds, timings=per_pair,
-            fixed_features=unpadded[j], transform=transform))
+            _write, lp, field, matrices[j], config=config, seconds=seconds,
+            timings=per_pair, fixed_features=unpadded[j]))
+
+
+def _write(lp, field, matrix, out_dir, **kwargs):
+    """A batch member's outputs: its field checked, as a Transform (jaxreg.register's)."""
+    solver.check_field(field)
+    transform = registration.to_transform(field, lp.fixed.affine, matrix)
+    return outputs.write_pair(lp, transform, out_dir, **kwargs)
 
 
 def _raise(error: Exception, out_dir: str) -> None:

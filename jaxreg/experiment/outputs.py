@@ -20,8 +20,9 @@ from jaxreg import warping as warp_lib
 from jaxreg.experiment import settings
 from jaxreg.experiment.pipeline import LoadedPair
 from jaxreg import atomic
+from jaxreg.transform import Transform
 
-__all__ = ["write_pair", "write_summary", "format_summary"]
+__all__ = ["write_pair", "landmark_errors", "write_summary", "format_summary"]
 
 
 def _dice_row(prefix: str, fixed: np.ndarray, moving: np.ndarray) -> dict[str, float]:
@@ -59,16 +60,17 @@ class _Pending:
     label: int
 
 
-def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
+def write_pair(loaded: LoadedPair, transform: Transform, out_dir: str, *,
                config: settings.StudyConfig,
                fixed_features: np.ndarray | None = None, seconds: float = 0.0,
-               timings: Mapping[str, float] | None = None,
-               transform: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+               timings: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Writes a registered pair's outputs into ``out_dir`` (created here) and scores it.
 
-    ``field`` is the total field; a pre-alignment's ``transform`` (``"world"`` matrix,
-    from :func:`jaxreg.experiment.register_volumes`) is saved as ``affine.mat`` (ITK and
-    ANTs read it; double precision).
+    The transform is written for ANTs, ITK and Slicer (:meth:`Transform.export`:
+    ``warp.nii.gz``, and with an affine stage ``affine.mat`` and
+    ``deformable_warp.nii.gz``), and as jaxreg's voxel field (``field_voxels.nii.gz``,
+    the total field) and its RAS millimetres (``field_mm.nii.gz``). With landmarks
+    (``fix_points``/``mov_points``), TRE before and after is scored.
 
     Files are compressed, and the QC picture and HD95 computed, in background threads
     while the warps and the other scores run; all are done when this returns.
@@ -80,10 +82,12 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
       ValueError: the field is not finite (the registration diverged); nothing written.
     """
     pair, fixed, moving = loaded.pair, loaded.fixed, loaded.moving
+    field = transform.field
     solver.check_field(field, name=f"pair {pair.name}: field")
+    points = _read_points(pair)  # a bad landmark file fails the pair before any writing
     os.makedirs(out_dir)
-    if transform:
-        affine_lib.save_itk(os.path.join(out_dir, "affine.mat"), transform["world"])
+    if transform.prealignment is not None:
+        affine_lib.save_itk(os.path.join(out_dir, "affine.mat"), transform.prealignment)
     affine = fixed.affine
     background = _Background()
     try:
@@ -93,6 +97,10 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
         # Float fields shrink ~8 % under zlib at ~3 s each: stored uncompressed (still .gz).
         save("field_voxels.nii.gz", field, compresslevel=0)
         save("field_mm.nii.gz", io.field_to_mm(field, affine), compresslevel=0)
+        background.submit(transform.save, os.path.join(out_dir, "warp.nii.gz"))
+        if transform.prealignment is not None:
+            background.submit(transform.save, os.path.join(out_dir, "deformable_warp.nii.gz"),
+                              deformable=True)
         warped = np.asarray(warp_lib.warp(moving.data, field))
         save("warped.nii.gz", warped)
         jacobian, jacobian_stats = metrics.jacobian_summary(field)  # for the row and QC
@@ -104,12 +112,39 @@ def write_pair(loaded: LoadedPair, field: np.ndarray, out_dir: str, *,
         row.update(_label_rows(loaded, field, save, background, hd=config.hd95))
         row.update({k: round(float(v), 4) for k, v in jacobian_stats.items()})
         row.update(_field_errors(loaded, field, true))
+        if points is not None:
+            row.update(landmark_errors(transform, *points))
         background.wait()
     finally:
         background.close()
     row = _resolve(row)
     atomic.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(row, indent=1))
     return row
+
+
+def _read_points(pair) -> tuple | None:
+    """The pair's (fixed, moving) landmarks, checked to correspond, or None."""
+    if not pair.points:
+        return None
+    from jaxreg import points as points_lib
+
+    fixed, moving = (points_lib.read_points(p) for p in pair.points)
+    if len(fixed.ras) != len(moving.ras):
+        raise io.InputError(f"{pair.points[0]}: {len(fixed.ras)} fixed landmarks but "
+                            f"{pair.points[1]} has {len(moving.ras)}; they must correspond "
+                            f"row by row")
+    return fixed.ras, moving.ras
+
+
+def landmark_errors(transform: Transform, fixed_points: np.ndarray,
+                    moving_points: np.ndarray) -> dict[str, float]:
+    """Target registration error (mm): fixed landmarks mapped into the moving space, as
+    Learn2Reg scores, against their moving counterparts; before is without mapping."""
+    before = np.linalg.norm(fixed_points - moving_points, axis=-1)
+    after = np.linalg.norm(transform.map_points(fixed_points) - moving_points, axis=-1)
+    return {"tre_mm_before": round(float(before.mean()), 4),
+            "tre_mm": round(float(after.mean()), 4),
+            "tre_mm_max": round(float(after.max()), 4)}
 
 
 def _save_qc(path: str, loaded: LoadedPair, warped: np.ndarray, field: np.ndarray,

@@ -1,10 +1,13 @@
 """The pairs of a study: read from a pairs CSV, or the built-in breast phantom.
 
 Pairs CSV: columns ``mov_volume`` and ``fix_volume`` (paths, relative to ``data_dir``
-when given, else to the CSV's folder), optional ``name``, optional ``true_field`` (a
-voxel field on the fixed grid, for the mean field error), and any number of label maps
-as ``mov_<x>``/``fix_<x>`` column pairs (``mov_mask``/``fix_mask``, ``.seg.nrrd`` too).
-A UTF-8 byte-order mark (Excel's "CSV UTF-8") is accepted.
+when given, else to the CSV's folder; NIfTI, NRRD, or a DICOM series folder), optional
+``name``, optional ``true_field`` (a voxel field on the fixed grid, for the mean field
+error), optional ``fix_points``/``mov_points`` (corresponding landmarks: ANTs CSV,
+Slicer ``.fcsv`` or ``.mrk.json``, :mod:`jaxreg.points`, for TRE), and any number of
+label maps as ``mov_<x>``/``fix_<x>`` column pairs (``.seg.nrrd`` too);
+``mov_mask``/``fix_mask`` also restrict the similarity (the study's
+``similarity_mask``). A UTF-8 byte-order mark (Excel's "CSV UTF-8") is accepted.
 
 A pair's name is the name of its output folder inside the workdir, so it must be one
 safe path component: 1 to 128 letters, digits, ``.``, ``_`` or ``-``, starting with a
@@ -48,6 +51,7 @@ class Pair:
     labels: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     true_field: str | None = None
     source: str = ""
+    points: tuple[str, str] | None = None  # (fixed, moving) landmark files
 
     def files(self) -> dict[str, str]:
         """Every input file by its column name."""
@@ -56,6 +60,8 @@ class Pair:
             out[f"mov_{label}"], out[f"fix_{label}"] = mov, fix
         if self.true_field:
             out["true_field"] = self.true_field
+        if self.points:
+            out["fix_points"], out["mov_points"] = self.points
         return out
 
 
@@ -80,7 +86,7 @@ def _sanitise(name: str) -> str:
 
 def _stem(path: str) -> str:
     base = os.path.basename(path)
-    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd"):
+    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".nhdr", ".dcm"):
         if base.endswith(suffix):
             return base[: -len(suffix)]
     return os.path.splitext(base)[0]
@@ -140,10 +146,12 @@ def read_pairs(csv_path: str, *, data_dir: str | None = None) -> list[Pair]:
     if missing:
         raise io.InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
                             f"found {[c for c in columns if c]}")
-    label_names = sorted(c[4:] for c in columns if c.startswith("mov_") and c != "mov_volume")
+    special = ("volume", "points")  # not label maps
+    label_names = sorted(c[4:] for c in columns if c.startswith("mov_") and c[4:] not in special)
     unpaired = [n for n in label_names if f"fix_{n}" not in columns]
-    unpaired += [c[4:] for c in columns if c.startswith("fix_") and c != "fix_volume"
+    unpaired += [c[4:] for c in columns if c.startswith("fix_") and c[4:] not in special
                  and f"mov_{c[4:]}" not in columns]
+    unpaired += [n for n in ("points",) if (f"mov_{n}" in columns) != (f"fix_{n}" in columns)]
     if unpaired:
         raise io.InputError(f"{csv_path}: label column(s) without their pair: "
                             f"{', '.join(sorted(set(unpaired)))} (need mov_x and fix_x)")
@@ -174,8 +182,12 @@ def read_pairs(csv_path: str, *, data_dir: str | None = None) -> list[Pair]:
             raise io.InputError(f"{where}: pair name {name!r} is already used on line "
                                 f"{seen[name.lower()]}")
         seen[name.lower()] = row["__line__"]
+        points = path("fix_points"), path("mov_points")
+        if (points[0] is None) != (points[1] is None):
+            raise io.InputError(f"{where}: fix_points and mov_points must be set together")
         pairs.append(Pair(name, moving, fixed, labels, path("true_field"),
-                          source=f"{os.path.basename(csv_path)} line {row['__line__']}"))
+                          source=f"{os.path.basename(csv_path)} line {row['__line__']}",
+                          points=points if points[0] else None))
     if not pairs:
         raise io.InputError(f"{csv_path}: the CSV has a header but no pairs")
     return pairs

@@ -12,91 +12,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 from jaxreg import features as feat_lib
-from jaxreg import io
 from jaxreg import phantom
+from jaxreg import registration
 from jaxreg import solver
 from jaxreg.encoders import registry
 
 __all__ = ["ConfigError", "ENCODERS", "HYBRID_SUFFIX", "PYRAMIDS", "MindSettings",
            "RegistrationConfig", "PhantomSettings", "StudyConfig", "from_configdict", "result_settings"]
 
-HYBRID_SUFFIX = "+mind"
-ENCODERS = (("mind",) + tuple(registry.ENCODERS)
-            + tuple(name + HYBRID_SUFFIX for name in registry.ENCODERS))
-Pyramid = Literal["none", "joint", "coarse_to_fine"]
+HYBRID_SUFFIX = registration.HYBRID_SUFFIX
+ENCODERS = registration.METHODS
+Pyramid = registration.Pyramid
 PYRAMIDS = get_args(Pyramid)
-Dtype = Literal["auto", "float32", "bfloat16"]
-Attention = Literal["xla", "cudnn"]
-Affine = Literal["none", "rigid", "affine"]
-AFFINES = get_args(Affine)
+Dtype = registration.Dtype
+Attention = registration.Attention
+AFFINES = registration.AFFINES
+# The typed registration settings are the library's (jaxreg.register takes them too).
+MindSettings = registration.MindSettings
+RegistrationConfig = registration.RegistrationConfig
 
 
-class ConfigError(io.InputError):
-    """A setting that cannot work; the message names the field and what it accepts."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MindSettings:
-    """MIND-SSC's patch radius and neighbour dilation (:func:`jaxreg.mind.mind_ssc`)."""
-
-    radius: int = 1
-    dilation: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class RegistrationConfig:
-    """How one pair is registered.
-
-    Attributes:
-      encoder: ``"mind"`` (handcrafted MIND-SSC), an encoder of the registry, or a
-        hybrid ``"<encoder>+mind"`` (MIND-SSC and the encoder's PCA channels in one
-        objective, :class:`jaxreg.sources.HybridSource`).
-      solver: the ConvexAdam settings.
-      mind: MIND-SSC settings (used by ``"mind"`` and the hybrids).
-      hybrid_weight: a hybrid's feature weight beside MIND-SSC (0: MIND-SSC alone).
-      features: the encoder's slicing, PCA and output maps; None for MIND-SSC.
-      pyramid: how an encoder's output maps are used: the last one (``"none"``, the
-        reference), several at once (``"joint"``), or a deeper one for the coarse stage
-        (``"coarse_to_fine"``).
-      percentiles: intensity clipping before MIND-SSC or the encoder.
-      weights: the encoder's checkpoint; ``""`` searches (``registry.find_weights``).
-      mask: what an encoder's PCA is fitted on: ``"auto"`` (foreground), a label name
-        of the pair, or ``""`` (every token).
-      dtype: the encoder's compute dtype (``"auto"``: bfloat16 on accelerators).
-      attention: a ViT encoder's attention kernel: ``"xla"`` (XLA's composition) or
-        ``"cudnn"`` (cuDNN's fused kernel; NVIDIA GPUs, bfloat16).
-      cache: keep encoded slices on disk.
-      affine: pre-alignment before the deformable stage (:mod:`jaxreg.affine`):
-        ``"none"``, ``"rigid"`` or ``"affine"``; the saved field is then the total one.
-    """
-
-    encoder: str = "mind"
-    solver: solver.ConvexAdamConfig = solver.ConvexAdamConfig()
-    mind: MindSettings = MindSettings()
-    hybrid_weight: float = 0.0
-    features: feat_lib.FeatureConfig | None = None
-    pyramid: Pyramid = "none"
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    weights: str = ""
-    mask: str = "auto"
-    dtype: Dtype = "auto"
-    attention: Attention = "xla"
-    cache: bool = True
-    affine: Affine = "none"
-
-    @property
-    def model(self) -> str | None:
-        """The registry encoder used (``"litemedsam"`` for ``"litemedsam+mind"``), or None."""
-        name = self.encoder.removesuffix(HYBRID_SUFFIX)
-        return None if name == "mind" else name
-
-    @property
-    def uses_mind(self) -> bool:
-        """Whether MIND-SSC is (part of) the similarity."""
-        return self.encoder == "mind" or self.encoder.endswith(HYBRID_SUFFIX)
+ConfigError = registration.ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +60,9 @@ class StudyConfig:
       devices: this host's devices (``""`` all, ``"2"`` the first two, ``"0,3"`` ids).
       qc: a QC picture per pair.
       hd95: score label maps by HD95 as well as Dice.
+      similarity_mask: the label name whose maps (``mov_<name>``/``fix_<name>`` columns)
+        restrict the similarity where a pair has them (``"mask"``: the ``mov_mask`` and
+        ``fix_mask`` columns); ``""``: never.
     """
 
     registration: RegistrationConfig = RegistrationConfig()
@@ -131,6 +73,7 @@ class StudyConfig:
     devices: str = ""
     qc: bool = True
     hd95: bool = True
+    similarity_mask: str = "mask"
 
     @property
     def uses_phantom(self) -> bool:
@@ -240,7 +183,8 @@ def from_configdict(c: Any) -> StudyConfig:
         registration=_registration(c), pairs=str(c.pairs), data_dir=str(c.data_dir),
         phantom=_phantom(c, uses_phantom),
         batch_per_device=_int(c.batch.batch_per_device, "batch.batch_per_device", 1),
-        devices=str(c.batch.devices), qc=bool(c.qc), hd95=bool(c.metrics.hd95))
+        devices=str(c.batch.devices), qc=bool(c.qc), hd95=bool(c.metrics.hd95),
+        similarity_mask=str(c.get("similarity_mask", "mask")))
 
 
 def result_settings(config: StudyConfig) -> dict[str, Any]:

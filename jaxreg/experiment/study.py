@@ -14,6 +14,7 @@ import jax
 from absl import logging
 
 from jaxreg import features as feat_lib
+from jaxreg import registration
 from jaxreg import sources
 from jaxreg import atomic
 from jaxreg.experiment import batched as batched_lib
@@ -34,18 +35,20 @@ def run_pair(pair: Pair, out_dir: str, *, config: settings.StudyConfig,
     Returns:
       The metrics row (also saved as ``metrics.json``), with the seconds per stage.
     """
-    loaded = pipeline.load_pair(pair, config=config.registration)
+    loaded = pipeline.load_pair(pair, config=config.registration,
+                                similarity_mask=config.similarity_mask)
     timings: dict[str, float] = {}
-    transform: dict = {}
+    extras: dict = {}
+    fixed_mask, moving_mask = loaded.similarity or (None, None)
     start = time.perf_counter()
-    field, fixed_features = pipeline.register_volumes(
+    transform = registration.register(
         loaded.fixed, loaded.moving, config=config.registration, source=source,
-        masks=loaded.masks,
-        timings=timings, transform=transform)
+        pca_masks=loaded.masks, fixed_mask=fixed_mask, moving_mask=moving_mask,
+        timings=timings, extras=extras)
     seconds = time.perf_counter() - start
-    return outputs.write_pair(loaded, field, out_dir, config=config,
-                              fixed_features=fixed_features, seconds=seconds, timings=timings,
-                              transform=transform)
+    return outputs.write_pair(loaded, transform, out_dir, config=config,
+                              fixed_features=extras["fixed_features"], seconds=seconds,
+                              timings=timings)
 
 
 def select_devices(spec: str = "") -> list[jax.Device]:
@@ -124,7 +127,10 @@ class _Progress:
 
 
 def _pair_settings(config: settings.StudyConfig, pair: Pair) -> dict[str, Any]:
-    return {"settings": settings.result_settings(config), "inputs": pair.files()}
+    recorded = settings.result_settings(config)
+    if config.similarity_mask in pair.labels:  # absent otherwise: earlier results stay valid
+        recorded["similarity_mask"] = config.similarity_mask
+    return {"settings": recorded, "inputs": pair.files()}
 
 
 def _refuse_changed(work: workdir_lib.Workdir, changed: dict[str, list[str]]) -> None:
@@ -176,7 +182,7 @@ def run_study(config: settings.StudyConfig | Any, workdir: str, *, progress: boo
         cache = None
         if config.registration.cache and config.registration.model is not None:
             cache = feat_lib.FeatureCache(os.path.join(work.path, "feature_cache"))
-        source = pipeline.make_source(config.registration, devices=devices, cache=cache)
+        source = registration.make_source(config.registration, devices=devices, cache=cache)
         failures = _register_all(config, work, pairs, recorded, changed, source, devices,
                                  progress)
         _sync("study done")
@@ -228,9 +234,16 @@ def _register_all(config, work, pairs, recorded, changed, source, devices, progr
                             "batch_per_device=%d is ignored", config.batch_per_device)
         batched = False
     if batched:
-        batched_lib.run_batched(todo, config, source, devices, finish)
-    else:
-        for pair in todo:
-            finish(pair, functools.partial(run_pair, pair, config=config, source=source))
+        # A masked similarity is another program than the batch's: such pairs (those with
+        # the similarity-mask label maps) are registered one at a time.
+        masked = [p for p in todo if config.similarity_mask in p.labels]
+        if masked:
+            logging.info("%d pair(s) with similarity masks registered one at a time",
+                         len(masked))
+        batched_lib.run_batched([p for p in todo if p not in masked], config, source,
+                                devices, finish)
+        todo = masked
+    for pair in todo:
+        finish(pair, functools.partial(run_pair, pair, config=config, source=source))
     bar.close()
     return failures

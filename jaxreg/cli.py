@@ -1,0 +1,266 @@
+"""The ``jaxreg`` command: one pair registered, its transform applied, inverted, used on points.
+
+    jaxreg register FIXED MOVING -o OUT [--method=mind] [--affine=none|rigid|affine]
+                    [--fixed-mask=F] [--moving-mask=M] [--fixed-points=P --moving-points=Q]
+                    [--set solver.iterations=200 ...]
+    jaxreg apply OUT/warp.nii.gz IMAGE -o WARPED [--labels]
+    jaxreg invert OUT/warp.nii.gz -o INVERSE [--reference MOVING]
+    jaxreg points OUT/warp.nii.gz FIXED_POINTS -o MOVING_POINTS
+    jaxreg segment --image=... --box=...      (python -m experiments.segment's flags)
+
+Volumes are NIfTI, NRRD or DICOM series folders. ``register`` writes into OUT (made
+whole in a staging folder, then renamed; an existing OUT is refused unless
+``--overwrite``): ``warp.nii.gz`` (the transform, ITK displacement field),
+``inverse_warp.nii.gz`` (on the moving grid), with an affine stage ``affine.mat`` and
+``deformable_warp.nii.gz``, ``warped.nii.gz``, ``qc.png`` and ``metrics.json`` (Jacobian
+statistics, Dice of the masks, TRE of the landmarks, inverse consistency), as the study
+(``python -m experiments.breast``) writes a pair. ``antsApplyTransforms -d 3 -r FIXED -i
+IMAGE -t OUT/warp.nii.gz -o WARPED`` does what ``jaxreg apply`` does.
+
+Exit codes: 0 done; 1 the registration failed (it diverged); 2 a user error (a file, a
+setting), printed as one line ``error: <file or setting>: <problem>``, nothing written.
+(argparse, not absl: one command with sub-commands and positional files, as ANTs and
+greedy users expect; the study's absl flags stay in experiments/.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+
+__all__ = ["main", "override"]
+
+
+def override(config, assignment: str):
+    """``config`` (a frozen dataclass tree) with ``"a.b=value"`` set; the value is read as
+    a Python literal (``200``, ``(0, 1, 2)``, ``True``), else taken as text.
+
+    Raises:
+      jaxreg.registration.ConfigError: an unknown field (the fields there are listed) or
+        a value the settings refuse.
+    """
+    from jaxreg.registration import ConfigError
+
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment}: expected FIELD=VALUE, e.g. solver.iterations=200")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+
+    def put(node, path):
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"--set {key}: {'.'.join(path[:-1]) or 'the settings'} has no "
+                              f"fields (it is {node!r})")
+        names = [f.name for f in dataclasses.fields(node)]
+        if path[0] not in names:
+            raise ConfigError(f"--set {key}: no field {path[0]!r} (fields: {', '.join(names)})")
+        new = value if len(path) == 1 else put(getattr(node, path[0]), path[1:])
+        if isinstance(new, list):
+            new = tuple(new)
+        try:
+            return dataclasses.replace(node, **{path[0]: new})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--set {assignment}: {e}") from None
+
+    return put(config, key.split("."))
+
+
+def _parser() -> argparse.ArgumentParser:
+    from jaxreg import registration
+
+    parser = argparse.ArgumentParser(prog="jaxreg", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    reg = commands.add_parser("register", help="register MOVING to FIXED into folder OUT")
+    reg.add_argument("fixed")
+    reg.add_argument("moving")
+    reg.add_argument("-o", "--out", required=True, help="output folder")
+    reg.add_argument("--method", default="mind", choices=registration.METHODS, metavar="METHOD",
+                     help="mind (default), an encoder, or <encoder>+mind")
+    reg.add_argument("--affine", default="none", choices=registration.AFFINES)
+    reg.add_argument("--weights", default="", help="encoder checkpoint; default: searched")
+    reg.add_argument("--fixed-mask", help="restrict the similarity to this mask (fixed grid)")
+    reg.add_argument("--moving-mask", help="... and to this one (moving image's grid)")
+    reg.add_argument("--fixed-points", help="landmarks: ANTs CSV, Slicer .fcsv or .mrk.json")
+    reg.add_argument("--moving-points", help="their counterparts in the moving image (TRE)")
+    reg.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                     help="a setting of jaxreg.RegistrationConfig, e.g. solver.iterations=200")
+    reg.add_argument("--no-qc", action="store_true", help="skip the QC picture")
+    reg.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    app = commands.add_parser("apply", help="resample a moving-space image onto the fixed grid")
+    app.add_argument("transform")
+    app.add_argument("image")
+    app.add_argument("-o", "--out", required=True)
+    app.add_argument("--labels", action="store_true", help="nearest neighbour, labels kept")
+    inv = commands.add_parser("invert", help="the moving -> fixed transform")
+    inv.add_argument("transform")
+    inv.add_argument("-o", "--out", required=True)
+    inv.add_argument("--reference", help="its grid (the moving image); default the fixed grid")
+    inv.add_argument("--iterations", type=int, default=30)
+    pts = commands.add_parser("points", help="map fixed-space landmarks to the moving space")
+    pts.add_argument("transform")
+    pts.add_argument("points")
+    pts.add_argument("-o", "--out", required=True, help="same formats as the input")
+    commands.add_parser("segment", add_help=False,
+                        help="promptable 3D segmentation (python -m experiments.segment)")
+    return parser
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False,
+                disable=not sys.stderr.isatty())
+
+
+def _register(args) -> int:
+    from jaxreg import features, io, registration
+    from jaxreg.experiment import outputs, pipeline, settings
+    from jaxreg.experiment.pairs import Pair
+    from jaxreg.transform import inverse_consistency
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise io.InputError(f"{out}: already exists; choose another -o or add --overwrite")
+    if (args.fixed_points is None) != (args.moving_points is None):
+        raise io.InputError("--fixed-points and --moving-points go together")
+    config = registration.default_config(args.method, affine=args.affine, weights=args.weights)
+    for assignment in args.set:
+        config = override(config, assignment)
+    study = settings.StudyConfig(registration=config, qc=not args.no_qc)
+    bar = _progress(4, "register")
+    labels = {}
+    if args.fixed_mask and args.moving_mask:  # scored (Dice) as well as used
+        labels["mask"] = (args.moving_mask, args.fixed_mask)
+    points = (args.fixed_points, args.moving_points) if args.fixed_points else None
+    name = os.path.basename(out.rstrip(os.sep)) or "pair"
+    pair = Pair(name, os.path.abspath(args.moving), os.path.abspath(args.fixed), labels,
+                points=points, source="command line")
+    loaded = pipeline.load_pair(pair, config=config, similarity_mask="mask")
+    moving_own = io.load_volume(args.moving)
+    similarity = list(loaded.similarity or (None, None))
+    for i, (path, image) in enumerate(((args.fixed_mask, loaded.fixed),
+                                       (args.moving_mask, moving_own))):
+        if path and not labels:  # one mask alone: read onto the fixed grid here
+            mask = io.load_labels(path)
+            if not io.same_grid(mask, image):
+                raise io.InputError(f"{path}: the mask is not on its image's grid "
+                                    f"({mask.shape} against {image.shape})")
+            similarity[i] = registration.similarity_weights(
+                registration.on_grid(mask, loaded.fixed, order=0).data)
+    bar.update()
+    timings, extras = {}, {}
+    transform = registration.register(
+        loaded.fixed, loaded.moving, config=config, pca_masks=loaded.masks,
+        fixed_mask=similarity[0], moving_mask=similarity[1], timings=timings, extras=extras)
+    bar.update()
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=parent)
+    try:
+        work = os.path.join(staging, "out")
+        row = outputs.write_pair(loaded, transform, work, config=study,
+                                 fixed_features=extras["fixed_features"],
+                                 seconds=sum(timings.values()), timings=timings)
+        bar.update()
+        inverse = transform.inverse(moving_own)
+        inverse.save(os.path.join(work, "inverse_warp.nii.gz"))
+        ic = inverse_consistency(transform, inverse, mask=features.foreground_mask(
+            loaded.fixed.data))
+        row.update({f"inverse_consistency_mm_{k}": round(v, 4) for k, v in ic.items()
+                    if k != "inside"})
+        from jaxreg import atomic
+
+        atomic.write_text(os.path.join(work, "metrics.json"), json.dumps(row, indent=1))
+        if os.path.exists(out):
+            shutil.rmtree(out) if os.path.isdir(out) else os.unlink(out)
+        os.replace(work, out)
+        bar.update()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        bar.close()
+    shown = {k: v for k, v in row.items() if not k.startswith(("seconds_", "std_"))}
+    print(json.dumps(shown, indent=1))
+    print(f"outputs in {out}; ANTs: antsApplyTransforms -d 3 -r {args.fixed} -i IMAGE "
+          f"-t {os.path.join(out, 'warp.nii.gz')} -o WARPED")
+    return 0
+
+
+def _apply(args) -> int:
+    from jaxreg import io
+    from jaxreg.transform import Transform
+
+    result = Transform.load(args.transform).apply(args.image, labels=args.labels)
+    io.save_volume(args.out, result.data, result.affine)
+    print(f"{args.out}: {args.image} on the grid of {args.transform}")
+    return 0
+
+
+def _invert(args) -> int:
+    from jaxreg import io
+    from jaxreg.transform import Transform, inverse_consistency
+
+    bar = _progress(1, "invert")
+    forward = Transform.load(args.transform)
+    reference = io.load_volume(args.reference) if args.reference else None
+    inverse = forward.inverse(reference, iterations=args.iterations)
+    inverse.save(args.out)
+    bar.update()
+    bar.close()
+    ic = inverse_consistency(forward, inverse)
+    print(f"{args.out}: inverse consistency {ic['mean']:.3f} mm mean, {ic['p95']:.3f} mm 95th "
+          f"percentile, {ic['max']:.3f} mm max (over the {100 * ic['inside']:.0f}% of the "
+          f"fixed grid that maps inside its grid)")
+    return 0
+
+
+def _points(args) -> int:
+    from jaxreg import points as points_lib
+    from jaxreg.transform import Transform
+
+    pts = points_lib.read_points(args.points)
+    mapped = Transform.load(args.transform).map_points(pts.ras)
+    points_lib.write_points(args.out, mapped, list(pts.labels))
+    print(f"{args.out}: {len(mapped)} point(s) mapped into the moving space")
+    return 0
+
+
+def _segment(argv: Sequence[str]) -> int:
+    from absl import app
+
+    from experiments import segment  # its absl flags: defined only when this runs
+
+    app.run(segment.main, argv=["jaxreg segment", *argv])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``jaxreg`` (``argv`` without the program name); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["segment"]:
+        return _segment(argv[1:])
+    args = _parser().parse_args(argv)
+    from jaxreg.encoders._checkpoint import CheckpointError
+    from jaxreg.io import InputError
+
+    run = {"register": _register, "apply": _apply, "invert": _invert, "points": _points}
+    try:
+        return run[args.command](args)
+    except (InputError, CheckpointError) as e:  # the user's files and settings
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a registration that diverged, a field that does not fit
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
