@@ -121,11 +121,56 @@ def _progress(total: int, desc: str):
                 disable=not sys.stderr.isatty())
 
 
-def _register(args) -> int:
-    from jaxreg import features, io, registration
-    from jaxreg.experiment import outputs, pipeline, settings
-    from jaxreg.experiment.pairs import Pair
+def _one_mask(path, image, fixed):
+    """A mask file on ``image``'s grid as similarity weights on the fixed grid, or None."""
+    from jaxreg import io, registration
+
+    if not path:
+        return None
+    mask = io.load_labels(path)
+    if not io.same_grid(mask, image):
+        raise io.InputError(f"{path}: the mask is not on its image's grid ({mask.shape} "
+                            f"against {image.shape})")
+    return registration.similarity_weights(registration.on_grid(mask, fixed, order=0).data)
+
+
+def _write_whole(out, loaded, transform, moving_own, study, timings, extras, bar) -> dict:
+    """The pair's outputs and the inverse, written into a staging folder renamed to
+    ``out`` when complete (an old ``out`` is replaced only then); the metrics row."""
+    from jaxreg import atomic, features
+    from jaxreg.experiment import outputs
     from jaxreg.transform import inverse_consistency
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    try:
+        work = os.path.join(staging, "out")
+        row = outputs.write_pair(loaded, transform, work, config=study,
+                                 fixed_features=extras["fixed_features"],
+                                 seconds=sum(timings.values()), timings=timings)
+        bar.update()
+        inverse = transform.inverse(moving_own)
+        inverse.save(os.path.join(work, "inverse_warp.nii.gz"))
+        ic = inverse_consistency(transform, inverse,
+                                 mask=features.foreground_mask(loaded.fixed.data))
+        row.update({f"inverse_consistency_mm_{k}": round(v, 4) for k, v in ic.items()
+                    if k != "inside"})
+        atomic.write_text(os.path.join(work, "metrics.json"), json.dumps(row, indent=1))
+        if os.path.exists(out):
+            shutil.rmtree(out) if os.path.isdir(out) else os.unlink(out)
+        os.replace(work, out)
+        bar.update()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        bar.close()
+    return row
+
+
+def _register(args) -> int:
+    from jaxreg import io, registration
+    from jaxreg.experiment import pipeline, settings
+    from jaxreg.experiment.pairs import Pair
 
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite and (not os.path.isdir(out) or os.listdir(out)):
@@ -146,47 +191,17 @@ def _register(args) -> int:
                 points=points, source="command line")
     loaded = pipeline.load_pair(pair, config=config, similarity_mask="mask")
     moving_own = io.load_volume(args.moving)
-    similarity = list(loaded.similarity or (None, None))
-    for i, (path, image) in enumerate(((args.fixed_mask, loaded.fixed),
-                                       (args.moving_mask, moving_own))):
-        if path and not labels:  # one mask alone: read onto the fixed grid here
-            mask = io.load_labels(path)
-            if not io.same_grid(mask, image):
-                raise io.InputError(f"{path}: the mask is not on its image's grid "
-                                    f"({mask.shape} against {image.shape})")
-            similarity[i] = registration.similarity_weights(
-                registration.on_grid(mask, loaded.fixed, order=0).data)
+    similarity = loaded.similarity or (None, None)
+    if not labels:  # at most one mask: read onto the fixed grid here
+        similarity = [_one_mask(path, image, loaded.fixed) for path, image in (
+            (args.fixed_mask, loaded.fixed), (args.moving_mask, moving_own))]
     bar.update()
     timings, extras = {}, {}
     transform = registration.register(
         loaded.fixed, loaded.moving, config=config, pca_masks=loaded.masks,
         fixed_mask=similarity[0], moving_mask=similarity[1], timings=timings, extras=extras)
     bar.update()
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=parent)
-    try:
-        work = os.path.join(staging, "out")
-        row = outputs.write_pair(loaded, transform, work, config=study,
-                                 fixed_features=extras["fixed_features"],
-                                 seconds=sum(timings.values()), timings=timings)
-        bar.update()
-        inverse = transform.inverse(moving_own)
-        inverse.save(os.path.join(work, "inverse_warp.nii.gz"))
-        ic = inverse_consistency(transform, inverse, mask=features.foreground_mask(
-            loaded.fixed.data))
-        row.update({f"inverse_consistency_mm_{k}": round(v, 4) for k, v in ic.items()
-                    if k != "inside"})
-        from jaxreg import atomic
-
-        atomic.write_text(os.path.join(work, "metrics.json"), json.dumps(row, indent=1))
-        if os.path.exists(out):
-            shutil.rmtree(out) if os.path.isdir(out) else os.unlink(out)
-        os.replace(work, out)
-        bar.update()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        bar.close()
+    row = _write_whole(out, loaded, transform, moving_own, study, timings, extras, bar)
     shown = {k: v for k, v in row.items() if not k.startswith(("seconds_", "std_"))}
     print(json.dumps(shown, indent=1))
     print(f"outputs in {out}; ANTs: antsApplyTransforms -d 3 -r {args.fixed} -i IMAGE "

@@ -335,6 +335,20 @@ def on_grid(volume: io.Volume, target: io.Volume, *, order: int) -> io.Volume:
     return io.resample_to(volume, target.shape, target.affine, order=order)
 
 
+def _mask_on_grid(value, image: io.Volume, fixed: io.Volume, what: str) -> np.ndarray | None:
+    """A similarity mask (Volume, file, or array on ``image``'s grid) as weights on the
+    fixed grid."""
+    if value is None:
+        return None
+    m = _volume(value, what, labels=True)
+    if not isinstance(value, (io.Volume, str, os.PathLike)):
+        if m.shape != image.shape:
+            raise ValueError(f"register: {what} {m.shape} is not its image's grid "
+                             f"{image.shape}")
+        m = dataclasses.replace(m, affine=image.affine)
+    return similarity_weights(on_grid(m, fixed, order=0).data)
+
+
 def register(fixed, moving, *, method: str = "mind", affine: str = "none",
              config: RegistrationConfig | None = None, weights: str = "",
              fixed_mask=None, moving_mask=None,
@@ -383,19 +397,8 @@ def register(fixed, moving, *, method: str = "mind", affine: str = "none",
         raise ValueError(f"register: a moving array must have the fixed shape {fixed.shape} "
                          f"(give Volumes with affines for other grids), got {moving_own.shape}")
     moving_vol = on_grid(moving_own, fixed, order=1)
-    masks = []
-    for value, own, what in ((fixed_mask, fixed, "fixed_mask"),
-                             (moving_mask, moving_own, "moving_mask")):
-        if value is None:
-            masks.append(None)
-            continue
-        m = _volume(value, what, labels=True)
-        if not isinstance(value, (io.Volume, str, os.PathLike)):
-            if m.shape != own.shape:
-                raise ValueError(f"register: {what} {m.shape} is not its image's grid "
-                                 f"{own.shape}")
-            m = dataclasses.replace(m, affine=own.affine)
-        masks.append(similarity_weights(on_grid(m, fixed, order=0).data))
+    masks = [_mask_on_grid(value, own, fixed, what) for value, own, what in (
+        (fixed_mask, fixed, "fixed_mask"), (moving_mask, moving_own, "moving_mask"))]
     if pca_masks is None and config.model is not None and config.mask:
         if config.mask != "auto":
             raise ValueError(f"register: mask={config.mask!r} names a label map of a "

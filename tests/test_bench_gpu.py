@@ -19,7 +19,7 @@ def test_peak_table():
     code = ("import json, sys; from experiments import bench_gpu; print(json.dumps("
             f"[bench_gpu.peak_tflops(k, d) for k, d, _ in {cases!r}]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=_REPO, capture_output=True,
-                         text=True, check=True).stdout
+                         encoding="utf-8", errors="replace", check=True).stdout
     assert json.loads(out) == [peak for _, _, peak in cases]
 
 
@@ -28,7 +28,7 @@ def test_every_stage_runs_and_records(tmp_path):
     cmd = [sys.executable, "-m", "experiments.bench_gpu", "--smoke", f"--out={out}",
            f"--scratch={tmp_path / 'scratch'}", "--encoders=mind,litemedsam", "--dtypes=float32",
            "--warm_process=", "--iterations=5", "--trace"]
-    proc = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=_REPO, capture_output=True, encoding="utf-8", errors="replace",
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # What comes back from a device call: a few small files, the bulky data left in scratch.

@@ -82,9 +82,12 @@ def test_vitb_matches_transformers():
     model = _jax_model(hf, "dinov3_vitb16")
     for size in SIZES:
         errors, bound = _errors(hf, model, _images(*size))
+        print(f"DINOv3 ViT-B {size}: worst relative error {max(errors.values()):.2e}, "
+              f"bound {bound:.2e}")  # shown by pytest -s (BUILD.md, parity tolerances)
         assert max(errors.values()) <= bound, (size, bound, errors)
     wrong = _jax_model(hf, dataclasses.replace(_config(hf), rope_theta=10000.0))
     errors, bound = _errors(hf, wrong, _images(*SIZES[0]))
+    print(f"DINOv3 ViT-B, the mistake: worst relative error {max(errors.values()):.2e}")
     assert max(errors.values()) > 10 * bound, (bound, errors)
 
 

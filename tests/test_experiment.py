@@ -124,7 +124,7 @@ def test_cli_exits_non_zero_when_a_pair_fails(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.breast", f"--data_dir={data}",
          f"--workdir={tmp_path / 'run'}", "--config.solver.iterations=2"],
-        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+        capture_output=True, encoding="utf-8", errors="replace", cwd=os.path.dirname(os.path.dirname(__file__)),
         timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "flat.nii.gz" in proc.stderr and "1 pair(s) failed" in proc.stderr
@@ -137,7 +137,7 @@ def test_cli_keeps_compiled_programs_for_the_next_run(tmp_path):
          f"--compilation_cache={cache}", "--config.phantom.tasks=('date',)",
          "--config.phantom.shape=(40,32,24)", "--config.solver.iterations=2",
          "--config.qc=False"],
-        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+        capture_output=True, encoding="utf-8", errors="replace", cwd=os.path.dirname(os.path.dirname(__file__)),
         env={k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
         timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -102,7 +102,7 @@ def test_missing_weights_error_says_what_where_and_the_alternatives(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.breast", "--encoder=dinov2",
          f"--workdir={tmp_path / 'run'}"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode != 0
     for text in ("dinov2_vitl14_reg4_pretrain.pth", "facebook/dinov2-with-registers-large",

@@ -148,7 +148,7 @@ def test_cli_registers_a_pair_on_the_accelerator(accelerator, tmp_path):
     code = ("import jax, runpy, sys; print('backend', jax.default_backend()); "
             f"sys.argv = {args!r}; runpy.run_module('experiments.breast', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=_REPO, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, encoding="utf-8", errors="replace")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"backend {accelerator.platform}" in proc.stdout
     with open(tmp_path / "run" / "pairs" / "00_date" / "metrics.json") as fh:

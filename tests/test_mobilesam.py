@@ -154,7 +154,7 @@ def test_cache_is_written_and_loads_without_torch(real, monkeypatch):
               "from jaxreg.encoders import registry\n"
               "model, spec = registry.load_encoder('mobilesam')\n"
               "print('ok', registry.find_weights('mobilesam'))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, encoding="utf-8", errors="replace",
                           timeout=300, env=dict(os.environ))
     assert proc.returncode == 0 and f"ok {cached}" in proc.stdout, proc.stderr[-2000:]
 

@@ -17,6 +17,6 @@ print("ok")
 
 
 def test_register_without_torch():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, encoding="utf-8", errors="replace",
                           timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]

@@ -110,7 +110,7 @@ def test_importing_jaxreg_does_not_import_matplotlib():
 
     code = ("import jaxreg, jaxreg.qc, experiments.breast, sys; "
             "print('matplotlib' in sys.modules, 'flax' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace",
                          check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     # Neither the picture's matplotlib nor the encoders' flax loads for a MIND-SSC run.
     assert out.stdout.strip() == "False False"

@@ -191,7 +191,7 @@ def test_cache_is_torch_free(tmp_path, monkeypatch):
               "np.savez(sys.argv[1], **p)\nprint('ok')")
     out = tmp_path / "p.npz"
     proc = subprocess.run([sys.executable, "-c", script, str(out)], env=dict(os.environ),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
     again = np.load(out)
     for k, v in _checkpoint.flat_params(heads).items():

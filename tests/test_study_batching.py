@@ -120,7 +120,7 @@ def test_two_hosts_split_the_pairs_and_host_0_writes_the_summary(tmp_path):
          f"--workdir={workdir}", "--config.solver.iterations=5", "--config.qc=False",
          "--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2",
          f"--process_id={i}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
         for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):

@@ -324,7 +324,7 @@ def test_label_map_covering_part_of_its_image_gives_a_warning(data, tmp_path, ca
 
 def _cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "experiments.breast", *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+                          capture_output=True, encoding="utf-8", errors="replace", cwd=cwd, timeout=300)
 
 
 def test_cli_user_errors_are_one_line_without_traceback(data, tmp_path):
