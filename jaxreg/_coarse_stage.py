@@ -19,7 +19,8 @@ from jax.typing import ArrayLike
 
 from jaxreg import filters
 from jaxreg import warping as warp_lib
-from jaxreg._solver_base import ConvexAdamConfig, _check_side, _masked, _real_cells
+from jaxreg._solver_base import (ConvexAdamConfig, _check_side, _masked, _pooled_weights,
+                                 _real_cells)
 
 
 def _offsets(disp_hw: int, ndim: int = 3) -> np.ndarray:
@@ -180,10 +181,8 @@ def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
     fixed = jnp.asarray(fixed, jnp.float32)
     moving = jnp.asarray(moving, jnp.float32)
     _check_side("coarse_stage", fixed.shape, config.grid_sp, "grid_sp")
-    pool = lambda m: None if m is None else filters.avg_pool(
-        jnp.asarray(m, jnp.float32), config.grid_sp, spatial_dims=fixed.ndim - 1)
-    wf, wm = pool(fixed_mask), pool(moving_mask)
     nd = fixed.ndim - 1
+    wf, wm = (_pooled_weights(m, config.grid_sp, nd) for m in (fixed_mask, moving_mask))
     pf = filters.avg_pool(fixed, config.grid_sp, spatial_dims=nd)
     pm = filters.avg_pool(moving, config.grid_sp, spatial_dims=nd)
     mask, sizes = None, None

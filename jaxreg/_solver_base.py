@@ -134,6 +134,14 @@ def _masked(x, mask):
     return x * (mask if x.ndim == mask.ndim else mask[..., None])
 
 
+def _pooled_weights(mask, factor, nd):
+    """A ``(H, W, D)`` (2D ``(H, W)``) similarity mask average-pooled to cells of
+    ``factor`` voxels (the fraction of each cell inside it), or None."""
+    if mask is None:
+        return None
+    return filters.avg_pool(jnp.asarray(mask, jnp.float32), factor, spatial_dims=nd)
+
+
 def _real_cells(pooled_shape, extent, factor):
     """For a padded grid pooled by ``factor``: the 0/1 mask of its real cells and the
     ``(voxels, cells)`` real sizes (for :func:`filters.resize`'s ``extents``).

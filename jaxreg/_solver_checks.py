@@ -52,23 +52,31 @@ def _as_arrays(where, arguments, names):
 def _check_features(arguments):
     """:func:`jaxreg.solver.convex_adam`'s concrete inputs: finite features, an extent
     within the grid."""
-    names = ("fixed", "moving", "coarse_fixed", "coarse_moving", "fixed_mask", "moving_mask")
-    arrays = _as_arrays("convex_adam", arguments, names)
-    stats, extent = jax.device_get((_input_stats(tuple(arrays.values()), ranges=True),
-                                    arguments.get("extent")))
-    for i, (name, x) in enumerate(arrays.items()):
-        what = "mask" if name.endswith("_mask") else "features"
-        if not stats[0][i]:
-            raise ValueError(f"convex_adam: {name} {what} have {_count_nonfinite(x)} NaN or "
+    features = _as_arrays("convex_adam", arguments,
+                          ("fixed", "moving", "coarse_fixed", "coarse_moving"))
+    masks = _as_arrays("convex_adam", arguments, ("fixed_mask", "moving_mask"))
+    # Ranges only where they are checked: the masks (the features are the large arrays).
+    (finite, _, _), mask_stats, extent = jax.device_get((
+        _input_stats(tuple(features.values()), ranges=False),
+        _input_stats(tuple(masks.values()), ranges=True) if masks else None,
+        arguments.get("extent")))
+    for (name, x), ok in zip(features.items(), finite):
+        if not ok:
+            raise ValueError(f"convex_adam: {name} features have {_count_nonfinite(x)} NaN or "
                              f"Inf value(s) (of {x.size}); replace or mask them first")
-        if what == "mask":
-            grid = arrays["fixed"].shape[:-1] if "fixed" in arrays else None
-            if x.shape != grid:
-                raise ValueError(f"convex_adam: {name} must be the fixed grid {grid}, got "
-                                 f"{x.shape}")
-            if stats[1][i] < 0 or stats[2][i] > 1 or stats[2][i] == 0:
-                raise ValueError(f"convex_adam: {name} must be weights in [0, 1], not all "
-                                 f"zero; got values from {stats[1][i]:g} to {stats[2][i]:g}")
+    grid = features["fixed"].shape[:-1] if "fixed" in features else None
+    for i, (name, x) in enumerate(masks.items()):
+        ok, lo, hi = (stat[i] for stat in mask_stats)
+        if not ok:
+            raise ValueError(f"convex_adam: {name} mask have {_count_nonfinite(x)} NaN or "
+                             f"Inf value(s) (of {x.size}); replace or mask them first")
+        if x.shape != grid:
+            raise ValueError(f"convex_adam: {name} must be the fixed grid {grid}, got "
+                             f"{x.shape}")
+        if lo < 0 or hi > 1 or hi == 0:
+            raise ValueError(f"convex_adam: {name} must be weights in [0, 1], not all "
+                             f"zero; got values from {lo:g} to {hi:g}")
+    arrays = {**features, **masks}
     if extent is not None and "fixed" in arrays and arrays["fixed"].ndim in (3, 4):
         grid = arrays["fixed"].shape[:-1]
         e = np.asarray(extent)

@@ -185,10 +185,11 @@ def _level_loss(params, frame, level, config):
     m = parts.voxel_matrix(params, frame)
     y = level["points"] @ m[:d, :d].T + m[:d, d]
     f = level["factor"]
-    values, inside = parts.interpolate(level["moving"], (y - (f - 1) / 2.0) / f)
+    at = (y - (f - 1) / 2.0) / f  # the level's voxel coordinates of the moved points
+    values, inside = parts.interpolate(level["moving"], at)
     w = level["weights"] * inside
     if "moving_mask" in level:  # held constant: leaving the mask must not lower the loss
-        in_mask, _ = parts.interpolate(level["moving_mask"], (y - (f - 1) / 2.0) / f)
+        in_mask, _ = parts.interpolate(level["moving_mask"], at)
         w = w * jax.lax.stop_gradient(in_mask[:, 0])
     if config.similarity == "mind":
         sq = jnp.mean((values - level["fixed"]) ** 2, axis=-1)

@@ -121,20 +121,24 @@ def _progress(total: int, desc: str):
                 disable=not sys.stderr.isatty())
 
 
-def _one_mask(path, image, fixed):
-    """A mask file on ``image``'s grid as similarity weights on the fixed grid, or None."""
+def _one_mask(path, grid, fixed):
+    """A mask file on its image's ``grid`` ``(shape, affine)`` as similarity weights on
+    the fixed grid, or None."""
+    import numpy as np
+
     from jaxreg import io, registration
 
     if not path:
         return None
     mask = io.load_labels(path)
+    image = io.Volume(np.empty(grid[0], np.uint8), grid[1])  # a grid: no voxels are read
     if not io.same_grid(mask, image):
         raise io.InputError(f"{path}: the mask is not on its image's grid ({mask.shape} "
-                            f"against {image.shape})")
+                            f"against {tuple(grid[0])})")
     return registration.similarity_weights(registration.on_grid(mask, fixed, order=0).data)
 
 
-def _write_whole(out, loaded, transform, moving_own, study, timings, extras, bar) -> dict:
+def _write_whole(out, loaded, transform, study, timings, extras, bar) -> dict:
     """The pair's outputs and the inverse, written into a staging folder renamed to
     ``out`` when complete (an old ``out`` is replaced only then); the metrics row."""
     from jaxreg import atomic, features
@@ -150,7 +154,7 @@ def _write_whole(out, loaded, transform, moving_own, study, timings, extras, bar
                                  fixed_features=extras["fixed_features"],
                                  seconds=sum(timings.values()), timings=timings)
         bar.update()
-        inverse = transform.inverse(moving_own)
+        inverse = transform.inverse(loaded.moving_grid)  # on the moving image's own grid
         inverse.save(os.path.join(work, "inverse_warp.nii.gz"))
         ic = inverse_consistency(transform, inverse,
                                  mask=features.foreground_mask(loaded.fixed.data))
@@ -190,18 +194,18 @@ def _register(args) -> int:
     pair = Pair(name, os.path.abspath(args.moving), os.path.abspath(args.fixed), labels,
                 points=points, source="command line")
     loaded = pipeline.load_pair(pair, config=config, similarity_mask="mask")
-    moving_own = io.load_volume(args.moving)
     similarity = loaded.similarity or (None, None)
     if not labels:  # at most one mask: read onto the fixed grid here
-        similarity = [_one_mask(path, image, loaded.fixed) for path, image in (
-            (args.fixed_mask, loaded.fixed), (args.moving_mask, moving_own))]
+        similarity = [_one_mask(path, grid, loaded.fixed) for path, grid in (
+            (args.fixed_mask, (loaded.fixed.shape, loaded.fixed.affine)),
+            (args.moving_mask, loaded.moving_grid))]
     bar.update()
     timings, extras = {}, {}
     transform = registration.register(
         loaded.fixed, loaded.moving, config=config, pca_masks=loaded.masks,
         fixed_mask=similarity[0], moving_mask=similarity[1], timings=timings, extras=extras)
     bar.update()
-    row = _write_whole(out, loaded, transform, moving_own, study, timings, extras, bar)
+    row = _write_whole(out, loaded, transform, study, timings, extras, bar)
     shown = {k: v for k, v in row.items() if not k.startswith(("seconds_", "std_"))}
     print(json.dumps(shown, indent=1))
     print(f"outputs in {out}; ANTs: antsApplyTransforms -d 3 -r {args.fixed} -i IMAGE "

@@ -301,7 +301,6 @@ def register_on_grid(fixed: io.Volume, moving: io.Volume, *, config: Registratio
                                coarse_moving=feats.coarse_moving,
                                fixed_mask=fixed_mask, moving_mask=moving_mask)
     field = np.asarray(jax.block_until_ready(field))
-    solver.check_field(field)  # a diverged registration: say so, not "bad Transform"
     timings["solving"] = timings.get("solving", 0.0) + time.perf_counter() - start
     return to_transform(field, fixed.affine, matrix), feats.fixed
 
@@ -309,7 +308,13 @@ def register_on_grid(fixed: io.Volume, moving: io.Volume, *, config: Registratio
 def to_transform(deformable: np.ndarray, affine: np.ndarray,
                  matrix: np.ndarray | None) -> Transform:
     """The :class:`Transform` of a deformable field on the fixed grid after an optional
-    pre-alignment ``matrix`` (fixed voxel -> moving voxel, both on the fixed grid)."""
+    pre-alignment ``matrix`` (fixed voxel -> moving voxel, both on the fixed grid).
+
+    Raises:
+      ValueError: the field has NaN or Inf values: the registration diverged
+        (:func:`jaxreg.solver.check_field`'s message, rather than the Transform's).
+    """
+    solver.check_field(deformable)
     world = None if matrix is None else affine_lib.world_matrix(matrix, affine, affine)
     return Transform.from_stages(deformable, affine, world)
 

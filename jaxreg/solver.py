@@ -48,7 +48,8 @@ from jaxreg import regularisers
 from jaxreg import warping as warp_lib
 from jaxreg._coarse_stage import (coarse_stage, correlation_cost, coupled_convex,
                                   inverse_consistency)
-from jaxreg._solver_base import ConvexAdamConfig, _check_side, _masked, _min_side, _real_cells
+from jaxreg._solver_base import (ConvexAdamConfig, _check_side, _masked, _min_side,
+                                 _pooled_weights, _real_cells)
 from jaxreg._solver_checks import _check_features, _check_images, check_field
 
 __all__ = [
@@ -194,12 +195,10 @@ def _times(a, b):
 def _fine_weights(fixed_mask, moving_mask, extent_mask, factor, nd):
     """The fine grid's similarity weights: (fixed mask pooled, times the padded grid's
     real cells; moving mask pooled, or None)."""
-    pool = lambda m: None if m is None else filters.avg_pool(
-        jnp.asarray(m, jnp.float32), factor, spatial_dims=nd)
-    moving = pool(moving_mask)
+    moving = _pooled_weights(moving_mask, factor, nd)
     if moving is not None and extent_mask is not None:
         moving = moving * extent_mask
-    return _times(extent_mask, pool(fixed_mask)), moving
+    return _times(extent_mask, _pooled_weights(fixed_mask, factor, nd)), moving
 
 
 def _coarse_pair(fixed: jax.Array, moving: jax.Array, coarse_fixed: ArrayLike | None,
@@ -348,16 +347,18 @@ def register_mind(fixed: ArrayLike, moving: ArrayLike, *,
     >>> register_mind(img, img, config=ConvexAdamConfig(iterations=2)).shape
     (24, 24, 24, 3)
     """
+    if not any(isinstance(x, jax.core.Tracer) for x in (fixed, moving)):
+        checked = _check_images({"fixed": fixed, "moving": moving})  # the values as given
+        if percentiles is None:  # on the device already: passed on as they are
+            fixed, moving = checked["fixed"], checked["moving"]
     if percentiles is not None:
-        if not any(isinstance(x, jax.core.Tracer) for x in (fixed, moving)):
-            _check_images({"fixed": fixed, "moving": moving})  # the values as given
         fixed, moving = (intensity.normalise_intensity(x, percentiles=tuple(percentiles))
                          for x in (fixed, moving))
     return _register_mind(fixed, moving, config=config, radius=radius, dilation=dilation,
                           fixed_mask=fixed_mask, moving_mask=moving_mask)
 
 
-@compilation.jit(static_argnames=("config", "radius", "dilation"), check=_check_images)
+@compilation.jit(static_argnames=("config", "radius", "dilation"))
 def _register_mind(fixed, moving, *, config, radius, dilation, fixed_mask, moving_mask):
     """:func:`register_mind` after the intensity scaling: one compiled program."""
     f = mind.mind_ssc(fixed, radius=radius, dilation=dilation)

@@ -143,6 +143,20 @@ def _sample_bwd(res, g):
 _sample.defvjp(_sample_fwd, _sample_bwd)
 
 
+def _values_at(volume: jax.Array, coords: jax.Array, mode: str) -> jax.Array:
+    """Trilinear values of a ``(..., C)`` or channel-less volume at ``(N, nd)`` voxel
+    positions (checked by the callers), clamped to the grid with ``mode="edge"``:
+    ``(N, C)``, or ``(N,)`` for a channel-less volume."""
+    nd = coords.shape[-1]
+    squeeze = volume.ndim == nd
+    if squeeze:
+        volume = volume[..., None]
+    if mode == "edge":
+        coords = jnp.clip(coords, 0.0, jnp.array(volume.shape[:nd], jnp.float32) - 1)
+    out = _sample(volume, coords)
+    return out[:, 0] if squeeze else out
+
+
 @functools.partial(jax.jit, static_argnames=("mode",))
 def sample(volume: ArrayLike, coords: ArrayLike, *, mode: str = "edge") -> jax.Array:
     """Trilinear (2D: bilinear) values of ``volume`` at voxel coordinates.
@@ -165,13 +179,7 @@ def sample(volume: ArrayLike, coords: ArrayLike, *, mode: str = "edge") -> jax.A
                          f"{volume.shape}")
     if mode not in ("zeros", "edge"):
         raise ValueError(f"sample: mode must be 'zeros' or 'edge', got {mode!r}")
-    squeeze = volume.ndim == nd
-    if squeeze:
-        volume = volume[..., None]
-    if mode == "edge":
-        coords = jnp.clip(coords, 0.0, jnp.array(volume.shape[:nd], jnp.float32) - 1)
-    out = _sample(volume, coords)
-    return out[:, 0] if squeeze else out
+    return _values_at(volume, coords, mode)
 
 
 @functools.partial(jax.jit, static_argnames=("mode",))
@@ -211,15 +219,9 @@ def warp(moving: ArrayLike, disp: ArrayLike, *, mode: str = "zeros") -> jax.Arra
                          f"({nd}D), got {moving.shape}")
     if mode not in ("zeros", "edge"):
         raise ValueError(f"warp: mode must be 'zeros' or 'edge', got {mode!r}")
-    squeeze = moving.ndim == nd
-    if squeeze:
-        moving = moving[..., None]
-    coords = (identity_grid(disp.shape[:nd]) + disp).reshape(-1, nd)
-    if mode == "edge":
-        hi = jnp.array(moving.shape[:nd], dtype=jnp.float32) - 1
-        coords = jnp.clip(coords, 0.0, hi)
-    out = _sample(moving, coords).reshape(*disp.shape[:nd], moving.shape[-1])
-    return out[..., 0] if squeeze else out
+    grid = disp.shape[:nd]
+    out = _values_at(moving, (identity_grid(grid) + disp).reshape(-1, nd), mode)
+    return out.reshape(grid + out.shape[1:])
 
 
 @jax.jit

@@ -84,7 +84,6 @@ def write_pair(loaded: LoadedPair, transform: Transform, out_dir: str, *,
     pair, fixed, moving = loaded.pair, loaded.fixed, loaded.moving
     field = transform.field
     solver.check_field(field, name=f"pair {pair.name}: field")
-    points = _read_points(pair)  # a bad landmark file fails the pair before any writing
     os.makedirs(out_dir)
     if transform.prealignment is not None:
         affine_lib.save_itk(os.path.join(out_dir, "affine.mat"), transform.prealignment)
@@ -112,28 +111,14 @@ def write_pair(loaded: LoadedPair, transform: Transform, out_dir: str, *,
         row.update(_label_rows(loaded, field, save, background, hd=config.hd95))
         row.update({k: round(float(v), 4) for k, v in jacobian_stats.items()})
         row.update(_field_errors(loaded, field, true))
-        if points is not None:
-            row.update(landmark_errors(transform, *points))
+        if loaded.points is not None:
+            row.update(landmark_errors(transform, *loaded.points))
         background.wait()
     finally:
         background.close()
     row = _resolve(row)
     atomic.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(row, indent=1))
     return row
-
-
-def _read_points(pair) -> tuple | None:
-    """The pair's (fixed, moving) landmarks, checked to correspond, or None."""
-    if not pair.points:
-        return None
-    from jaxreg import points as points_lib
-
-    fixed, moving = (points_lib.read_points(p) for p in pair.points)
-    if len(fixed.ras) != len(moving.ras):
-        raise io.InputError(f"{pair.points[0]}: {len(fixed.ras)} fixed landmarks but "
-                            f"{pair.points[1]} has {len(moving.ras)}; they must correspond "
-                            f"row by row")
-    return fixed.ras, moving.ras
 
 
 def landmark_errors(transform: Transform, fixed_points: np.ndarray,

@@ -35,6 +35,10 @@ class LoadedPair:
     # (fixed, moving) similarity weights on the fixed grid (the pair's similarity-mask
     # label maps), or None.
     similarity: tuple[np.ndarray, np.ndarray] | None = None
+    # (fixed, moving) landmarks in RAS mm, checked to correspond row by row, or None.
+    points: tuple[np.ndarray, np.ndarray] | None = None
+    # The moving image's own grid, (shape, affine), before it was put on the fixed grid.
+    moving_grid: tuple[tuple[int, ...], np.ndarray] | None = None
 
 
 def _check_exists(pair: Pair) -> None:
@@ -65,8 +69,8 @@ def load_pair(pair: Pair, *, config: settings.RegistrationConfig,
         has them (``mov_<name>``/``fix_<name>``); ``""``: none.
 
     Raises:
-      io.InputError: a file is missing, unreadable or invalid, or the PCA mask is not
-        in the pair.
+      io.InputError: a file is missing, unreadable or invalid (landmark files
+        included, and their counts must agree), or the PCA mask is not in the pair.
     """
     _check_exists(pair)
     fixed = io.load_volume(pair.fixed)
@@ -93,4 +97,19 @@ def load_pair(pair: Pair, *, config: settings.RegistrationConfig,
         moving_mask, fixed_mask = labels[similarity_mask]
         similarity = (registration.similarity_weights(fixed_mask),
                       registration.similarity_weights(moving_mask))
-    return LoadedPair(pair, fixed, moving, labels, masks, similarity)
+    return LoadedPair(pair, fixed, moving, labels, masks, similarity, _read_points(pair),
+                      (moving_own.shape, moving_own.affine))
+
+
+def _read_points(pair: Pair) -> tuple[np.ndarray, np.ndarray] | None:
+    """The pair's (fixed, moving) landmarks, checked to correspond, or None."""
+    if not pair.points:
+        return None
+    from jaxreg import points as points_lib
+
+    fixed, moving = (points_lib.read_points(p) for p in pair.points)
+    if len(fixed.ras) != len(moving.ras):
+        raise io.InputError(f"{pair.points[0]}: {len(fixed.ras)} fixed landmarks but "
+                            f"{pair.points[1]} has {len(moving.ras)}; they must correspond "
+                            f"row by row")
+    return fixed.ras, moving.ras
