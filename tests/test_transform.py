@@ -89,6 +89,8 @@ def test_ants_applies_the_saved_warp_as_jaxreg_does(pair):
     # The field alone, and the two stages in ANTs' order (deformable, then affine).
     for transforms in ([files["warp"]], [files["deformable"], files["affine"]]):
         theirs = ants.apply_transforms(fixed, moving, transforms, interpolator="linear").numpy()
+        print(f"ANTs image, {len(transforms)} file(s): max difference "
+              f"{np.abs(theirs - ours)[inside].max():.1e}")  # pytest -s (BUILD.md)
         np.testing.assert_allclose(theirs[inside], ours[inside], atol=1e-5, err_msg=transforms)
     swapped = ants.apply_transforms(fixed, moving, [files["affine"], files["deformable"]],
                                     interpolator="linear").numpy()
@@ -98,6 +100,7 @@ def test_ants_applies_the_saved_warp_as_jaxreg_does(pair):
                                    interpolator="nearestNeighbor").numpy().astype(np.int16)
     ours_labels = t.apply(paths["labels"], labels=True).data
     assert ours_labels.dtype == np.int16
+    print(f"ANTs labels: Dice {metrics.dice(theirs, ours_labels)}")
     for label, d in metrics.dice(theirs, ours_labels).items():
         assert d >= 0.99, (label, d)
 
@@ -114,9 +117,12 @@ def test_ants_and_simpleitk_map_points_as_jaxreg_does(pair):
     for transforms in ([files["warp"]], [files["deformable"], files["affine"]]):
         theirs = ants.apply_transforms_to_points(
             3, pd.DataFrame(lps, columns=["x", "y", "z"]), transforms).values
+        print(f"ANTs points, {len(transforms)} file(s): max difference "
+              f"{np.abs(theirs - ours).max():.1e} mm")
         assert np.abs(theirs - ours).max() < 0.05, transforms
     field = sitk.DisplacementFieldTransform(sitk.ReadImage(files["warp"], sitk.sitkVectorFloat64))
     theirs = np.array([field.TransformPoint(tuple(p)) for p in lps])
+    print(f"SimpleITK points: max difference {np.abs(theirs - ours).max():.1e} mm")
     assert np.abs(theirs - ours).max() < 0.05
 
 
@@ -129,11 +135,15 @@ def test_simpleitk_resamples_with_the_saved_warp_as_jaxreg_does(pair):
                         sitk.sitkLinear, 0.0)
     theirs = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
     inside = _inside_moving(t, moving_vol.affine)
-    np.testing.assert_allclose(theirs[inside], t.apply(moving_vol).data[inside], atol=1e-5)
+    ours = t.apply(moving_vol).data
+    print(f"SimpleITK image: max difference {np.abs(theirs - ours)[inside].max():.1e}")
+    np.testing.assert_allclose(theirs[inside], ours[inside], atol=1e-5)
     labels = sitk.Resample(sitk.ReadImage(paths["labels"]), sitk.ReadImage(paths["fixed"]),
                            field, sitk.sitkNearestNeighbor, 0)
     theirs = sitk.GetArrayFromImage(labels).transpose(2, 1, 0)
-    for label, d in metrics.dice(theirs, t.apply(paths["labels"], labels=True).data).items():
+    dice = metrics.dice(theirs, t.apply(paths["labels"], labels=True).data)
+    print(f"SimpleITK labels: Dice {dice}")
+    for label, d in dice.items():
         assert d >= 0.99, (label, d)
 
 
@@ -146,6 +156,7 @@ def test_saved_warp_is_itk_shaped_and_loads_back(pair):
     assert image.header.get_intent()[0] == "vector" and image.get_data_dtype() == np.float32
     np.testing.assert_allclose(image.affine, t.affine, atol=1e-5)
     back = Transform.load(files["warp"])
+    print(f"load: max difference {np.abs(back.field - t.field).max():.1e} voxels")
     np.testing.assert_allclose(back.field, t.field, atol=1e-5)
     np.testing.assert_allclose(back.prealignment, pair["pre"], atol=1e-12)
     deformable = Transform.load(files["deformable"])
