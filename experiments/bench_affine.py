@@ -9,15 +9,15 @@ anatomy by an affine ``A`` (rotations about the centre around two axes, a transl
 an isotropic scale; fixed voxel -> moving voxel) after a smooth random field ``s``
 (bench_mni's generator, max ``--smooth_disp`` voxels): a fixed voxel ``x`` sits at
 ``A(x + s(x))`` in the moving image, so the true pull field is
-``w(x) = A(x + s(x)) - x`` (:func:`jaxreg.affine.compose`, exact), and the moving image
+``w(x) = A(x + s(x)) - x`` (:func:`jaxreg.solver.affine.compose`, exact), and the moving image
 and GM/WM masks are the fixed ones pulled through the inverse map
 (``A^-1`` then the fixed-point inverse of ``x + s(x)``). Translations are in voxels of
 the benchmark grid.
 
 Rows: before (zero field); convexadam 0.2.0 (``convex_adam_pt``, float32); ANTs
 ``ants.registration(fixed, moving, "SyN")`` (antspyx, its default affine + SyN stages);
-jaxreg's ``register_mind`` alone; jaxreg's :func:`jaxreg.affine.register_affine` (default
-:class:`~jaxreg.affine.AffineConfig`: MIND-SSC, affine) then ``register_mind`` on the
+jaxreg's ``register_mind`` alone; jaxreg's :func:`jaxreg.solver.affine.register_affine` (default
+:class:`~jaxreg.solver.affine.AffineConfig`: MIND-SSC, affine) then ``register_mind`` on the
 moving image resampled by it, the total field composed. Columns: GM and WM Dice (masks
 pulled by nearest neighbour), field error (mean voxel distance to ``w`` inside the
 brain), folding, and seconds of the registration call (jaxreg: a second call, after
@@ -65,7 +65,7 @@ def _rotation(degrees):
 def make_case(base, degrees, shift, scale):
     """The moved pair of one case: bench_mni's pair dict with moving, labels, truth."""
     import jax
-    from jaxreg import affine
+    from jaxreg.solver import affine
     from jaxreg import warping
 
     fixed = base["fixed"]
@@ -93,7 +93,8 @@ def make_case(base, degrees, shift, scale):
 
 def _jaxreg(fixed, moving, with_affine):
     import jax
-    from jaxreg import affine, solver, warping
+    from jaxreg import solver, warping
+    from jaxreg.solver import affine
 
     def run():
         start = time.perf_counter()

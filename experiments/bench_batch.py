@@ -6,7 +6,7 @@ r"""Throughput of batched registration: pairs per hour against device count.
 
 Pairs are breast phantoms (:func:`jaxreg.phantom.breast_pair`, task ``--task``, seed =
 pair index) of one ``--shape``, registered on MIND-SSC features with
-:func:`jaxreg.batching.register_batch` (``vmap`` within a device, the pair axis sharded
+:func:`jaxreg.solver.batching.register_batch` (``vmap`` within a device, the pair axis sharded
 over a 1-D mesh of ``--devices`` devices), ``--pairs`` pairs in batches of
 ``devices * batch_per_device`` (the last one padded with copies).
 
@@ -50,7 +50,9 @@ def _measure(devices: int, batch_per_device: str) -> dict:
     import jax
     import numpy as np
 
-    from jaxreg import batching, phantom, solver, sources
+    from jaxreg import phantom, solver
+    from jaxreg.solver import batching
+    from jaxreg.features import sources
 
     if jax.device_count() < devices:
         raise ValueError(f"asked for {devices} devices, jax sees {jax.devices()}")

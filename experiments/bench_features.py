@@ -83,7 +83,8 @@ def _config(variant):
 
 def benchmark():
     import jaxreg
-    from jaxreg import experiment, features, io, metrics, sources, warping
+    from jaxreg import experiment, features, io, metrics, warping
+    from jaxreg.features import sources
     from jaxreg.encoders import registry
 
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="jaxreg-bench-features-")

@@ -13,7 +13,7 @@ Stages (``--stages``):
   encoders: each encoder family at its reference input (SAM ViT-B 1024 px, DINOv2 ViT-L/14
     with registers 1792, DINOv3 ViT-B/16 1536, BiomedCLIP 224, LiteMedSAM 256, MobileSAM
     1024, SAM2.1 Hiera-T 1024), in each of ``--dtypes``, at the batch the pipeline's memory
-    plan picks (``jaxreg.encoding.SliceEncoder``'s chunk; ``--batch`` overrides): slices/s,
+    plan picks (``jaxreg.features.encoding.SliceEncoder``'s chunk; ``--batch`` overrides): slices/s,
     TFLOP/s from XLA's cost analysis, MFU against the chip's dense peak (float32 against
     its TF32 peak on NVIDIA GPUs, which is how jax runs float32 matmuls there by default),
     and the compiled program's memory.
@@ -127,7 +127,7 @@ def bench_encoder(name: str, dtype_name: str, attention: str = "xla") -> dict | 
     import numpy as np
     from flax import nnx
 
-    from jaxreg import encoding
+    from jaxreg.features import encoding
     from jaxreg.encoders import vit
 
     entry, spec, size = _encoder_input(name)
@@ -178,7 +178,8 @@ def _write_random_weights(name: str, folder: str) -> str:
     """A jaxreg-layout checkpoint of random weights for encoder ``name`` (float32)."""
     from flax import nnx
 
-    from jaxreg.encoders import _checkpoint, registry
+    from jaxreg.encoders import registry
+    from jaxreg.encoders import checkpoint as _checkpoint
 
     entry = registry.ENCODERS[name]
     path = os.path.join(folder, f"{name}-random.safetensors")
@@ -286,7 +287,9 @@ def stage_fine() -> None:
     import jax.numpy as jnp
     import optax
 
-    from jaxreg import filters, losses, mind, regularisers, solver
+    from jaxreg import filters, losses, regularisers, solver
+    from jaxreg.solver import convexadam
+    from jaxreg.features import mind
 
     config = solver.ConvexAdamConfig()
     fixed, moving = _mind_pair()
@@ -307,7 +310,7 @@ def stage_fine() -> None:
     g = config.grid_sp_adam
     pf, pm = filters.avg_pool(f, g), filters.avg_pool(m, g)
     p0 = filters.resize(u, pf.shape[:3]) / g
-    smooth = lambda p: solver._smooth(p, config)
+    smooth = lambda p: convexadam._smooth(p, config)
     data = lambda p: config.similarity_weight * losses.warped_ssd(pm, smooth(p), pf)
     reg = lambda p: config.lambda_weight * regularisers.diffusion(smooth(p))
     full = lambda p: data(p) + reg(p)

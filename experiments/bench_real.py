@@ -102,7 +102,7 @@ class Method:
     row: str
     variant: str  # "" for mind
     registration: object = None  # jaxreg.experiment.RegistrationConfig
-    source: object = None  # jaxreg.sources.FeatureSource
+    source: object = None  # jaxreg.features.sources.FeatureSource
     skipped: str = ""
 
     @property
@@ -133,7 +133,7 @@ def config(row: str, variant: str, iterations: int = 0):
 
 def _encoder_sources(obj, depth: int = 0) -> list:
     """The EncoderSource objects inside a source (itself, or parts of a hybrid)."""
-    from jaxreg import sources
+    from jaxreg.features import sources
 
     if isinstance(obj, sources.EncoderSource):
         return [obj]
@@ -479,7 +479,7 @@ def render(head: list[str], results: dict, methods: list[Method], tasks: list[st
 
 def write_json(path: str, head: list[str], results: dict, methods: list[Method],
                markdown: str) -> None:
-    from jaxreg import atomic
+    from jaxreg.io import atomic
 
     rows = [dict(method=label, task=task, n=len(scores), mean=_mean(scores), per_pair=scores)
             for task, by_label in results.items() for label, scores in by_label.items()]

@@ -42,7 +42,7 @@ def bench(variant: str, size: int, *, batch: int, repeats: int) -> dict[str, flo
     from flax import nnx
 
     from jaxreg.encoders import dinov2
-    from jaxreg.encoders._checkpoint import assign_params
+    from jaxreg.encoders.checkpoint import assign_params
 
     cfg = dinov2.VARIANTS[variant].config
     torch.manual_seed(0)

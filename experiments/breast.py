@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from jaxreg import experiment
 from jaxreg import io
-from jaxreg.encoders import _checkpoint
+from jaxreg.encoders import checkpoint as _checkpoint
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "breast.py")
 

@@ -17,7 +17,7 @@ Cases (``--cases``, any of): ``before`` (no registration), ``mind`` (MIND-SSC, c
 settings), ``ref`` (the encoder's joint pyramid with the reference's Adam settings: lr 3,
 1000 iterations, lambda 2, a width-7 pool 5 times), ``mind_solver`` (the same features
 with MIND-SSC's solver settings, similarity weight 4), ``hybrid:W`` (MIND-SSC plus the
-last layer's PCA channels at weight ``W``, :class:`jaxreg.sources.HybridSource`) and
+last layer's PCA channels at weight ``W``, :class:`jaxreg.features.sources.HybridSource`) and
 ``cca:W`` (the same with canonical-correlation channels: the last layer's first 16 PCA
 channels projected, separately per image, on the 4 directions along which fixed and
 moving correlate most, fitted inside the brain at the unregistered positions),
@@ -77,7 +77,8 @@ def _pair():
 
 def _render(x):
     """The image as the encoder sees it (``--render``), scaled to [0, 1]."""
-    from jaxreg import features as F, mind
+    from jaxreg import features as F
+    from jaxreg.features import mind
 
     if _RENDER.value != "mind":
         return F.render(x, _RENDER.value)
@@ -142,7 +143,8 @@ def _score(name, u, p, seconds):
 
 def main(argv):
     del argv
-    from jaxreg import features as F, mind, solver
+    from jaxreg import features as F, solver
+    from jaxreg.features import mind
 
     p = _pair()
     norm = lambda x: jnp.asarray(F.normalise_intensity(x))
@@ -166,7 +168,7 @@ def main(argv):
 
 
 def _mixed(weight, mind_pair, f, m):
-    from jaxreg import sources
+    from jaxreg.features import sources
 
     a, b = sources.hybrid_scales(float(weight), 12, f.shape[-1])
     return (np.concatenate([mind_pair[0] * a, f * b], -1),
@@ -177,7 +179,7 @@ def _feature_mind(x):
     """MIND-SSC of each channel of ``x``, averaged: the features' own self-similarity."""
     import jax
 
-    from jaxreg import mind
+    from jaxreg.features import mind
 
     descriptor = jax.jit(mind.mind_ssc)
     total = np.zeros(x.shape[:3] + (12,), np.float32)

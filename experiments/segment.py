@@ -133,7 +133,8 @@ def _summary(per_label: dict) -> dict:
 
 def run() -> None:
     """Runs the mode the flags ask for (see the module docstring)."""
-    from jaxreg import atomic, io
+    from jaxreg import io
+    from jaxreg.io import atomic
     from jaxreg.segment import load_segmenter, segment_3d
 
     start = time.perf_counter()
@@ -173,7 +174,7 @@ def run() -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jaxreg.encoders._checkpoint import CheckpointError
+    from jaxreg.encoders.checkpoint import CheckpointError
 
     try:
         run()

@@ -11,23 +11,23 @@ The pieces, each a module of its own name:
   method (:func:`~jaxreg.registration.default_config`);
 * :mod:`jaxreg.transform`: :class:`Transform` (apply to images and labels, map points,
   invert, save as ANTs/ITK/Slicer files);
-* :mod:`jaxreg.points`: landmark files (ANTs CSV, Slicer ``.fcsv``/``.mrk.json``);
+* :mod:`jaxreg.io.points`: landmark files (ANTs CSV, Slicer ``.fcsv``/``.mrk.json``);
 
 * :mod:`jaxreg.warping`: identity grid, warping (pull, trilinear; nearest for labels),
   composition and resizing of voxel displacement fields ``(H, W, D, 3)``, or ``(H, W, 2)``
   for 2D images (every engine module takes 2D input; the dimension comes from it);
 * :mod:`jaxreg.losses` and :mod:`jaxreg.regularisers`: similarity losses, diffusion and
   bending regularisers, Jacobian determinant;
-* :mod:`jaxreg.mutual_information`: Parzen-window mutual information, a loss to compose;
-* :mod:`jaxreg.affine`: rigid/affine pre-alignment (voxel and world matrices, ITK files);
-* :mod:`jaxreg.mind`: MIND-SSC features;
+* :mod:`jaxreg.losses.mi`: Parzen-window mutual information, a loss to compose;
+* :mod:`jaxreg.solver.affine`: rigid/affine pre-alignment (voxel and world matrices, ITK files);
+* :mod:`jaxreg.features.mind`: MIND-SSC features;
 * :mod:`jaxreg.solver`: ConvexAdam (coupled convex coarse stage, Adam fine stage);
 * :mod:`jaxreg.compilation`: ``jax.jit`` with the XLA options the warp's loss needs on CPU;
 * :mod:`jaxreg.metrics`: Dice, HD95, Jacobian statistics, TRE, field error;
 * :mod:`jaxreg.io`: NIfTI/NRRD/DICOM volumes and label maps with their affines;
 * :mod:`jaxreg.phantom`: the built-in breast MRI phantom;
 * :mod:`jaxreg.features`: volumes -> slices -> encoder -> PCA -> feature volumes;
-* :mod:`jaxreg.batching`: shape buckets, padded pairs, vmap/sharded batches, memory plan;
+* :mod:`jaxreg.solver.batching`: shape buckets, padded pairs, vmap/sharded batches, memory plan;
 * :mod:`jaxreg.qc`: QC pictures of a registration;
 * :mod:`jaxreg.experiment`: a registration study over pairs (behind the CLIs);
 * :mod:`jaxreg.encoders`: Flax NNX ports of SAM, TinyViT (LiteMedSAM, MobileSAM), DINOv2,
@@ -37,9 +37,9 @@ The pieces, each a module of its own name:
 Importing jaxreg registers nothing and leaves ``jax.config`` alone.
 """
 
-from jaxreg.affine import AffineConfig
-from jaxreg.affine import register_affine
-from jaxreg.batching import register_batch
+from jaxreg.solver.affine import AffineConfig
+from jaxreg.solver.affine import register_affine
+from jaxreg.solver.batching import register_batch
 from jaxreg.compilation import jit
 from jaxreg.features import FeatureConfig
 from jaxreg.features import SliceEncoder
@@ -60,11 +60,11 @@ from jaxreg.metrics import field_error
 from jaxreg.metrics import hd95
 from jaxreg.metrics import jacobian_stats
 from jaxreg.metrics import tre
-from jaxreg.mind import mind_ssc
-from jaxreg.mutual_information import MIConfig
-from jaxreg.points import Points
-from jaxreg.points import read_points
-from jaxreg.points import write_points
+from jaxreg.features.mind import mind_ssc
+from jaxreg.losses.mi import MIConfig
+from jaxreg.io.points import Points
+from jaxreg.io.points import read_points
+from jaxreg.io.points import write_points
 from jaxreg.phantom import breast_pair
 from jaxreg.phantom import random_field
 from jaxreg.registration import RegistrationConfig
@@ -79,9 +79,9 @@ from jaxreg.solver import coarse_stage
 from jaxreg.solver import convex_adam
 from jaxreg.solver import fine_stage
 from jaxreg.solver import register_mind
-from jaxreg.sources import EncoderSource
-from jaxreg.sources import MindSource
-from jaxreg.sources import PairFeatures
+from jaxreg.features.sources import EncoderSource
+from jaxreg.features.sources import MindSource
+from jaxreg.features.sources import PairFeatures
 from jaxreg.transform import Transform
 from jaxreg.transform import inverse_consistency
 from jaxreg.warping import compose

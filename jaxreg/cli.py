@@ -141,7 +141,8 @@ def _one_mask(path, grid, fixed):
 def _write_whole(out, loaded, transform, study, timings, extras, bar) -> dict:
     """The pair's outputs and the inverse, written into a staging folder renamed to
     ``out`` when complete (an old ``out`` is replaced only then); the metrics row."""
-    from jaxreg import atomic, features
+    from jaxreg import features
+    from jaxreg.io import atomic
     from jaxreg.experiment import outputs
     from jaxreg.transform import inverse_consistency
 
@@ -242,7 +243,7 @@ def _invert(args) -> int:
 
 
 def _points(args) -> int:
-    from jaxreg import points as points_lib
+    from jaxreg.io import points as points_lib
     from jaxreg.transform import Transform
 
     pts = points_lib.read_points(args.points)
@@ -267,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["segment"]:
         return _segment(argv[1:])
     args = _parser().parse_args(argv)
-    from jaxreg.encoders._checkpoint import CheckpointError
+    from jaxreg.encoders.checkpoint import CheckpointError
     from jaxreg.io import InputError
 
     run = {"register": _register, "apply": _apply, "invert": _invert, "points": _points}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxreg import atomic
+from jaxreg.io import atomic
 from jaxreg import metrics
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ The stages, each a function here so that the study (``python -m experiments.brea
 and its batched path run the very same ones:
 
 1. the moving image (and its mask) put on the fixed grid through the two affines;
-2. :func:`prealign`: the optional affine stage (:mod:`jaxreg.affine`);
+2. :func:`prealign`: the optional affine stage (:mod:`jaxreg.solver.affine`);
 3. the feature source (:func:`make_source`: MIND-SSC, an encoder, or a hybrid) turns
    both images into feature volumes;
 4. ConvexAdam (:func:`jaxreg.solver.convex_adam`) registers them, restricted to the
@@ -36,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxreg import affine as affine_lib
+from jaxreg.solver import affine as affine_lib
 from jaxreg import features as feat_lib
 from jaxreg import io
 from jaxreg import solver
-from jaxreg import sources
+from jaxreg.features import sources
 from jaxreg import warping
 from jaxreg.encoders import registry
 from jaxreg.transform import Transform
@@ -81,7 +81,7 @@ class ConfigError(io.InputError):
 
 @dataclasses.dataclass(frozen=True)
 class MindSettings:
-    """MIND-SSC's patch radius and neighbour dilation (:func:`jaxreg.mind.mind_ssc`)."""
+    """MIND-SSC's patch radius and neighbour dilation (:func:`jaxreg.features.mind.mind_ssc`)."""
 
     radius: int = 1
     dilation: int = 2
@@ -94,7 +94,7 @@ class RegistrationConfig:
     Attributes:
       encoder: the method: ``"mind"`` (handcrafted MIND-SSC), an encoder of the
         registry, or a hybrid ``"<encoder>+mind"`` (MIND-SSC and the encoder's PCA
-        channels in one objective, :class:`jaxreg.sources.HybridSource`).
+        channels in one objective, :class:`jaxreg.features.sources.HybridSource`).
       solver: the ConvexAdam settings.
       mind: MIND-SSC settings (used by ``"mind"`` and the hybrids).
       hybrid_weight: a hybrid's feature weight beside MIND-SSC (0: MIND-SSC alone).
@@ -110,7 +110,7 @@ class RegistrationConfig:
       attention: a ViT encoder's attention kernel: ``"xla"`` (XLA's composition) or
         ``"cudnn"`` (cuDNN's fused kernel; NVIDIA GPUs, bfloat16).
       cache: keep encoded slices on disk (the study).
-      affine: pre-alignment before the deformable stage (:mod:`jaxreg.affine`):
+      affine: pre-alignment before the deformable stage (:mod:`jaxreg.solver.affine`):
         ``"none"``, ``"rigid"`` or ``"affine"``.
     """
 
@@ -237,7 +237,7 @@ def prealign(fixed: io.Volume, moving: io.Volume, *, config: RegistrationConfig,
 
     Returns:
       ``(moving data, moving masks, matrix)``: ``matrix`` maps fixed voxels to moving
-      voxels (:func:`jaxreg.affine.register_affine`), or None.
+      voxels (:func:`jaxreg.solver.affine.register_affine`), or None.
     """
     moving_masks = list(moving_masks)
     if config.affine == "none":

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxreg import atomic
+from jaxreg.io import atomic
 from jaxreg import io
+from jaxreg.io import volumes
 from jaxreg import warping
 
 __all__ = ["Transform", "inverse_consistency"]
@@ -114,7 +115,7 @@ class Transform:
                     prealignment: ArrayLike | None = None) -> "Transform":
         """The transform "affine stage, then a deformable field on the affinely resampled
         moving image": ``field(x) = M(x + deformable(x)) - x`` with ``M`` the
-        prealignment in fixed voxels (exact, :func:`jaxreg.affine.compose`)."""
+        prealignment in fixed voxels (exact, :func:`jaxreg.solver.affine.compose`)."""
         t = cls(deformable, affine)
         if prealignment is None:
             return t
@@ -241,7 +242,7 @@ class Transform:
           deformable: write the deformable stage alone (ANTs' ``-t`` pair with the
             ``.mat`` of :meth:`export`); :meth:`load` then gives that stage.
         """
-        from jaxreg import _writing  # nibabel
+        from jaxreg.io import writing as _writing  # nibabel
 
         path = os.fspath(path)
         if not path.endswith((".nii", ".nii.gz")):
@@ -265,7 +266,7 @@ class Transform:
         """
         import nibabel as nib
 
-        data, affine, _, path = io._read(path)  # pylint: disable=protected-access
+        data, affine, _, path = volumes._read(path)  # pylint: disable=protected-access
         data = np.asarray(data, np.float32)
         if data.ndim not in (4, 5) or data.shape[-1] != 3 or (data.ndim == 5 and
                                                              data.shape[3] != 1):
@@ -296,7 +297,7 @@ class Transform:
           The written paths by name (``"warp"``, ``"affine"``, ``"deformable"``,
           ``"inverse"``).
         """
-        from jaxreg import affine as affine_lib  # nitransforms, for the .mat only
+        from jaxreg.solver import affine as affine_lib  # nitransforms, for the .mat only
 
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)

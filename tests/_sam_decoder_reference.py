@@ -91,7 +91,8 @@ def tiny_segmenter(seed: int = 0):
     import numpy as np
     from flax import nnx
 
-    from jaxreg.encoders import _checkpoint, tinyvit
+    from jaxreg.encoders import tinyvit
+    from jaxreg.encoders import checkpoint as _checkpoint
     from jaxreg.encoders._base import EncoderSpec, Preprocessing
     from jaxreg.segment import heads as H
     from jaxreg.segment import predict

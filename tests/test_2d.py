@@ -20,10 +20,10 @@ from jaxreg import features as F
 from jaxreg import filters
 from jaxreg import losses
 from jaxreg import metrics
-from jaxreg import mind
+from jaxreg.features import mind
 from jaxreg import regularisers
 from jaxreg import solver
-from jaxreg import sources
+from jaxreg.features import sources
 from jaxreg import warping as W
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 
@@ -197,7 +197,7 @@ def test_filters_refuse_a_rank_that_is_not_the_spatial_dims():
 # MIND-SSC ------------------------------------------------------------------------------
 
 def _mind_2d_numpy(img, radius, dilation):
-    """Plain numpy 2D MIND-SSC, channel order of jaxreg.mind's docstring."""
+    """Plain numpy 2D MIND-SSC, channel order of jaxreg.features.mind's docstring."""
     pairs = [((0, -1), (-1, 0)), ((0, 1), (-1, 0)), ((1, 0), (0, -1)), ((1, 0), (0, 1))]
     h, w = img.shape
     p = dilation

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import mni_path
-from jaxreg import affine
+from jaxreg.solver import affine
 from jaxreg import warping
-from jaxreg.affine import AffineConfig
+from jaxreg.solver.affine import AffineConfig
 
 # Test-size settings (the defaults' coarsest level, 8, suits ~200-voxel images).
 SMALL = AffineConfig(levels=(2, 1), iterations=(100, 30))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import breast
-from jaxreg import affine
+from jaxreg.solver import affine
 from jaxreg import experiment
 from jaxreg import io
 from jaxreg import phantom

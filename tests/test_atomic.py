@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from jaxreg import atomic
+from jaxreg.io import atomic
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxreg import batching
-from jaxreg import mind
+from jaxreg.solver import batching
+from jaxreg.features import mind
 from jaxreg import phantom
 from jaxreg import solver
-from jaxreg import sources
+from jaxreg.features import sources
 
 FAST = solver.ConvexAdamConfig(iterations=5)
 SMALL = (24, 30, 18)  # already a multiple of 6
@@ -188,7 +188,7 @@ _CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     import test_batching as t
-    from jaxreg import batching
+    from jaxreg.solver import batching
     assert jax.device_count() == 4, jax.devices()
     mesh = jax.make_mesh((4,), ("pairs",))
     shapes = [t.SMALL, t.LARGE, t.OTHER, t.SMALL, t.OTHER]

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from _parity import relative_errors, vit_bound  # noqa: E402
 from jaxreg.encoders import clip  # noqa: E402
-from jaxreg.encoders._checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
+from jaxreg.encoders.checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
                                          read_state_dict, write_safetensors)
 
 SIZES = [(224, 224), (256, 352)]
@@ -130,7 +130,7 @@ def test_clip_model_layout_round_trip_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"vision/config.json .*hidden_size 64 "
                                               r"\(the variant: 768\)"):
         clip.load("clip_vitb16", tmp_path / "vision")
-    # A file written by `python -m jaxreg.convert` loads as is, and is checked like any other.
+    # A file written by `python -m jaxreg.encoders.convert` loads as is, and is checked like any other.
     got = clip.load(config, tmp_path / "converted.safetensors")(x)
     np.testing.assert_array_equal(expected["features"], got["features"])
     with pytest.raises(CheckpointError, match="mis-shaped"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg import convert
+from jaxreg.encoders import convert
 from jaxreg.encoders import dinov2, registry
 
 torch = pytest.importorskip("torch")

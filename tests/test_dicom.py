@@ -1,4 +1,4 @@
-"""Tests for DICOM series input (jaxreg._dicom through jaxreg.io.load_volume/load_labels)."""
+"""Tests for DICOM series input (jaxreg.io.dicom through jaxreg.io.load_volume/load_labels)."""
 
 import os
 import random
@@ -10,7 +10,9 @@ import uuid
 import numpy as np
 import pytest
 
-from jaxreg import _dicom, _reading, io
+from jaxreg import io
+from jaxreg.io import dicom as _dicom
+from jaxreg.io import reading as _reading
 
 sitk = pytest.importorskip("SimpleITK")
 pydicom = pytest.importorskip("pydicom")

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from _parity import relative_errors, vit_bound  # noqa: E402
 from jaxreg.encoders import dinov2, vit  # noqa: E402
-from jaxreg.encoders._checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
+from jaxreg.encoders.checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
                                          write_safetensors)
 
 SIZES = [(224, 224), (280, 364)]
@@ -221,7 +221,7 @@ def test_hub_layout_swiglu(tmp_path):
     hf = _hf_model(swiglu=True)
     config = _config(hf, swiglu=True)
     hf.save_pretrained(tmp_path / "g")
-    from jaxreg.encoders._checkpoint import read_state_dict
+    from jaxreg.encoders.checkpoint import read_state_dict
 
     keys = read_state_dict(tmp_path / "g" / "model.safetensors")
     assert "encoder.layer.0.mlp.weights_in.weight" in keys

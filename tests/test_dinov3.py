@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from _parity import relative_errors, vit_bound  # noqa: E402
 from jaxreg.encoders import dinov3, vit  # noqa: E402
-from jaxreg.encoders._checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
+from jaxreg.encoders.checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
                                          read_state_dict, write_safetensors)
 
 SIZES = [(224, 224), (256, 352)]

@@ -16,7 +16,7 @@ from jaxreg import metrics
 from jaxreg import phantom
 from jaxreg import solver
 from jaxreg import warping as W
-from jaxreg.encoders import _checkpoint
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders import registry
 
 
@@ -53,7 +53,7 @@ _TEST_IMAGE_SIZE = {"sam": 64, "dinov2": 56, "dinov3": 64, "clip": 64, "tinyvit"
 
 @pytest.fixture(scope="module")
 def random_checkpoints(tmp_path_factory):
-    """One random-weight safetensors checkpoint per architecture, as jaxreg.convert writes."""
+    """One random-weight safetensors checkpoint per architecture, as jaxreg.encoders.convert writes."""
     folder = tmp_path_factory.mktemp("weights")
     written = {}
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg import encoding
+from jaxreg.features import encoding
 from jaxreg import features as F
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
-from jaxreg.encoding import encoder_input
+from jaxreg.features.encoding import encoder_input
 
 PATCH = 4
 

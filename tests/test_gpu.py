@@ -51,7 +51,8 @@ def phantom_pair():
 
 
 def test_register_mind_agrees_with_the_cpu(accelerator, phantom_pair):
-    from jaxreg import _cpu_kernels, metrics, solver
+    from jaxreg import metrics, solver
+    from jaxreg.kernels import cpu as cpu_kernels
 
     p = phantom_pair
     config = solver.ConvexAdamConfig(iterations=40)
@@ -59,7 +60,7 @@ def test_register_mind_agrees_with_the_cpu(accelerator, phantom_pair):
     on_accelerator = _on(accelerator, run, p["fixed"], p["moving"])
     on_cpu = _on(jax.devices("cpu")[0], run, p["fixed"], p["moving"])
     if accelerator.platform != "cpu":
-        assert not _cpu_kernels.usable()  # the CPU kernels are never traced for a GPU
+        assert not cpu_kernels.usable()  # the CPU kernels are never traced for a GPU
     mask = p["fixed_breast"] > 0
     errors = [metrics.field_error(u, p["true_field"], mask=mask)
               for u in (on_accelerator, on_cpu)]
@@ -71,7 +72,9 @@ def test_register_mind_agrees_with_the_cpu(accelerator, phantom_pair):
 
 
 def test_a_batch_agrees_with_one_pair_at_a_time(accelerator):
-    from jaxreg import batching, phantom, solver, sources
+    from jaxreg import phantom, solver
+    from jaxreg.solver import batching
+    from jaxreg.features import sources
 
     config = solver.ConvexAdamConfig(iterations=20)
     shape = (48, 42, 36)

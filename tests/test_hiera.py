@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg import convert as convert_cli
-from jaxreg.encoders import _base, _checkpoint, _hiera_parts, hiera, registry
+from jaxreg.encoders import convert as convert_cli
+from jaxreg.encoders import _base, _hiera_parts, hiera, registry
+from jaxreg.encoders import checkpoint as _checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -149,7 +150,7 @@ def test_hf_folder_and_original_pt_load_identically(small, tmp_path):
     whole = {"vision_encoder." + k: v for k, v in _sd(hf).items()}
     whole["mask_decoder.iou_token.weight"] = np.zeros((1, 32), np.float32)
     from_whole = hiera.convert(whole)
-    # python -m jaxreg.convert: the .pt to jaxreg-named safetensors, loaded unconverted.
+    # python -m jaxreg.encoders.convert: the .pt to jaxreg-named safetensors, loaded unconverted.
     out = tmp_path / "sam2_small.safetensors"
     assert convert_cli.main(["--encoder", "sam2.1_hiera_tiny", "--input",
                              str(tmp_path / "sam2_small.pt"), "--output", str(out)]) == 1
@@ -216,7 +217,7 @@ def test_variants_match_transformers_and_sam2_configs():
 
 def test_registry_entry_preprocessing_and_missing_weights(monkeypatch, tmp_path):
     from experiments.configs import breast
-    from jaxreg.encoding import encoder_input
+    from jaxreg.features.encoding import encoder_input
     from jaxreg.experiment import settings
 
     entry = registry.ENCODERS["sam2"]
@@ -240,7 +241,7 @@ def test_fpn_pyramid_through_the_slice_encoder():
     """The registry's pyramid (strides 4, 8, 16) from raw slices, as the pipeline takes it."""
     import dataclasses
 
-    from jaxreg import encoding
+    from jaxreg.features import encoding
 
     layers = registry.ENCODERS["sam2"].pyramid
     spec = dataclasses.replace(registry.ENCODERS["sam2"].spec, config=SMALL)

@@ -10,7 +10,10 @@ import nrrd
 import numpy as np
 import pytest
 
-from jaxreg import _reading, _writing, io
+from jaxreg import io
+from jaxreg.io import volumes
+from jaxreg.io import reading as _reading
+from jaxreg.io import writing as _writing
 
 MNI_T1 = os.path.join(
     os.path.dirname(__import__("nilearn").__file__), "datasets", "data",
@@ -349,7 +352,7 @@ def test_voxel_limit_keyword_and_environment(tmp_path, monkeypatch):
     with pytest.raises(io.InputError, match="limit of 500"):
         io.load_volume(path)
     assert io.load_volume(path, max_voxels=512).shape == (8, 8, 8)  # keyword wins
-    monkeypatch.setattr(io, "MAX_VOXELS", 100)
+    monkeypatch.setattr(volumes, "MAX_VOXELS", 100)
     monkeypatch.setenv("JAXREG_MAX_VOXELS", "1000")
     assert io.load_volume(path).shape == (8, 8, 8)  # environment beats the constant
     monkeypatch.delenv("JAXREG_MAX_VOXELS")

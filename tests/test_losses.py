@@ -83,10 +83,10 @@ def _warp_case(channels, seed=0, shape=(7, 8, 6)):
 @pytest.mark.parametrize("channels", [12, 5, 3])
 @pytest.mark.parametrize("masked", [False, True])
 def test_warped_ssd_kernel_matches_the_composition(channels, masked):
-    from jaxreg import _cpu_kernels
+    from jaxreg.kernels import cpu as cpu_kernels
     from jaxreg import warping
 
-    if not _cpu_kernels.usable():
+    if not cpu_kernels.usable():
         pytest.skip("no C++ compiler: the kernel is not built")
     moving, fixed, disp = _warp_case(channels)
     mask = None
@@ -110,9 +110,9 @@ def test_warped_ssd_kernel_matches_the_composition(channels, masked):
 
 
 def test_warped_ssd_kernel_batches_under_vmap():
-    from jaxreg import _cpu_kernels
+    from jaxreg.kernels import cpu as cpu_kernels
 
-    if not _cpu_kernels.usable():
+    if not cpu_kernels.usable():
         pytest.skip("no C++ compiler: the kernel is not built")
     cases = [_warp_case(12, seed=s) for s in range(3)]
     moving, fixed, disp = (np.stack(x) for x in zip(*cases))
@@ -125,19 +125,19 @@ def test_warped_ssd_kernel_batches_under_vmap():
 
 
 def test_warped_ssd_without_the_kernel_is_the_composition(monkeypatch):
-    from jaxreg import _cpu_kernels
+    from jaxreg.kernels import cpu as cpu_kernels
     from jaxreg import warping
 
-    monkeypatch.setattr(_cpu_kernels, "usable", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "usable", lambda: False)
     moving, fixed, disp = _warp_case(4)
     got = losses.warped_ssd(moving, disp, fixed)
     assert float(got) == float(losses.ssd(warping.warp(moving, disp), fixed))
 
 
 def test_cpu_kernels_off_without_a_compiler_or_when_asked(monkeypatch, tmp_path, caplog):
-    from jaxreg import _cpu_kernels
+    from jaxreg.kernels import cpu as cpu_kernels
 
-    check = _cpu_kernels._load  # not the process's cached answer
+    check = cpu_kernels._load  # not the process's cached answer
     monkeypatch.setenv("JAXREG_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("JAXREG_CPU_KERNEL", "0")
     assert not check()
@@ -145,7 +145,7 @@ def test_cpu_kernels_off_without_a_compiler_or_when_asked(monkeypatch, tmp_path,
     monkeypatch.setenv("CXX", "/bin/false")  # a "compiler" that always fails
     assert not check()
     assert "did not build" in caplog.text
-    monkeypatch.setattr(_cpu_kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
     assert not check()
     assert "no C++ compiler" in caplog.text
     assert os.listdir(tmp_path / "kernels") == []  # no half-written library left behind
@@ -153,20 +153,20 @@ def test_cpu_kernels_off_without_a_compiler_or_when_asked(monkeypatch, tmp_path,
 
 @pytest.mark.parametrize("width,times", [(3, 3), (5, 2), (1, 1), (3, 0)])
 def test_box_smooth_kernel_is_repeated_box_filters_and_self_adjoint(width, times):
-    from jaxreg import _cpu_kernels
+    from jaxreg.kernels import cpu as cpu_kernels
     from jaxreg import filters
 
-    if not _cpu_kernels.usable():
+    if not cpu_kernels.usable():
         pytest.skip("no C++ compiler: the kernel is not built")
     x = np.random.default_rng(0).normal(size=(2, 9, 7, 5, 3)).astype(np.float32)
     ref = x
     for _ in range(times):
         ref = jax.vmap(lambda a: filters.box_filter(a, width))(ref)
-    np.testing.assert_allclose(_cpu_kernels.box_smooth(x, width, times), ref, rtol=1e-5,
+    np.testing.assert_allclose(cpu_kernels.box_smooth(x, width, times), ref, rtol=1e-5,
                                atol=1e-6)
     weights = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
-    grad = jax.grad(lambda a: (_cpu_kernels.box_smooth(a, width, times) * weights).sum())(x)
-    np.testing.assert_allclose(grad, _cpu_kernels.box_smooth(weights, width, times),
+    grad = jax.grad(lambda a: (cpu_kernels.box_smooth(a, width, times) * weights).sum())(x)
+    np.testing.assert_allclose(grad, cpu_kernels.box_smooth(weights, width, times),
                                rtol=1e-6)
-    vmapped = jax.vmap(lambda a: _cpu_kernels.box_smooth(a, width, times))(x)
+    vmapped = jax.vmap(lambda a: cpu_kernels.box_smooth(a, width, times))(x)
     np.testing.assert_allclose(vmapped, ref, rtol=1e-5, atol=1e-6)

@@ -8,8 +8,9 @@ import pytest
 from scipy import ndimage
 
 import jaxreg
-from jaxreg import affine, solver
-from jaxreg._coarse_stage import correlation_cost
+from jaxreg import solver
+from jaxreg.solver import affine
+from jaxreg.solver.coarse import correlation_cost
 
 FAST = solver.ConvexAdamConfig(grid_sp=3, disp_hw=3, iterations=40)
 

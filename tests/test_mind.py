@@ -4,7 +4,7 @@ constant and tiny images."""
 import numpy as np
 import pytest
 
-from jaxreg import mind
+from jaxreg.features import mind
 
 
 @pytest.mark.parametrize("radius, dilation", [(1, 2), (2, 2), (1, 1), (2, 3)])

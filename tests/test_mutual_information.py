@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreg import mutual_information as mi_lib
+from jaxreg.losses import mi as mi_lib
 from jaxreg import solver
 from jaxreg import warping
-from jaxreg.mutual_information import MIConfig, mutual_information
+from jaxreg.losses.mi import MIConfig, mutual_information
 
 
 def _reference_mi(a, b, mask, bins, kernel, sigma, a_range, b_range, normalised):

@@ -1,4 +1,4 @@
-"""Tests for jaxreg.points: landmark files (ANTs CSV, Slicer FCSV and markups JSON)."""
+"""Tests for jaxreg.io.points: landmark files (ANTs CSV, Slicer FCSV and markups JSON)."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxreg.io import InputError
-from jaxreg.points import Points, lps_to_ras, ras_to_lps, read_points, write_points
+from jaxreg.io.points import Points, lps_to_ras, ras_to_lps, read_points, write_points
 
 NAMES = ["pts.csv", "pts.fcsv", "pts.mrk.json", "pts.json"]
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg import convert as convert_cli
-from jaxreg.encoders import _checkpoint, registry, sam
+from jaxreg.encoders import convert as convert_cli
+from jaxreg.encoders import registry, sam
+from jaxreg.encoders import checkpoint as _checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -113,7 +114,7 @@ def test_original_and_hf_layouts_give_identical_params(small, tmp_path):
     from_file = sam.convert(_checkpoint.read_state_dict(path))
     for k in from_hf:
         np.testing.assert_array_equal(from_hf[k], from_file[k])
-    # Loading takes the .pth as it is, and jaxreg's own layout (python -m jaxreg.convert)
+    # Loading takes the .pth as it is, and jaxreg's own layout (python -m jaxreg.encoders.convert)
     # unconverted.
     _checkpoint.write_safetensors(from_hf, tmp_path / "converted.safetensors")
     for source in (path, tmp_path / "converted.safetensors"):
@@ -158,7 +159,7 @@ def test_preprocessing_as_the_references_feed_each_model():
     """SAM and SSL-SAM: ImageNet mean/std on [0, 1] images (the reference's configs), which is
     SAM's 0-255 pixel mean/std; MedSAM: min-max [0, 1] and nothing else (MedSAM_Inference.py
     and the reference's config-medsam-task1.py both skip Sam.preprocess)."""
-    from jaxreg.encoding import encoder_input
+    from jaxreg.features.encoding import encoder_input
 
     x = np.random.default_rng(0).random((2, 16, 16)).astype(np.float32)
     image = lambda name: np.asarray(encoder_input(

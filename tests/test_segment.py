@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg.encoders import _checkpoint
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.segment import heads as H
 
 torch = pytest.importorskip("torch")
@@ -134,7 +134,7 @@ def _embedding(name, sl, sd):
     jaxreg's encoder input for ``name``: ``(1, 64, 64, 256)``."""
     import _tinyvit_reference as tv
 
-    from jaxreg import encoding
+    from jaxreg.features import encoding
     from jaxreg.encoders import tinyvit
 
     prep = tinyvit.VARIANTS[name].preprocessing

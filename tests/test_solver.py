@@ -9,11 +9,12 @@ import pytest
 from scipy import ndimage
 
 from jaxreg import metrics
-from jaxreg import mind
+from jaxreg.features import mind
 from jaxreg import phantom
 from jaxreg import solver
+from jaxreg.solver import convexadam
 from jaxreg import warping as W
-from jaxreg._coarse_stage import _offsets
+from jaxreg.solver.coarse import _offsets
 
 FAST = solver.ConvexAdamConfig(iterations=5)
 
@@ -83,9 +84,9 @@ def test_second_pair_of_same_shape_does_not_recompile():
     shape = (18, 18, 18)
     a, b, c, d = (rng.random(shape).astype(np.float32) for _ in range(4))
     solver.register_mind(a, b, config=FAST).block_until_ready()
-    size = solver._register_mind._cache_size()
+    size = convexadam._register_mind._cache_size()
     solver.register_mind(c, d, config=FAST).block_until_ready()
-    assert solver._register_mind._cache_size() == size
+    assert convexadam._register_mind._cache_size() == size
 
 
 def test_vmap_over_pairs_equals_loop():
@@ -130,7 +131,7 @@ def test_dice_at_least_as_high_as_convexadam_package(mni_small):
 
 
 def test_argmin_as_two_reductions_is_jnp_argmin_with_ties():
-    from jaxreg._coarse_stage import _argmin
+    from jaxreg.solver.coarse import _argmin
 
     values = np.random.default_rng(6).integers(0, 4, size=(27, 5, 4, 3)).astype(np.float32)
     np.testing.assert_array_equal(_argmin(values), np.argmin(values, axis=0))  # many ties
@@ -145,9 +146,9 @@ def _smooth_pair(shape=(20, 18, 16), seed=8):
 
 
 def test_cpu_kernel_gives_the_xla_path_field():
-    from jaxreg import _cpu_kernels
+    from jaxreg.kernels import cpu as cpu_kernels
 
-    if not _cpu_kernels.usable():
+    if not cpu_kernels.usable():
         pytest.skip("no C++ compiler: the kernel is not built")
     fixed, moving = _smooth_pair()
     for config, tol in ((FAST, 1e-4), (solver.ConvexAdamConfig(), 2e-3)):

@@ -8,7 +8,7 @@ from jaxreg import experiment
 from jaxreg import losses
 from jaxreg import phantom
 from jaxreg import solver
-from jaxreg import sources
+from jaxreg.features import sources
 from jaxreg.experiment import settings
 
 

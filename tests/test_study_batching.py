@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import breast
-from jaxreg import batching
+from jaxreg.solver import batching
 from jaxreg import experiment
 from jaxreg import io
 from jaxreg.encoders import registry
@@ -76,7 +76,8 @@ def test_sharded_study_of_mixed_sizes_equals_the_sequential_study(tmp_path):
 def test_feature_encoder_study_runs_batched_over_two_devices(tmp_path):
     from flax import nnx
 
-    from jaxreg.encoders import _checkpoint, dinov3
+    from jaxreg.encoders import dinov3
+    from jaxreg.encoders import checkpoint as _checkpoint
 
     weights = tmp_path / "dinov3_vits16.safetensors"
     _checkpoint.write_safetensors(

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from jaxreg.encoders import vit  # noqa: E402
-from jaxreg.encoders._checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
+from jaxreg.encoders.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 
 
 @pytest.mark.parametrize("antialias", [False, True])

@@ -77,7 +77,7 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     c.features.attention = "xla"  # ViT attention kernel: xla, or cudnn (NVIDIA GPU, bfloat16)
     c.features.cache = True  # keep encoded slices in workdir/feature_cache
 
-    # Pre-alignment before the deformable stage (jaxreg.affine, MIND-SSC similarity):
+    # Pre-alignment before the deformable stage (jaxreg.solver.affine, MIND-SSC similarity):
     # "none", "rigid" or "affine". The saved field is then the total one and the
     # transform is saved as affine.mat (ITK/ANTs, LPS) beside it.
     c.affine = "none"
@@ -88,7 +88,7 @@ def get_config(encoder: str = "mind") -> ml_collections.ConfigDict:
     # has them: "mask" = the pairs CSV's mov_mask/fix_mask columns; "" = never.
     c.similarity_mask = "mask"
 
-    # Several pairs at once (jaxreg.batching): pairs bucketed by padded shape, vmap on a
+    # Several pairs at once (jaxreg.solver.batching): pairs bucketed by padded shape, vmap on a
     # device, the pair axis sharded over the devices; batch capped by the memory plan.
     c.batch = ml_collections.ConfigDict()
     c.batch.batch_per_device = 1

@@ -18,7 +18,7 @@
   the installed packages (registry sources), sharing ``_weights_wheel``.
 
 Every family module exposes ``VARIANTS``, its model, ``create(variant, *, rngs, dtype)``,
-``convert(state_dict)`` and ``load(variant, path, *, dtype)``; ``python -m jaxreg.convert``
+``convert(state_dict)`` and ``load(variant, path, *, dtype)``; ``python -m jaxreg.encoders.convert``
 writes safetensors once so that no run needs torch. Modules are imported on use, none on
 ``import jaxreg``.
 """

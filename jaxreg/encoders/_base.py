@@ -22,12 +22,12 @@ A registry pyramid (``registry.ENCODERS[name].pyramid``) names maps this way, e.
 ``("block_6", "block_9", "features")``: after ViT-B's 2nd and 3rd global-attention blocks.
 
 Loading. :func:`load_checkpoint` is every family's ``load``: read the file or folder
-(:func:`jaxreg.encoders._checkpoint.read_checkpoint`), convert it with the family's
+(:func:`jaxreg.encoders.checkpoint.read_checkpoint`), convert it with the family's
 ``convert`` unless it already holds jaxreg's names, build the model without computing its
 initial values, check a folder's ``config.json`` / ``open_clip_config.json`` against the
 architecture (:func:`jaxreg.encoders._folder_config.check_folder`: model type, activation,
 sizes, heads, norm epsilon ...), assign every parameter strictly (everything missing,
-unexpected or mis-shaped is listed in one :class:`~jaxreg.encoders._checkpoint.CheckpointError`).
+unexpected or mis-shaped is listed in one :class:`~jaxreg.encoders.checkpoint.CheckpointError`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxreg.encoders import _checkpoint, _folder_config
+from jaxreg.encoders import _folder_config
+from jaxreg.encoders import checkpoint as _checkpoint
 
 __all__ = ["Preprocessing", "EncoderSpec", "variant_config", "read_params", "abstract_with",
            "load_checkpoint"]
@@ -142,7 +143,7 @@ def load_checkpoint(create: Callable[..., nnx.Module], convert: Convert, variant
       convert: the family's ``convert``.
       variant: a ``VARIANTS`` name or a config (see :func:`variant_config`).
       path: a weight file, a Hugging Face model folder or an offline Hugging Face cache
-        folder (:func:`jaxreg.encoders._checkpoint.resolve_checkpoint`).
+        folder (:func:`jaxreg.encoders.checkpoint.resolve_checkpoint`).
       dtype: compute dtype (parameters stay float32).
       variant_for: ``(variant, converted params) -> variant`` when the checkpoint's layout
         decides between variants (:func:`jaxreg.encoders.clip.variant_for`).

@@ -2,7 +2,7 @@
 
 A Hugging Face model folder carries ``config.json`` (``model_type``, ``hidden_act``,
 ``hidden_size`` ...), an open_clip folder ``open_clip_config.json`` (the timm tower's
-name). The strict parameter check of :func:`jaxreg.encoders._checkpoint.assign_params`
+name). The strict parameter check of :func:`jaxreg.encoders.checkpoint.assign_params`
 sees only shapes, so a folder whose activation, head count, norm epsilon or model type
 differ from the variant would load silently and compute something else (an OpenAI CLIP,
 quick-GELU, loaded as BiomedCLIP, GELU). :func:`check_folder` reads those files and
@@ -24,7 +24,7 @@ import math
 import os
 import re
 
-from jaxreg.encoders._checkpoint import CheckpointError, resolve_checkpoint
+from jaxreg.encoders.checkpoint import CheckpointError, resolve_checkpoint
 
 __all__ = ["check_folder", "expected_fields"]
 
@@ -169,7 +169,7 @@ def check_folder(path: str | os.PathLike, config) -> None:
     Args:
       path: the folder given to the loader (a Hugging Face model folder or cache folder, an
         open_clip folder); the files are read beside the weights
-        :func:`~jaxreg.encoders._checkpoint.resolve_checkpoint` picks.
+        :func:`~jaxreg.encoders.checkpoint.resolve_checkpoint` picks.
       config: the architecture about to be built (the model's ``config``).
 
     Raises:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreg.encoders._checkpoint import CheckpointError, resolve_checkpoint
+from jaxreg.encoders.checkpoint import CheckpointError, resolve_checkpoint
 from jaxreg.encoders._sam_parts import window_partition, window_unpartition
 
 __all__ = ["bicubic_matrix", "max_pool", "MultiScaleAttention", "MultiScaleBlock", "FpnNeck",

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreg.encoders import _checkpoint
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders import _torch_names as tn
 
 __all__ = ["Neck", "window_partition", "window_unpartition", "NECK_RENAMES",

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from absl import logging
 from flax import nnx
 
-from jaxreg.encoders import _checkpoint
+from jaxreg.encoders import checkpoint as _checkpoint
 
 __all__ = ["default_cache_dir", "installed_file", "find", "cache_converted"]
 

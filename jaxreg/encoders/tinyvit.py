@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreg.encoders import _base, _checkpoint
+from jaxreg.encoders import _base
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 from jaxreg.encoders._sam_parts import Neck, convert_image_encoder, strip_image_encoder
 from jaxreg.encoders._tinyvit_parts import MBConv, PatchEmbed, PatchMerging, Stage, TinyViTBlock
@@ -215,7 +216,7 @@ def load(variant: str | TinyViTConfig, path: str | os.PathLike, *,
     Args:
       variant: as :func:`create`, e.g. ``"litemedsam"`` or ``"mobilesam"``.
       path: ``lite_medsam.pth`` / ``mobile_sam.pt`` (need torch) or a ``.safetensors``
-        written by ``python -m jaxreg.convert``.
+        written by ``python -m jaxreg.encoders.convert``.
       dtype: compute dtype.
     """
     return _base.load_checkpoint(create, convert, variant, path, dtype=dtype)

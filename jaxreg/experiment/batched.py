@@ -1,5 +1,5 @@
 """Pairs registered a batch at a time: buckets of one padded shape, ``vmap`` on each
-device, the pair axis sharded over the devices (:mod:`jaxreg.batching`)."""
+device, the pair axis sharded over the devices (:mod:`jaxreg.solver.batching`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxreg import batching
+from jaxreg.solver import batching
 from jaxreg import registration
-from jaxreg import sources
+from jaxreg.features import sources
 from jaxreg.experiment import outputs
 from jaxreg.experiment import pipeline
 from jaxreg.experiment import settings
@@ -29,10 +29,10 @@ PAIR_ERRORS = (ValueError, OSError)
 def grid_shape(path: str) -> tuple[int, ...]:
     """The voxel grid of an image file from its header (cheap), for bucketing."""
     try:
-        from jaxreg import _reading
+        from jaxreg.io import reading as _reading
 
         if _reading.is_dicom(path):
-            from jaxreg import _dicom
+            from jaxreg.io import dicom as _dicom
 
             return tuple(_dicom.series_shape(path))  # headers only, no pixels
         if path.endswith((".nrrd", ".nhdr")):

@@ -4,7 +4,7 @@ Pairs CSV: columns ``mov_volume`` and ``fix_volume`` (paths, relative to ``data_
 when given, else to the CSV's folder; NIfTI, NRRD, or a DICOM series folder), optional
 ``name``, optional ``true_field`` (a voxel field on the fixed grid, for the mean field
 error), optional ``fix_points``/``mov_points`` (corresponding landmarks: ANTs CSV,
-Slicer ``.fcsv`` or ``.mrk.json``, :mod:`jaxreg.points`, for TRE), and any number of
+Slicer ``.fcsv`` or ``.mrk.json``, :mod:`jaxreg.io.points`, for TRE), and any number of
 label maps as ``mov_<x>``/``fix_<x>`` column pairs (``.seg.nrrd`` too);
 ``mov_mask``/``fix_mask`` also restrict the similarity (the study's
 ``similarity_mask``). A UTF-8 byte-order mark (Excel's "CSV UTF-8") is accepted.
@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-from jaxreg import atomic
+from jaxreg.io import atomic
 from jaxreg import io
 from jaxreg import phantom
 

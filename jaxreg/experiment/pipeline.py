@@ -105,7 +105,7 @@ def _read_points(pair: Pair) -> tuple[np.ndarray, np.ndarray] | None:
     """The pair's (fixed, moving) landmarks, checked to correspond, or None."""
     if not pair.points:
         return None
-    from jaxreg import points as points_lib
+    from jaxreg.io import points as points_lib
 
     fixed, moving = (points_lib.read_points(p) for p in pair.points)
     if len(fixed.ras) != len(moving.ras):

@@ -15,8 +15,8 @@ from absl import logging
 
 from jaxreg import features as feat_lib
 from jaxreg import registration
-from jaxreg import sources
-from jaxreg import atomic
+from jaxreg.features import sources
+from jaxreg.io import atomic
 from jaxreg.experiment import batched as batched_lib
 from jaxreg.experiment import outputs
 from jaxreg.experiment import pairs as pairs_lib

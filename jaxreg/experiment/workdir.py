@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from jaxreg import atomic
+from jaxreg.io import atomic
 from jaxreg import io
 
 __all__ = ["WorkdirError", "Workdir", "changed_pairs", "SETTINGS_FILE"]

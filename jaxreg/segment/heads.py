@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreg.encoders import _base, _checkpoint, _weights_litemedsam, _weights_mobilesam
+from jaxreg.encoders import _base, _weights_litemedsam, _weights_mobilesam
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders import _torch_names as tn
 from jaxreg.encoders import _weights_wheel
 from jaxreg.segment.mask_decoder import MaskDecoder
@@ -159,7 +160,7 @@ def convert(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def load(variant: str | HeadsConfig, path: str | os.PathLike, *, dtype=jnp.float32) -> SamHeads:
     """Heads with weights from a checkpoint file, strictly (every missing, unexpected or
-    mis-shaped tensor listed in one :class:`~jaxreg.encoders._checkpoint.CheckpointError`).
+    mis-shaped tensor listed in one :class:`~jaxreg.encoders.checkpoint.CheckpointError`).
 
     Args:
       variant: a :data:`VARIANTS` key or a :class:`HeadsConfig`.

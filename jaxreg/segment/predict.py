@@ -3,7 +3,7 @@
 :func:`load_segmenter` pairs a registry encoder (:mod:`jaxreg.encoders.registry`) with its
 prompt encoder and mask decoder (:mod:`jaxreg.segment.heads`). Preprocessing is the
 encoder's own (:class:`jaxreg.encoders._base.Preprocessing`, applied by
-:func:`jaxreg.encoding.encoder_input`): LiteMedSAM 256 px in [0, 1], longest side resized
+:func:`jaxreg.features.encoding.encoder_input`): LiteMedSAM 256 px in [0, 1], longest side resized
 and zero-padded; MobileSAM / SAM 1024 px, 0-255, SAM's mean / std, padded after it. Each
 slice is first min-max scaled to [0, 1] as LiteMedSAM's inference does (a volume is
 clipped to its 0.5 / 99.5 percentiles before, :func:`normalise_intensity`). The low-res
@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from jaxreg import encoding
+from jaxreg.features import encoding
 from jaxreg.encoders import registry
 from jaxreg.segment import heads as heads_lib
 

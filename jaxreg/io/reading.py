@@ -6,7 +6,7 @@ read to the end of the stream (every gzip member's CRC-32 and length verified) b
 the voxels are used; the size a header claims is compared with what the file holds,
 and buffers grow only with the bytes present; a header's voxel count above ``limit``
 is refused before anything is allocated. A DICOM series (a folder, or a file of it:
-``is_dicom``) is handed to jaxreg._dicom, which reads it with SimpleITK.
+``is_dicom``) is handed to jaxreg.io.dicom, which reads it with SimpleITK.
 ``merge_segments`` decodes a 3D Slicer ``.seg.nrrd`` into one label map. Anything wrong
 raises :class:`InputError` (one line, starting with the path). The plausibility checks
 on what was read (3D, sides, spacing, values) are in jaxreg.io beside their public
@@ -348,14 +348,14 @@ def read_file(path: str, limit: int) -> tuple[np.ndarray, np.ndarray, dict]:
     hold no more than ``limit`` voxels and be complete and undamaged. The affine is the
     NIfTI's best affine or the NRRD's, converted to RAS+, with the NRRD's spatial axes
     first; it is not yet checked (see jaxreg.io). A DICOM folder or file (:func:`is_dicom`)
-    is read as a series by jaxreg._dicom.read_series (SimpleITK's geometry, in RAS+).
+    is read as a series by jaxreg.io.dicom.read_series (SimpleITK's geometry, in RAS+).
     """
     kind = suffix(path)
     header: dict = {}
     if is_dicom(path):
         if not os.path.isdir(path):
             open_file(path).close()  # missing or unreadable: the same messages as any file
-        from jaxreg import _dicom  # imports SimpleITK only when DICOM is read
+        from jaxreg.io import dicom as _dicom  # imports SimpleITK only when DICOM is read
 
         data, affine = _dicom.read_series(path, limit)
         return data, affine, header

@@ -36,7 +36,7 @@ A 2D image pair ``(H, W)`` is its own slice: each image is encoded once (no slic
 an axis, no interpolation between slices), and the token maps are resized to the image's
 pixels as in 3D, giving ``(H, W, C)`` feature images for the 2D solver.
 
-Steps 3-4 and the cache live in :mod:`jaxreg.encoding`, step 5 in :mod:`jaxreg.pca`; this
+Steps 3-4 and the cache live in :mod:`jaxreg.features.encoding`, step 5 in :mod:`jaxreg.features.pca`; this
 module re-exports their names, so every step is reachable from here.
 """
 
@@ -53,9 +53,9 @@ import numpy as np
 from absl import logging
 from jax.typing import ArrayLike
 
-from jaxreg.encoding import FeatureCache, SliceEncoder, encoder_input, token_geometry
-from jaxreg.intensity import RENDERS, foreground_mask, normalise_intensity, render
-from jaxreg.pca import PCA, fit_pca, project
+from jaxreg.features.encoding import FeatureCache, SliceEncoder, encoder_input, token_geometry
+from jaxreg.features.intensity import RENDERS, foreground_mask, normalise_intensity, render
+from jaxreg.features.pca import PCA, fit_pca, project
 
 __all__ = [
     "FeatureConfig",
@@ -125,7 +125,7 @@ class FeatureConfig:
                              f"{self.gap}, pca_dims={self.pca_dims}, layers={self.layers}")
 
 
-# 1. intensities: jaxreg/intensity.py (normalise_intensity, render, foreground_mask)
+# 1. intensities: jaxreg/features/intensity.py (normalise_intensity, render, foreground_mask)
 
 # 2. slices ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ ITK only warns (and then spaces the slices evenly between the first and the last
 slices are missing or irregular, and takes the first slice's orientation for all, so
 each slice's own position and orientation (read from its header first, before any
 pixels) are checked here: a volume built from such slices has the wrong geometry.
-Anything wrong raises :class:`jaxreg._reading.InputError` (one line, starting with the
+Anything wrong raises :class:`jaxreg.io.reading.InputError` (one line, starting with the
 path). SimpleITK is imported only when DICOM is read.
 """
 
@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from jaxreg._reading import InputError, check_voxels, is_dicom
+from jaxreg.io.reading import InputError, check_voxels, is_dicom
 
 TOLERANCE = 0.05
 """Most a slice may lie off the regular grid, as a fraction of the slice step.

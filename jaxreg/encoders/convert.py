@@ -1,14 +1,14 @@
 """Converts a reference checkpoint once to jaxreg-layout safetensors, so runs need no torch.
 
-    python -m jaxreg.convert --encoder sam_vitb --input sam_vit_b_01ec64.pth \\
+    python -m jaxreg.encoders.convert --encoder sam_vitb --input sam_vit_b_01ec64.pth \\
         --output ~/weights/sam_vitb.safetensors
-    python -m jaxreg.convert --encoder litemedsam --input lite_medsam.pth \\
+    python -m jaxreg.encoders.convert --encoder litemedsam --input lite_medsam.pth \\
         --output ~/weights/litemedsam.safetensors
 
 The parameters are checked strictly against the named variant before anything is
 written: every missing, unexpected or mis-shaped tensor is reported and nothing is saved.
 
-    python -m jaxreg.convert --encoder dinov2_vitl14_reg \\
+    python -m jaxreg.encoders.convert --encoder dinov2_vitl14_reg \\
         --input dinov2_vitl14_reg4_pretrain.pth --output dinov2_vitl14_reg.safetensors
 
 ``--input`` may be a file, a Hugging Face model folder or an offline Hugging Face cache
@@ -66,7 +66,7 @@ def convert(encoder: str, input_path: str | os.PathLike,
       ValueError: unknown encoder.
       CheckpointError: unreadable checkpoint or one that does not fit the variant.
     """
-    from jaxreg.encoders import _checkpoint
+    from jaxreg.encoders import checkpoint as _checkpoint
 
     module, variant = family_of(encoder)
     # The family's own load sequence: a folder's config.json is checked against the
@@ -80,14 +80,14 @@ def convert(encoder: str, input_path: str | os.PathLike,
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; see the module docstring."""
     parser = argparse.ArgumentParser(
-        prog="python -m jaxreg.convert",
+        prog="python -m jaxreg.encoders.convert",
         description="Convert an encoder checkpoint to jaxreg-layout safetensors.")
     parser.add_argument("--encoder", required=True,
                         help="variant (sam_vitl, dinov2_vits14) or encoder name (medclip)")
     parser.add_argument("--input", required=True, help="reference checkpoint (.pth/.safetensors)")
     parser.add_argument("--output", required=True, help="safetensors file to write")
     args = parser.parse_args(argv)
-    from jaxreg.encoders._checkpoint import CheckpointError
+    from jaxreg.encoders.checkpoint import CheckpointError
 
     try:
         params = convert(args.encoder, args.input, args.output)

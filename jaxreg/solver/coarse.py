@@ -19,7 +19,7 @@ from jax.typing import ArrayLike
 
 from jaxreg import filters
 from jaxreg import warping as warp_lib
-from jaxreg._solver_base import (ConvexAdamConfig, _check_side, _masked, _pooled_weights,
+from jaxreg.solver.config import (ConvexAdamConfig, _check_side, _masked, _pooled_weights,
                                  _real_cells)
 
 
@@ -166,7 +166,7 @@ def coarse_stage(fixed: ArrayLike, moving: ArrayLike, *,
     their real voxels are ``[0, extent)``; the padding then never enters the costs, the
     averages or the inverse consistency, and the field on the real voxels is the one the
     unpadded pair gets (up to float rounding). Pad to a multiple of ``grid_sp``
-    (:func:`jaxreg.batching.plan_buckets` does). A real side shorter than ``grid_sp``
+    (:func:`jaxreg.solver.batching.plan_buckets` does). A real side shorter than ``grid_sp``
     is one cell, padding included (pad it with copies of the border).
 
     ``fixed_mask``, ``moving_mask`` (``(H, W, D)`` weights in [0, 1], both on the fixed

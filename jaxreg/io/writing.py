@@ -9,7 +9,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 
-from jaxreg import _reading
+from jaxreg.io import reading as _reading
 
 
 def storage_dtype(data: np.ndarray) -> np.dtype:

@@ -5,7 +5,7 @@ only searches a few voxels). It initialises from the images' centres of mass (an
 principal axes), then minimises a similarity of the moving image, resampled by the
 transform at a subsample of fixed voxels, with Adam over a pyramid of average-pooled
 copies (coarse to fine, a cosine-decayed step per level), in one compiled program per
-pair shape. Parameters: see ``jaxreg/_affine_parts.py`` (rotation, translation in mm,
+pair shape. Parameters: see ``jaxreg/solver/affine_parts.py`` (rotation, translation in mm,
 log-scales and shears for ``kind="affine"``, around the centres of mass).
 
 Conventions. Like jaxreg's fields (:mod:`jaxreg.warping`), the result maps FIXED voxel
@@ -38,10 +38,10 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from jaxreg import _affine_parts as parts
-from jaxreg import atomic
-from jaxreg import mind
-from jaxreg import mutual_information as mi_lib
+from jaxreg.solver import affine_parts as parts
+from jaxreg.io import atomic
+from jaxreg.features import mind
+from jaxreg.losses import mi as mi_lib
 
 __all__ = ["AffineConfig", "AffineResult", "config_for_shape", "register_affine",
            "displacement", "compose", "world_matrix", "save_itk"]
@@ -59,7 +59,7 @@ class AffineConfig:
         about 0.5 voxel of error after a 10-degree rotation: measured 0.49 mean against
         0.25 with MI on the MNI pair; the deformable stage removes it),
         ``"ncc"`` (global normalised cross-correlation) or ``"mi"`` (Parzen mutual
-        information, :mod:`jaxreg.mutual_information`, settings ``mi``).
+        information, :mod:`jaxreg.losses.mi`, settings ``mi``).
       levels: pooling factors of the pyramid, coarse to fine.
       iterations: Adam iterations per level.
       learning_rate: Adam step at the start of each level, in voxels of that level
@@ -68,7 +68,7 @@ class AffineConfig:
         they score better than none at the coarsest level), ``"com"`` (centres of mass)
         or ``"identity"`` (the headers' alignment).
       max_points: most fixed voxels sampled per level (a strided subgrid).
-      mind_radius, mind_dilation: MIND-SSC settings (:func:`jaxreg.mind.mind_ssc`).
+      mind_radius, mind_dilation: MIND-SSC settings (:func:`jaxreg.features.mind.mind_ssc`).
       mi: mutual information settings for ``similarity="mi"``.
 
     Raises:

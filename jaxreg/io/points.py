@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from jaxreg import atomic
-from jaxreg.io import InputError
+from jaxreg.io import atomic
+from jaxreg.io.reading import InputError
 
 __all__ = ["Points", "read_points", "write_points", "lps_to_ras", "ras_to_lps"]
 

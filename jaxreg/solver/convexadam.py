@@ -21,10 +21,10 @@ by ``n / (n - 1)``); without inverse consistency the coarse field is still upsam
 full resolution; the result is the smoothed field of the final parameters.
 
 Where the pieces are (every public name is importable from here): :class:`ConvexAdamConfig`
-and the padded-grid helpers both stages use in ``jaxreg/_solver_base.py``; the coarse
+and the padded-grid helpers both stages use in ``jaxreg/solver/config.py``; the coarse
 stage (:func:`correlation_cost`, :func:`coupled_convex`, :func:`inverse_consistency`,
-:func:`coarse_stage`) in ``jaxreg/_coarse_stage.py``; the checks of concrete inputs and
-:func:`check_field` in ``jaxreg/_solver_checks.py``; the fine stage and the entry points
+:func:`coarse_stage`) in ``jaxreg/solver/coarse.py``; the checks of concrete inputs and
+:func:`check_field` in ``jaxreg/solver/checks.py``; the fine stage and the entry points
 (:func:`convex_adam`, :func:`register_mind`) in this module.
 """
 
@@ -38,19 +38,19 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from jaxreg import _cpu_kernels
+from jaxreg.kernels import cpu as cpu_kernels
 from jaxreg import compilation
 from jaxreg import filters
-from jaxreg import intensity
+from jaxreg.features import intensity
 from jaxreg import losses
-from jaxreg import mind
+from jaxreg.features import mind
 from jaxreg import regularisers
 from jaxreg import warping as warp_lib
-from jaxreg._coarse_stage import (coarse_stage, correlation_cost, coupled_convex,
+from jaxreg.solver.coarse import (coarse_stage, correlation_cost, coupled_convex,
                                   inverse_consistency)
-from jaxreg._solver_base import (ConvexAdamConfig, _check_side, _masked, _min_side,
+from jaxreg.solver.config import (ConvexAdamConfig, _check_side, _masked, _min_side,
                                  _pooled_weights, _real_cells)
-from jaxreg._solver_checks import _check_features, _check_images, check_field
+from jaxreg.solver.checks import _check_features, _check_images, check_field
 
 __all__ = [
     "ConvexAdamConfig",
@@ -73,8 +73,8 @@ def _smooth(field, config, mask=None):
     without a mask, with ``config.cpu_kernel``, by the compiled CPU kernel (3D only)."""
     nd = field.shape[-1]
     if (mask is None and nd == 3 and config.cpu_kernel and config.smooth_num
-            and _cpu_kernels.usable()):
-        return _cpu_kernels.box_smooth(field, config.smooth_kernel, config.smooth_num)
+            and cpu_kernels.usable()):
+        return cpu_kernels.box_smooth(field, config.smooth_kernel, config.smooth_num)
     for _ in range(config.smooth_num):
         field = filters.box_filter(_masked(field, mask), config.smooth_kernel, spatial_dims=nd)
     return field
@@ -318,19 +318,19 @@ def register_mind(fixed: ArrayLike, moving: ArrayLike, *,
     """ConvexAdam on MIND-SSC features of two ``(H, W, D)`` images: the classical baseline.
 
     Each image is first clipped to ``percentiles`` and scaled to [0, 1]
-    (:func:`jaxreg.intensity.normalise_intensity`), as :class:`jaxreg.sources.MindSource`
+    (:func:`jaxreg.features.intensity.normalise_intensity`), as :class:`jaxreg.features.sources.MindSource`
     and :func:`jaxreg.register` do, so that all three give the same field; None skips
     it (MIND-SSC itself ignores a linear change of intensity, not outliers).
 
     Images of any size register, a single slice or a 5x5x5 cube included (see
     :func:`convex_adam`). Two 2D images ``(H, W)`` register in 2D with the 2D MIND-SSC
-    (4 channels, :func:`jaxreg.mind.mind_ssc`) and give a ``(H, W, 2)`` field; the
+    (4 channels, :func:`jaxreg.features.mind.mind_ssc`) and give a ``(H, W, 2)`` field; the
     settings are used as they are (``similarity_weight`` multiplies the channel mean).
 
     Args:
       fixed, moving: ``(H, W, D)`` images on one grid, or two ``(H, W)`` images.
       config: solver settings.
-      radius, dilation: MIND-SSC's (:func:`jaxreg.mind.mind_ssc`).
+      radius, dilation: MIND-SSC's (:func:`jaxreg.features.mind.mind_ssc`).
       percentiles: intensity clipping, or None.
       fixed_mask, moving_mask: similarity masks (:func:`convex_adam`).
 

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for the fine stage's hot loop (private; used by jaxreg.losses and
+"""Compiled CPU kernels for the fine stage's hot loop (used by jaxreg.losses and
 jaxreg.solver when ``ConvexAdamConfig.cpu_kernel`` is on).
 
 Why: XLA:CPU materialises each of the eight corner gathers of a trilinear warp as an
@@ -6,7 +6,7 @@ Why: XLA:CPU materialises each of the eight corner gathers of a trilinear warp a
 consumer that reuses its elements), and runs each of the fine stage's 18 box filters per
 Adam step (three smoothings, forward and transposed, three axes each) plus a division as
 separate passes over the field. Two kernels replace them (source and what they compute:
-``jaxreg/_cpu_kernels_src.py``):
+``jaxreg/kernels/cpu_kernels.cc``):
 
 - :func:`warp_ssd_terms`: one pass over the voxels computes the warped features' squared
   residuals and their derivative with respect to the displacement; nothing of size
@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.resources
 import os
 import platform
 import shutil
@@ -38,7 +39,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jaxreg._cpu_kernels_src import SOURCE
+SOURCE = (importlib.resources.files("jaxreg.kernels") / "cpu_kernels.cc").read_text()
+"""The C++ of the two kernels (``cpu_kernels.cc`` beside this module)."""
 
 __all__ = ["available", "usable", "warp_ssd_terms", "box_smooth", "match_varying"]
 

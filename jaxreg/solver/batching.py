@@ -15,11 +15,11 @@ they must share one shape, so this module
 4. estimates the peak memory of one pair (:func:`estimate_pair_bytes`) and how many
    pairs fit a device (:func:`plan_batch`, :func:`device_memory_bytes`).
 
-The solver sees feature volumes only, whatever made them (:mod:`jaxreg.sources`:
+The solver sees feature volumes only, whatever made them (:mod:`jaxreg.features.sources`:
 MIND-SSC or an encoder). A typical loop over a data set::
 
     mesh = jax.make_mesh((jax.device_count(),), ("pairs",))
-    source = jaxreg.sources.MindSource()
+    source = jaxreg.features.sources.MindSource()
     for bucket in plan_buckets([p["fixed"].shape for p in pairs]):
         feats = [source(pairs[i]["fixed"], pairs[i]["moving"]) for i in bucket.indices]
         fixed = np.stack([pad_to(f.fixed, bucket.shape) for f in feats])
@@ -43,9 +43,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxreg import _cpu_kernels
+from jaxreg.kernels import cpu as cpu_kernels
 from jaxreg import compilation
-from jaxreg import solver
+from jaxreg.solver.config import ConvexAdamConfig
+from jaxreg.solver.convexadam import convex_adam
 
 __all__ = [
     "Bucket",
@@ -162,13 +163,13 @@ def pad_to(volume: ArrayLike, shape: Sequence[int]) -> np.ndarray | jax.Array:
 
 @compilation.jit(static_argnames=("config",))
 def register_padded(fixed: ArrayLike, moving: ArrayLike, extent: ArrayLike, *,
-                    config: solver.ConvexAdamConfig = solver.ConvexAdamConfig()
+                    config: ConvexAdamConfig = ConvexAdamConfig()
                     ) -> jax.Array:
     """ConvexAdam on the ``(H, W, D, C)`` features of one pair padded at the end.
 
     The padding is kept out of every stage (``extent`` of
-    :func:`jaxreg.solver.convex_adam`), so the field on the real voxels ``[:h, :w, :d]``
-    equals :func:`jaxreg.solver.convex_adam` of the unpadded features up to float
+    :func:`jaxreg.convex_adam`), so the field on the real voxels ``[:h, :w, :d]``
+    equals :func:`jaxreg.convex_adam` of the unpadded features up to float
     rounding, whatever the padding holds.
 
     Args:
@@ -191,7 +192,7 @@ def register_padded(fixed: ArrayLike, moving: ArrayLike, extent: ArrayLike, *,
     if f.ndim != 4 or f.shape != m.shape or extent.shape != (3,):
         raise ValueError(f"register_padded: features (H, W, D, C) of one shape and a (3,) "
                          f"extent, got {f.shape}, {m.shape} and {extent.shape}")
-    return solver.convex_adam(f, m, config=config, extent=extent)
+    return convex_adam(f, m, config=config, extent=extent)
 
 
 def pad_batch(x: ArrayLike, multiple: int) -> tuple[np.ndarray | jax.Array, int]:
@@ -223,7 +224,7 @@ def pad_batch(x: ArrayLike, multiple: int) -> tuple[np.ndarray | jax.Array, int]
 
 
 @functools.lru_cache(maxsize=None)
-def _batched(config: solver.ConvexAdamConfig, mesh: Mesh | None, batch_axis: str):
+def _batched(config: ConvexAdamConfig, mesh: Mesh | None, batch_axis: str):
     """The jitted batched registration for one config and mesh (cached: one jit object,
     so jax's own cache compiles once per bucket shape and batch size)."""
     many = jax.vmap(functools.partial(register_padded, config=config))
@@ -237,7 +238,7 @@ def _batched(config: solver.ConvexAdamConfig, mesh: Mesh | None, batch_axis: str
 
 
 def register_batch(fixed: ArrayLike, moving: ArrayLike, extents: ArrayLike, *,
-                   config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
+                   config: ConvexAdamConfig = ConvexAdamConfig(),
                    mesh: Mesh | None = None, batch_axis: str = "pairs") -> jax.Array:
     """Registers a stack of padded pairs: ``vmap`` on a device, sharded across a mesh.
 
@@ -289,7 +290,7 @@ def register_batch(fixed: ArrayLike, moving: ArrayLike, extents: ArrayLike, *,
 
 
 def estimate_pair_bytes(shape: Sequence[int], *,
-                        config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
+                        config: ConvexAdamConfig = ConvexAdamConfig(),
                         channels: int = 12) -> int:
     """Estimated peak bytes of :func:`register_padded` for one pair.
 
@@ -315,7 +316,7 @@ def estimate_pair_bytes(shape: Sequence[int], *,
     above within a factor 1.5 (``pytest tests/test_batching.py -k memory_estimate``
     checks three shapes and configs). Other backends assign buffers differently; a
     ``vmap`` over ``B`` pairs needs about ``B`` times this. The features themselves are
-    made before (:mod:`jaxreg.sources`), one pair at a time.
+    made before (:mod:`jaxreg.features.sources`), one pair at a time.
 
     Args:
       shape: the padded grid ``(H, W, D)``.
@@ -335,7 +336,7 @@ def estimate_pair_bytes(shape: Sequence[int], *,
         (channels + 13) * n + ((2 if config.ic else 1) * k + 2 * channels) * nc,
     ]
     if config.lambda_weight > 0:
-        fused = config.cpu_kernel and _cpu_kernels.usable()
+        fused = config.cpu_kernel and cpu_kernels.usable()
         stages.append(3 * n + (7 if fused else 14) * channels * nf)
     return int(4 * 1.1 * (held + max(stages)))
 
@@ -365,7 +366,7 @@ def device_memory_bytes(device: jax.Device | None = None) -> int:
 
 
 def plan_batch(shape: Sequence[int], *,
-               config: solver.ConvexAdamConfig = solver.ConvexAdamConfig(),
+               config: ConvexAdamConfig = ConvexAdamConfig(),
                device_bytes: int, batch_per_device: int | None = None,
                channels: int = 12) -> int:
     """How many pairs of one padded shape to run per device.

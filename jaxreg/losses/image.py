@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxreg import _cpu_kernels
+from jaxreg.kernels import cpu as cpu_kernels
 from jaxreg import filters
 from jaxreg import warping as warp_lib
 
@@ -72,7 +72,7 @@ def warped_ssd(moving: ArrayLike, disp: ArrayLike, fixed: ArrayLike, *,
 
     The fine stage's similarity. With ``kernel`` (default), on CPU, when ``moving`` lies
     on the field's grid and jaxreg's compiled kernel is available
-    (:mod:`jaxreg._cpu_kernels`), one pass over the voxels computes the warped features'
+    (:mod:`jaxreg.kernels.cpu`), one pass over the voxels computes the warped features'
     squared residuals and their derivative with respect to ``disp``, instead of eight
     gathered ``(N, C)`` arrays; the value and gradients agree with the XLA composition
     to float rounding (the summation order differs). Otherwise, or with
@@ -97,27 +97,27 @@ def warped_ssd(moving: ArrayLike, disp: ArrayLike, fixed: ArrayLike, *,
     disp = jnp.asarray(disp, jnp.float32)
     fixed = jnp.asarray(fixed, jnp.float32)
     if not (kernel and moving.ndim == 4 and fixed.shape == moving.shape
-            and disp.shape == moving.shape[:3] + (3,) and _cpu_kernels.usable()):
+            and disp.shape == moving.shape[:3] + (3,) and cpu_kernels.usable()):
         nd = disp.shape[-1] if disp.ndim else None
         return ssd(warp_lib.warp(moving, disp), fixed, mask=mask, spatial_dims=nd)
     _, _, m = _prepare(fixed, fixed, mask)
-    sq = _fused_sq(*_cpu_kernels.match_varying(moving, fixed, disp))
+    sq = _fused_sq(*cpu_kernels.match_varying(moving, fixed, disp))
     return jnp.sum(sq * m[..., 0]) / moving.shape[-1] / jnp.maximum(jnp.sum(m), 1.0)
 
 
 @jax.custom_vjp
 def _fused_sq(moving, fixed, disp):
-    return _cpu_kernels.warp_ssd_terms(moving, fixed, disp)[0]
+    return cpu_kernels.warp_ssd_terms(moving, fixed, disp)[0]
 
 
 def _fused_sq_fwd(moving, fixed, disp):
-    sq, grad = _cpu_kernels.warp_ssd_terms(moving, fixed, disp)
+    sq, grad = cpu_kernels.warp_ssd_terms(moving, fixed, disp)
     return sq, (moving, fixed, disp, grad)
 
 
 def _fused_sq_bwd(res, ct):
     moving, fixed, disp, grad = res
-    ct = _cpu_kernels.match_varying(ct, disp)[0]  # inside shard_map: typed like the output
+    ct = cpu_kernels.match_varying(ct, disp)[0]  # inside shard_map: typed like the output
     # The features' cotangents from the XLA composition (XLA drops them when unused):
     # d/dfixed = -2 ct r, d/dmoving = the warp's transpose applied to 2 ct r.
     weighted = 2.0 * ct[..., None] * (warp_lib.warp(moving, disp) - fixed)

@@ -3,7 +3,7 @@
 A source turns two images on one voxel grid into two channels-last feature volumes
 ``(H, W, D, C)`` (two ``(H, W)`` images into ``(H, W, C)`` feature images: every source
 here works on 2D pairs, which :func:`jaxreg.solver.convex_adam` registers in 2D); the
-solver and the batched solver (:func:`jaxreg.batching.register_batch`, 3D) only ever see
+solver and the batched solver (:func:`jaxreg.solver.batching.register_batch`, 3D) only ever see
 those. Handcrafted MIND-SSC is a
 source like any foundation-model encoder, so one code path serves both, and
 :class:`HybridSource` mixes their channels in one objective.
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxreg import features as feat_lib
-from jaxreg import mind
+from jaxreg.features import extract as feat_lib
+from jaxreg.features import mind
 
 __all__ = ["PairFeatures", "FeatureSource", "MindSource", "EncoderSource", "HybridSource",
            "hybrid_scales"]
@@ -76,10 +76,10 @@ def _mind_pair(fixed, moving, *, radius, dilation):
 class MindSource:
     """MIND-SSC of both images, after clipping each to two percentiles and scaling to
     [0, 1] (:func:`jaxreg.features.normalise_intensity`), 12 channels (2D images: the
-    2D MIND-SSC's 4, :func:`jaxreg.mind.mind_ssc`; ``channels`` is the 3D count).
+    2D MIND-SSC's 4, :func:`jaxreg.features.mind.mind_ssc`; ``channels`` is the 3D count).
 
     Attributes:
-      radius, dilation: as in :func:`jaxreg.mind.mind_ssc`.
+      radius, dilation: as in :func:`jaxreg.features.mind.mind_ssc`.
       percentiles: intensity clipping.
     """
 

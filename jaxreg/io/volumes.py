@@ -55,8 +55,10 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
-from jaxreg import _reading, _writing, atomic
-from jaxreg._reading import InputError
+from jaxreg.io import reading as _reading
+from jaxreg.io import writing as _writing
+from jaxreg.io import atomic
+from jaxreg.io.reading import InputError
 
 __all__ = [
     "InputError", "Volume",

@@ -1,22 +1,19 @@
-"""C++ source of jaxreg's CPU kernels (private; built and registered by jaxreg._cpu_kernels).
-
-Two XLA FFI handlers, both float32, both splitting their work over XLA's intra-op
-thread pool:
-
-``JaxregWarpSsd(moving, fixed, disp) -> (sq, grad)``
-  ``moving``, ``fixed``: ``(..., H, W, D, C)``; ``disp``: ``(..., H, W, D, 3)``. Per voxel
-  ``x``, with ``r = moving(x + disp(x)) - fixed(x)`` (trilinear, zero padding, exactly
-  the corner weights and slopes of :func:`jaxreg.warping._corner_setup`):
-  ``sq = sum_c r_c**2`` and ``grad_a = sum_c r_c * d moving_c(x + disp) / d disp_a``.
-
-``JaxregBoxSmooth(x; width, times) -> y``
-  ``x``: ``(..., H, W, D, K)``. ``times`` centred box filters of ``width`` voxels along
-  each spatial axis, zero padding, each sum divided by ``width``: what ``times``
-  applications of :func:`jaxreg.filters.box_filter` give (filters along different axes
-  commute), in one read and write of the array per axis.
-"""
-
-SOURCE = r"""
+// jaxreg's CPU kernels (built on first use and registered with XLA by jaxreg/kernels/cpu.py).
+//
+// Two XLA FFI handlers, both float32, both splitting their work over XLA's intra-op
+// thread pool:
+//
+// JaxregWarpSsd(moving, fixed, disp) -> (sq, grad)
+//   moving, fixed: (..., H, W, D, C); disp: (..., H, W, D, 3). Per voxel
+//   x, with r = moving(x + disp(x)) - fixed(x) (trilinear, zero padding, exactly
+//   the corner weights and slopes of :func:`jaxreg.warping._corner_setup`):
+//   sq = sum_c r_c**2 and grad_a = sum_c r_c * d moving_c(x + disp) / d disp_a.
+//
+// JaxregBoxSmooth(x; width, times) -> y
+//   x: (..., H, W, D, K). times centred box filters of width voxels along
+//   each spatial axis, zero padding, each sum divided by width: what times
+//   applications of :func:`jaxreg.filters.box_filter` give (filters along different axes
+//   commute), in one read and write of the array per axis.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -285,4 +282,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregBoxSmooth, BoxSmoothImpl,
         .Ret<ffi::Buffer<ffi::F32>>()
         .Attr<int64_t>("width")
         .Attr<int64_t>("times"));
-"""

@@ -1,4 +1,4 @@
-"""Pieces of :mod:`jaxreg.affine` (private): parameters, initialisation, sampling, pooling.
+"""Pieces of :mod:`jaxreg.solver.affine` (private): parameters, initialisation, sampling, pooling.
 
 Dimension-generic: ``d`` (2 or 3) is the number of spatial axes of the input.
 

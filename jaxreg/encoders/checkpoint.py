@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxreg import atomic
+from jaxreg.io import atomic
 
 __all__ = [
     "CheckpointError",
@@ -81,7 +81,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except ImportError as e:
             raise CheckpointError(
                 f"{path}: reading a PyTorch checkpoint needs torch; convert it once to "
-                "safetensors with `python -m jaxreg.convert` on a machine with torch"
+                "safetensors with `python -m jaxreg.encoders.convert` on a machine with torch"
             ) from e
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -161,7 +161,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
 
 
 def is_converted(sd: Mapping[str, np.ndarray]) -> bool:
-    """Whether ``sd`` already holds jaxreg's names, as ``python -m jaxreg.convert`` writes
+    """Whether ``sd`` already holds jaxreg's names, as ``python -m jaxreg.encoders.convert`` writes
     them (Flax ``kernel``/``scale``, never PyTorch's ``weight``/``running_mean``)."""
     return any(k.endswith((".kernel", ".scale")) for k in sd) and not any(
         k.endswith((".weight", ".running_mean")) for k in sd)

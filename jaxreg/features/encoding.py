@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from jax.typing import ArrayLike
 
-from jaxreg import atomic
+from jaxreg.io import atomic
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 
 __all__ = ["token_geometry", "encoder_input", "map_cells", "plan_chunk", "SliceEncoder",
