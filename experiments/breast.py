@@ -9,7 +9,11 @@
     python -m experiments.breast --distributed ...   # several hosts, see README.md
 
 See ``experiments/configs/breast.py`` for every setting and ``jaxreg.experiment`` for
-the pairs CSV and the outputs.
+the pairs CSV and the outputs. Every setting is a config field (``--config.a.b=v``);
+``--encoder=X`` selects the config's defaults for method X, and five fields have short
+flags: ``--data_dir``, ``--pairs``, ``--weights``, ``--batch_per_device`` and ``--devices``
+(``--config.data_dir``, ``--config.pairs``, ``--config.weights``,
+``--config.batch.batch_per_device``, ``--config.batch.devices``).
 
 Exit codes: 0 every pair done; 1 some pairs failed (each named on stderr with its file
 and problem, the others done); 2 a user error (bad setting, pairs CSV, workdir, weights),
@@ -116,19 +120,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _ENCODER = flags.DEFINE_enum("encoder", None, list(experiment.ENCODERS),
                              "Feature extractor: the config file's defaults for it "
                              "(same as --config=experiments/configs/breast.py:ENCODER).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with the volumes and pairs.csv; "
-                                "default: the built-in phantom.")
-_PAIRS = flags.DEFINE_string("pairs", None, "Pairs CSV (mov_volume,fix_volume,...); a "
-                             "relative path is resolved against --data_dir when given, "
-                             "else against the current folder.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/breast", "Output folder.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo finished pairs whose recorded "
                                "settings or inputs differ; without it such a workdir is "
                                "refused.")
-_BATCH = flags.DEFINE_integer("batch_per_device", None, "Pairs per device at once (vmap); "
-                              "capped by the memory plan. Overrides config.batch.")
-_DEVICES = flags.DEFINE_string("devices", None, "Local devices to use: all (default), a "
-                               "count ('2'), or ids ('0,3').")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Several hosts: call "
                                  "jax.distributed.initialize() (auto-detected on TPU pods, "
                                  "SLURM, Open MPI; else give the three flags below).")
@@ -139,8 +134,36 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", os.path.join("~", ".cache", "jaxreg", "xla"),
     "Folder of XLA's persistent compilation cache, so that a second run skips compiling; "
     "'' turns it off. $JAX_COMPILATION_CACHE_DIR, when set, wins.")
-_WEIGHTS = flags.DEFINE_string("weights", None, "Encoder checkpoint (file or Hugging Face "
-                               "folder); default: searched, see jaxreg/encoders/registry.py.")
+# Shorthands: --data_dir=X is --config.data_dir=X, and so on. Each is a config field
+# (experiments/configs/breast.py), given a short flag because almost every run sets it.
+_SHORTHANDS = {
+    "data_dir": ("data_dir", "Folder with the volumes and pairs.csv; default: the built-in phantom."),
+    "pairs": ("pairs", "Pairs CSV (mov_volume,fix_volume,...); a relative path is resolved "
+              "against --data_dir when given, else against the current folder."),
+    "weights": ("weights", "Encoder checkpoint (file or Hugging Face folder); default: searched, "
+                "see jaxreg/encoders/registry.py."),
+    "batch_per_device": ("batch.batch_per_device", "Pairs per device at once (vmap); capped by "
+                         "the memory plan."),
+    "devices": ("batch.devices", "Local devices to use: all (default), a count ('2'), or ids "
+                "('0,3')."),
+}
+_SHORTHAND_FLAGS = {
+    name: (flags.DEFINE_integer if name == "batch_per_device" else flags.DEFINE_string)(
+        name, None, f"{text} Shorthand for --config.{field}.")
+    for name, (field, text) in _SHORTHANDS.items()}
+
+
+def _apply_shorthands(config) -> None:
+    """Writes each shorthand flag given on the command line into its config field."""
+    for name, (field, _) in _SHORTHANDS.items():
+        value = _SHORTHAND_FLAGS[name].value
+        if value is not None:
+            *parents, leaf = field.split(".")
+            node = config
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+
 
 def _use_compilation_cache(folder: str) -> None:
     """XLA's persistent cache: programs compiled once are loaded by later runs."""
@@ -158,16 +181,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    if _DATA_DIR.value is not None:
-        config.data_dir = _DATA_DIR.value
-    if _PAIRS.value is not None:
-        config.pairs = _PAIRS.value
-    if _WEIGHTS.value is not None:
-        config.weights = _WEIGHTS.value
-    if _BATCH.value is not None:
-        config.batch.batch_per_device = _BATCH.value
-    if _DEVICES.value is not None:
-        config.batch.devices = _DEVICES.value
+    _apply_shorthands(config)
     _use_compilation_cache(_COMPILATION_CACHE.value)
     if _DISTRIBUTED.value:
         import jax

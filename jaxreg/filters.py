@@ -21,7 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-__all__ = ["box_filter", "avg_pool", "resize", "replicate_pad", "extent_mask", "continue_edge"]
+__all__ = ["PERCENTILES", "box_filter", "avg_pool", "resize", "replicate_pad", "extent_mask",
+           "continue_edge"]
+
+PERCENTILES = (0.5, 99.5)
+"""The default robust intensity range (low, high percentiles) clipped before MIND-SSC, an
+encoder or a histogram: every jaxreg default that clips intensities uses this one."""
 
 
 def _box_1d(x: jax.Array, axis: int, size: int, mode: str) -> jax.Array:

@@ -41,6 +41,7 @@ from jaxreg import features as feat_lib
 from jaxreg import io
 from jaxreg import solver
 from jaxreg.features import sources
+from jaxreg.features.intensity import PERCENTILES
 from jaxreg import warping
 from jaxreg.encoders import registry
 from jaxreg.transform import Transform
@@ -120,7 +121,7 @@ class RegistrationConfig:
     hybrid_weight: float = 0.0
     features: feat_lib.FeatureConfig | None = None
     pyramid: Pyramid = "none"
-    percentiles: tuple[float, float] = (0.5, 99.5)
+    percentiles: tuple[float, float] = PERCENTILES
     weights: str = ""
     mask: str = "auto"
     dtype: Dtype = "auto"

@@ -116,19 +116,17 @@ def _percentiles(c: Any) -> tuple[float, float]:
 
 
 def _features(c: Any, pyramid: str) -> feat_lib.FeatureConfig:
-    f = c.features
+    """The config's ``features`` block as a :class:`FeatureConfig` (its own checks)."""
     entry = registry.ENCODERS[c.encoder.removesuffix(HYBRID_SUFFIX)]
-    for field in ("gap", "pca_dims", "image_size", "chunk"):
-        _int(f[field], f"features.{field}", 1 if field == "gap" else 0)
+    fields = {f.name for f in dataclasses.fields(feat_lib.FeatureConfig)}
+    values = {k: v for k, v in c.features.items() if k in fields}
+    values.update(axes=tuple(values["axes"]), percentiles=_percentiles(c),
+                  layers=("features",) if pyramid == "none" else entry.pyramid,
+                  pca_dims=values["pca_dims"] or entry.pca_dims)  # 0: the encoder's own
     try:
-        return feat_lib.FeatureConfig(
-            axes=tuple(f.axes), fusion=f.fusion, gap=f.gap,
-            layers=("features",) if pyramid == "none" else entry.pyramid,
-            pca_dims=f.pca_dims or entry.pca_dims, image_size=f.image_size, chunk=f.chunk,
-            percentiles=_percentiles(c),
-            render=_choice(f.get("render", "intensity"), "features.render", feat_lib.RENDERS))
+        return feat_lib.FeatureConfig(**values)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.features: {e}") from None
+        raise ConfigError(f"config.features.{e}") from None
 
 
 def _hybrid_weight(c: Any, encoder: str) -> float:

@@ -54,7 +54,7 @@ from absl import logging
 from jax.typing import ArrayLike
 
 from jaxreg.features.encoding import FeatureCache, SliceEncoder, encoder_input, token_geometry
-from jaxreg.features.intensity import RENDERS, foreground_mask, normalise_intensity, render
+from jaxreg.features.intensity import PERCENTILES, RENDERS, foreground_mask, normalise_intensity, render
 from jaxreg.features.pca import PCA, fit_pca, project
 
 __all__ = [
@@ -108,21 +108,28 @@ class FeatureConfig:
     pca_dims: int = 3
     image_size: int = 0
     chunk: int = 0
-    percentiles: tuple[float, float] = (0.5, 99.5)
+    percentiles: tuple[float, float] = PERCENTILES
     uniform_tolerance: float = 1e-6
     scale: bool = True
     render: str = "intensity"
 
     def __post_init__(self):
+        """Refuses settings that cannot work; each message starts ``<field>=<value>:``."""
+        def refuse(name, accepts):
+            raise ValueError(f"{name}={getattr(self, name)!r}: {accepts}")
+
         if not self.axes or any(a not in (0, 1, 2) for a in self.axes):
-            raise ValueError(f"axes must be a non-empty subset of (0, 1, 2), got {self.axes}")
+            refuse("axes", "must be a non-empty subset of 0, 1, 2")
         if self.render not in RENDERS:
-            raise ValueError(f"render must be one of {RENDERS}, got {self.render!r}")
+            refuse("render", f"must be one of {', '.join(RENDERS)}")
         if self.fusion not in ("concat", "mean"):
-            raise ValueError(f"fusion must be 'concat' or 'mean', got {self.fusion!r}")
-        if self.gap < 1 or self.pca_dims < 1 or not self.layers:
-            raise ValueError(f"need gap >= 1, pca_dims >= 1 and some layers; got gap="
-                             f"{self.gap}, pca_dims={self.pca_dims}, layers={self.layers}")
+            refuse("fusion", "must be one of concat, mean")
+        for name, minimum in (("gap", 1), ("pca_dims", 1), ("image_size", 0), ("chunk", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                refuse(name, f"must be an integer >= {minimum}")
+        if not self.layers:
+            refuse("layers", "need at least one encoder output map")
 
 
 # 1. intensities: jaxreg/features/intensity.py (normalise_intensity, render, foreground_mask)

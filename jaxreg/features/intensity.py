@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-__all__ = ["RENDERS", "normalise_intensity", "render", "foreground_mask"]
+from jaxreg.filters import PERCENTILES
+
+__all__ = ["PERCENTILES", "RENDERS", "normalise_intensity", "render", "foreground_mask"]
 
 
 def normalise_intensity(volume: ArrayLike, *,
-                        percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+                        percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
     """Clips a volume to two percentiles and scales it to [0, 1] (float32).
 
     A volume whose percentiles coincide falls back to its min and max; a constant volume
@@ -36,7 +38,7 @@ RENDERS = ("intensity", "gradient")
 
 
 def render(volume: ArrayLike, kind: str = "intensity", *,
-           percentiles: tuple[float, float] = (0.5, 99.5), sigma: float = 1.0) -> np.ndarray:
+           percentiles: tuple[float, float] = PERCENTILES, sigma: float = 1.0) -> np.ndarray:
     """The volume as an encoder sees it, in [0, 1] (float32).
 
     ``"intensity"``: :func:`normalise_intensity`. ``"gradient"``: the gradient magnitude
@@ -57,7 +59,7 @@ def render(volume: ArrayLike, kind: str = "intensity", *,
 
 
 def foreground_mask(volume: ArrayLike, *, threshold: float = 0.05,
-                    percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+                    percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
     """Voxels brighter than ``threshold`` after :func:`normalise_intensity` (air is out).
 
     A cheap default for fitting the PCA on anatomy rather than on the background, which

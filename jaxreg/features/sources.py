@@ -29,6 +29,7 @@ from jax.typing import ArrayLike
 
 from jaxreg.features import extract as feat_lib
 from jaxreg.features import mind
+from jaxreg.features.intensity import PERCENTILES
 
 __all__ = ["PairFeatures", "FeatureSource", "MindSource", "EncoderSource", "HybridSource",
            "hybrid_scales"]
@@ -85,7 +86,7 @@ class MindSource:
 
     radius: int = 1
     dilation: int = 2
-    percentiles: tuple[float, float] = (0.5, 99.5)
+    percentiles: tuple[float, float] = PERCENTILES
     name = "mind"
     channels = 12
 

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxreg.filters import PERCENTILES
+
 __all__ = ["MIConfig", "intensity_range", "bin_coords", "parzen_weights", "joint_histogram",
            "mutual_information", "loss_from_table", "fine_similarity"]
 
@@ -63,7 +65,7 @@ class MIConfig:
     kernel: str = "gaussian"
     sigma: float = 0.5
     normalised: bool = False
-    percentiles: tuple[float, float] = (0.5, 99.5)
+    percentiles: tuple[float, float] = PERCENTILES
     chunk: int = 32768
 
     def __post_init__(self):
@@ -85,7 +87,7 @@ class MIConfig:
 
 
 def intensity_range(image: ArrayLike, *, mask: ArrayLike | None = None,
-                    percentiles: tuple[float, float] = (0.5, 99.5)) -> jax.Array:
+                    percentiles: tuple[float, float] = PERCENTILES) -> jax.Array:
     """Robust ``(low, high)`` intensities of an image, inside an optional mask.
 
     Args:

@@ -42,6 +42,7 @@ from jaxreg.kernels import cpu as cpu_kernels
 from jaxreg import compilation
 from jaxreg import filters
 from jaxreg.features import intensity
+from jaxreg.features.intensity import PERCENTILES
 from jaxreg import losses
 from jaxreg.features import mind
 from jaxreg import regularisers
@@ -312,7 +313,7 @@ def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
 def register_mind(fixed: ArrayLike, moving: ArrayLike, *,
                   config: ConvexAdamConfig = ConvexAdamConfig(),
                   radius: int = 1, dilation: int = 2,
-                  percentiles: tuple[float, float] | None = (0.5, 99.5),
+                  percentiles: tuple[float, float] | None = PERCENTILES,
                   fixed_mask: ArrayLike | None = None,
                   moving_mask: ArrayLike | None = None) -> jax.Array:
     """ConvexAdam on MIND-SSC features of two ``(H, W, D)`` images: the classical baseline.
