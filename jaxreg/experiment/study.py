@@ -104,30 +104,46 @@ def _sync(name: str) -> None:
 
 
 class _Progress:
-    """A bar over every pair of the study, shown by host 0 only. It counts the pairs'
-    finished folders in the (shared) workdir, so it stays right with several hosts."""
+    """A bar over every pair of the study, shown by host 0 only.
 
-    def __init__(self, pairs: list[Pair], work: workdir_lib.Workdir, enabled: bool):
+    On one host it counts the pairs done before the run and those finished since. With
+    several hosts it counts the pairs' finished folders in the (shared) workdir, at most
+    every ``recount_s`` seconds: a recount reads one folder per pair, which for thousands
+    of pairs would cost more than the pairs that fail early.
+    """
+
+    def __init__(self, pairs: list[Pair], work: workdir_lib.Workdir, enabled: bool,
+                 done: int, recount_s: float = 2.0):
         self.pairs, self.work, self.bar = pairs, work, None
+        self.done, self.finished, self.recount_s, self.last = done, 0, recount_s, 0.0
         if enabled and jax.process_index() == 0:
             from tqdm import tqdm
 
             self.bar = tqdm(total=len(pairs), desc="pairs", unit="pair")
             self.update()
 
-    def update(self, failed: int = 0) -> None:
-        if self.bar is not None:
+    def update(self, failed: int = 0, finished: int = 0) -> None:
+        """``finished``: pairs this host has ended since the last call (done or failed)."""
+        self.finished += finished
+        if self.bar is None:
+            return
+        if jax.process_count() == 1:
+            self.bar.update(min(self.done + self.finished, len(self.pairs)) - self.bar.n)
+        elif time.monotonic() - self.last >= self.recount_s:  # tqdm throttles the drawing
+            self.last = time.monotonic()
             done = sum(self.work.is_done(p.name) for p in self.pairs)
-            self.bar.n = min(done + failed, len(self.pairs))
-            self.bar.refresh()
+            self.bar.update(min(done + failed, len(self.pairs)) - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _pair_settings(config: settings.StudyConfig, pair: Pair) -> dict[str, Any]:
-    recorded = settings.result_settings(config)
+def _pair_settings(config: settings.StudyConfig, pair: Pair,
+                   common: dict[str, Any]) -> dict[str, Any]:
+    """What is recorded beside a pair: ``common`` (the study's result settings) and the
+    pair's own (its similarity mask, its input files)."""
+    recorded = dict(common)
     if config.similarity_mask in pair.labels:  # absent otherwise: earlier results stay valid
         recorded["similarity_mask"] = config.similarity_mask
     return {"settings": recorded, "inputs": pair.files()}
@@ -172,7 +188,8 @@ def run_study(config: settings.StudyConfig | Any, workdir: str, *, progress: boo
         _sync("workdir ready")
         pairs = pairs or _phantom_pairs(config, work.path)
         # Every host compares every pair, so that all reach the same decision.
-        recorded = {p.name: _pair_settings(config, p) for p in pairs}
+        common = settings.result_settings(config)
+        recorded = {p.name: _pair_settings(config, p, common) for p in pairs}
         changed = workdir_lib.changed_pairs(work, recorded)
         if not overwrite:
             _refuse_changed(work, changed)
@@ -202,13 +219,14 @@ def _register_all(config, work, pairs, recorded, changed, source, devices, progr
     """This host's share of the pairs not done yet, or done with other settings (only
     left in ``changed`` with ``overwrite``); returns the failures."""
     mine = pairs[jax.process_index()::jax.process_count()]
-    todo = [p for p in mine if not work.is_done(p.name) or p.name in changed]
+    done = {p.name for p in pairs if work.is_done(p.name)}
+    todo = [p for p in mine if p.name not in done or p.name in changed]
     for p in mine:
-        if p not in todo:
+        if p.name in done and p.name not in changed:
             logging.info("%s: done earlier with the same settings, skipped", p.name)
         elif p.name in changed:
             logging.warning("%s: redone (%s)", p.name, "; ".join(changed[p.name]))
-    bar = _Progress(pairs, work, progress)
+    bar = _Progress(pairs, work, progress, done=len(done - set(changed)))
     failures: list[str] = []
 
     def finish(pair, job):
@@ -223,7 +241,7 @@ def _register_all(config, work, pairs, recorded, changed, source, devices, progr
                             f"(a bug: please report it with the traceback in the log)")
             logging.error("pair %s failed with an internal error:\n%s", pair.name,
                           traceback.format_exc())
-        bar.update(len(failures))
+        bar.update(len(failures), finished=1)
 
     batched = len(devices) * config.batch_per_device > 1
     if batched and config.registration.pyramid == "coarse_to_fine":

