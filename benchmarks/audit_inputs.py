@@ -1,6 +1,6 @@
 """Input audit of the breast experiment CLI: does it fail the way README.md says?
 
-    python -m experiments.audit_inputs --workdir=/tmp/audit
+    python -m benchmarks.audit_inputs --workdir=/tmp/audit
 
 Runs ``python -m experiments.breast`` once per case (a 40x32x24 phantom pair, 3 solver
 iterations, no QC or HD95, one device) and checks README.md, "When something is wrong":

@@ -1,14 +1,14 @@
 r"""Large motions on real anatomy: jaxreg with and without its affine stage, and peers.
 
-    python -m experiments.bench_affine                           # full size, all methods
-    python -m experiments.bench_affine --downsample=2 --methods=jaxreg,jaxreg_affine
+    python -m benchmarks.bench_affine                           # full size, all methods
+    python -m benchmarks.bench_affine --downsample=2 --run_methods=jaxreg,jaxreg_affine
 
 Data: nilearn's MNI152 2009 T1 with its GM/WM maps, cropped to 192x224x184 and
-block-averaged by ``--downsample`` (as ``experiments/bench_mni.py``). Each case moves the
+block-averaged by ``--downsample`` (as ``benchmarks/bench_mni.py``). Each case moves the
 anatomy by an affine ``A`` (rotations about the centre around two axes, a translation,
 an isotropic scale; fixed voxel -> moving voxel) after a smooth random field ``s``
-(bench_mni's generator, max ``--smooth_disp`` voxels): a fixed voxel ``x`` sits at
-``A(x + s(x))`` in the moving image, so the true pull field is
+(:func:`benchmarks.common.smooth_field`, max ``--smooth_disp`` voxels): a fixed voxel
+``x`` sits at ``A(x + s(x))`` in the moving image, so the true pull field is
 ``w(x) = A(x + s(x)) - x`` (:func:`jaxreg.solver.affine.compose`, exact), and the moving image
 and GM/WM masks are the fixed ones pulled through the inverse map
 (``A^-1`` then the fixed-point inverse of ``x + s(x)``). Translations are in voxels of
@@ -33,7 +33,7 @@ import time
 from absl import app, flags
 import numpy as np
 
-from experiments import bench_mni
+from benchmarks import common
 
 _CASES = {  # name: (rotation degrees about axes 0, 1, 2; translation voxels; scale)
     "moderate": ((10.0, 0.0, -12.0), (12.0, -9.0, 6.0), 1.05),
@@ -49,22 +49,12 @@ _RUN = flags.DEFINE_list("run_methods", list(_BENCH_METHODS),
                          f"methods to run, of {list(_BENCH_METHODS)}")
 _SMOOTH = flags.DEFINE_float("smooth_disp", 4.0, "max |s| of the smooth field, voxels at 1 mm")
 _SEED = flags.DEFINE_integer("field_seed", 0, "seed of the smooth field")
+_DOWNSAMPLE = flags.DEFINE_integer("downsample", 1, "block-average factor after cropping")
+_THREADS = flags.DEFINE_integer("threads", 2, "torch / ITK threads")
 
 
-def _rotation(degrees):
-    out = np.eye(3)
-    for axis, deg in enumerate(degrees):
-        c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
-        i, j = [a for a in range(3) if a != axis]
-        r = np.eye(3)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        out = r @ out
-    return out
-
-
-def make_case(base, degrees, shift, scale):
-    """The moved pair of one case: bench_mni's pair dict with moving, labels, truth."""
-    import jax
+def make_case(base, degrees, shift, scale, down):
+    """The moved pair of one case: ``common.make_mni_pair``'s dict with moving, labels, truth."""
     from jaxreg.solver import affine
     from jaxreg import warping
 
@@ -72,21 +62,15 @@ def make_case(base, degrees, shift, scale):
     shape = fixed.shape
     centre = (np.asarray(shape) - 1) / 2.0
     matrix = np.eye(4)
-    matrix[:3, :3] = _rotation(degrees) * scale
+    matrix[:3, :3] = common.rotation(degrees) * scale
     matrix[:3, 3] = centre + np.asarray(shift) - matrix[:3, :3] @ centre
-    down = bench_mni._DOWNSAMPLE.value
-    s = bench_mni.smooth_field(shape, max_disp=_SMOOTH.value / down,
-                               spacing=max(2.0, 40.0 / down), seed=_SEED.value)
-
-    @jax.jit
-    def inverse(v):  # r(z) = -s(z + r(z)): the inverse of x -> x + s(x)
-        return jax.lax.fori_loop(0, 20, lambda _, r: -warping.warp(v, r, mode="edge"), -v)
-
-    r = inverse(s)
+    s = common.smooth_field(shape, max_disp=_SMOOTH.value / down,
+                            spacing=max(2.0, 40.0 / down), seed=_SEED.value)
+    r, _ = warping.invert(s, iterations=20)  # r(z) = -s(z + r(z)): the inverse of x -> x + s(x)
     pull = warping.compose(r, affine.displacement(np.linalg.inv(matrix), shape))
     pair = dict(base, matrix=matrix, true=np.asarray(affine.compose(matrix, s)),
                 moving=np.asarray(warping.warp(fixed, pull)))
-    for t in bench_mni._TISSUES:
+    for t in common.TISSUES:
         pair[f"{t}_moving"] = np.asarray(warping.warp_labels(base[f"{t}_fixed"], pull))
     return pair
 
@@ -115,9 +99,8 @@ def _jaxreg(fixed, moving, with_affine):
 
 
 def _method(name, pair):
-    threads = bench_mni._THREADS.value
     if name == "convexadam":
-        return bench_mni.run_convexadam(pair["fixed"], pair["moving"], threads, "float32")
+        return common.run_convexadam(pair["fixed"], pair["moving"], _THREADS.value, "float32")
     if name == "ants":
         start = time.perf_counter()
         import ants  # antspyx, only in this benchmark
@@ -143,7 +126,7 @@ def _ants_field(ants, f, moving_shape, reg):
 
 
 def _row(case, label, u, pair, info):
-    s = bench_mni._scores(u, pair)
+    s = common.scores(u, pair)
     t = "-" if info is None else f"{info['time']:.1f}"
     extra = ""
     if info and "first_call" in info:
@@ -155,16 +138,16 @@ def _row(case, label, u, pair, info):
 
 def main(argv):
     del argv
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(bench_mni._THREADS.value))
-    down = bench_mni._DOWNSAMPLE.value
-    base = bench_mni.make_pair((192, 224, 184), down, 0.0, 40.0, 0)
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(_THREADS.value))
+    down = _DOWNSAMPLE.value
+    base = common.make_mni_pair(common.MNI_CROP, down, 0.0, 40.0, 0)
     print(f"grid {base['fixed'].shape} (downsample {down}), smooth field max "
           f"{_SMOOTH.value / down:.1f} voxels, load avg {os.getloadavg()[0]:.1f}")
     print("| case | method | GM Dice | WM Dice | field error (voxels) | folding % | seconds |")
     print("|---|---|---|---|---|---|---|")
     for case in _CASE.value:
         degrees, shift, scale = _CASES[case]
-        pair = make_case(base, degrees, shift, scale)
+        pair = make_case(base, degrees, shift, scale, down)
         print(_row(case, "before", np.zeros_like(pair["true"]), pair, None), flush=True)
         for name in _RUN.value:
             u, info = _method(name, pair)

@@ -1,8 +1,8 @@
 r"""Throughput of batched registration: pairs per hour against device count.
 
-    python -m experiments.bench_batch                                # CPU: 1, 2, 4 host devices
-    python -m experiments.bench_batch --devices=1,2 --one_thread_per_device     # CPU: sharding cost
-    python -m experiments.bench_batch --devices=1 --batch_per_device=1,4   # GPU: batch 1 vs 4
+    python -m benchmarks.bench_batch                                # CPU: 1, 2, 4 host devices
+    python -m benchmarks.bench_batch --devices=1,2 --one_thread_per_device     # CPU: sharding cost
+    python -m benchmarks.bench_batch --devices=1 --batch_per_device=1,4   # GPU: batch 1 vs 4
 
 Pairs are breast phantoms (:func:`jaxreg.phantom.breast_pair`, task ``--task``, seed =
 pair index) of one ``--shape``, registered on MIND-SSC features with
@@ -112,7 +112,7 @@ def main(argv):
             env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={n}"])
             if _PLATFORM.value:
                 env["JAX_PLATFORMS"] = _PLATFORM.value
-            cmd = [sys.executable, "-m", "experiments.bench_batch", f"--_single={n}",
+            cmd = [sys.executable, "-m", "benchmarks.bench_batch", f"--_single={n}",
                    f"--batch_per_device={batch}", f"--pairs={_PAIRS.value}",
                    f"--shape={','.join(_SHAPE.value)}", f"--task={_TASK.value}",
                    f"--iterations={_ITERATIONS.value}"]

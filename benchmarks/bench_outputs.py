@@ -1,10 +1,10 @@
 r"""What scoring and writing one registered pair costs, component by component.
 
-    python -m experiments.bench_outputs
-    python -m experiments.bench_outputs --repeats=5 --downsample=1
+    python -m benchmarks.bench_outputs
+    python -m benchmarks.bench_outputs --repeats=5 --downsample=1
 
-The pair is ``experiments.bench_mni``'s (MNI152 T1 192x224x184, its GM label map, a smooth
-6-voxel field); the true field stands in for a registration's result (what these steps
+The pair is ``benchmarks.bench_mni``'s (``common.make_mni_pair``: MNI152 T1 192x224x184,
+its GM label map, a smooth 6-voxel field, block-averaged by ``--downsample``); the true field stands in for a registration's result (what these steps
 cost barely depends on which field they get; the labels scored are the moving GM pulled
 through it, aligned as after a registration). Each component of
 ``jaxreg.experiment.outputs.write_pair`` runs once to compile (or fill caches) and then
@@ -23,9 +23,10 @@ import time
 from absl import app, flags
 import numpy as np
 
-from experiments import bench_mni  # the pair and --downsample
+from benchmarks import common
 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per component")
+_DOWNSAMPLE = flags.DEFINE_integer("downsample", 1, "block-average factor of the MNI pair")
 
 
 def _components(pair, folder):
@@ -56,8 +57,8 @@ def _components(pair, folder):
 
 def main(argv):
     del argv
-    print(bench_mni._machine_line())
-    pair = bench_mni.make_pair([192, 224, 184], bench_mni._DOWNSAMPLE.value, 6.0, 24, 0)
+    print(common.machine_line())
+    pair = common.make_mni_pair(common.MNI_CROP, _DOWNSAMPLE.value, 6.0, 24, 0)
     print(f"grid {pair['fixed'].shape}, repeats {_REPEATS.value}")
     with tempfile.TemporaryDirectory() as folder:
         components = _components(pair, folder)

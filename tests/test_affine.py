@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.common import rotation as _rotation
 from conftest import mni_path
 from jaxreg.solver import affine
 from jaxreg import warping
@@ -22,17 +23,6 @@ def t1():
     img = np.asarray(nib.load(mni_path("t1")).dataobj, np.float32)[2:194, 4:226, 2:185]
     img = img.reshape(64, 3, 74, 3, 61, 3).mean(axis=(1, 3, 5))
     return img / img.max()
-
-
-def _rotation(angles_deg):
-    out = np.eye(3)
-    for axis, deg in enumerate(angles_deg):
-        c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
-        i, j = [a for a in range(3) if a != axis]
-        r = np.eye(3)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        out = r @ out
-    return out
 
 
 def _truth(shape, angles, shift, scale=1.0):

@@ -16,7 +16,7 @@ def test_peak_table():
              ("NVIDIA H100 80GB HBM3", "float32", 494.7), ("NVIDIA H100 PCIe", "bfloat16", 756.0),
              ("NVIDIA H200", "bfloat16", 989.4), ("TPU v5 lite", "float32", 197.0),
              ("cpu", "bfloat16", None)]
-    code = ("import json, sys; from experiments import bench_gpu; print(json.dumps("
+    code = ("import json, sys; from benchmarks import bench_gpu; print(json.dumps("
             f"[bench_gpu.peak_tflops(k, d) for k, d, _ in {cases!r}]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=_REPO, capture_output=True,
                          encoding="utf-8", errors="replace", check=True).stdout
@@ -25,7 +25,7 @@ def test_peak_table():
 
 def test_every_stage_runs_and_records(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "experiments.bench_gpu", "--smoke", f"--out={out}",
+    cmd = [sys.executable, "-m", "benchmarks.bench_gpu", "--smoke", f"--out={out}",
            f"--scratch={tmp_path / 'scratch'}", "--encoders=mind,litemedsam", "--dtypes=float32",
            "--warm_process=", "--iterations=5", "--trace"]
     proc = subprocess.run(cmd, cwd=_REPO, capture_output=True, encoding="utf-8", errors="replace",

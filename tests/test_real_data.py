@@ -1,4 +1,4 @@
-"""Tests for experiments.real_data: the restricted unpickler, the VFA loader, the
+"""Tests for benchmarks.common: the restricted unpickler, the VFA loader, the
 MNI T1/T2 pair's ground truth, CerebrA groups and the cycle error."""
 
 import math
@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from experiments import real_data
+from benchmarks import common as real_data
 from jaxreg import io
 
 
