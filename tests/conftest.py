@@ -1,4 +1,5 @@
-"""Shared test setup: float32 on CPU, two host devices for sharding tests."""
+"""Shared test setup: float32 on CPU, two host devices for sharding tests; fixtures used by
+several files (shared plain functions: tests/helpers.py)."""
 
 import os
 
@@ -27,3 +28,12 @@ def mni_small():
     wm = np.asarray(nib.load(mni_path("wm")).dataobj, np.float32)[crop] > 127
     labels = (gm * 1 + wm * 2).astype(np.int16)
     return t1 / t1.max(), labels
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter():
+    """Random weights: a TinyViT at 64 px (16x16 embedding, 32 channels) and its SAM heads
+    (tests/_sam_decoder_reference.py)."""
+    import _sam_decoder_reference as ref
+
+    return ref.tiny_segmenter()

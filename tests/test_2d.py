@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from scipy import ndimage
 
 from conftest import mni_path
+from helpers import patch_encoder
 from jaxreg import features as F
 from jaxreg import filters
 from jaxreg import losses
@@ -25,7 +25,6 @@ from jaxreg import regularisers
 from jaxreg import solver
 from jaxreg.features import sources
 from jaxreg import warping as W
-from jaxreg.encoders._base import EncoderSpec, Preprocessing
 
 RNG = np.random.default_rng(2024)
 
@@ -465,28 +464,9 @@ def test_readme_2d_example_runs_and_improves(mni_slice, tmp_path, monkeypatch, c
 
 # foundation features --------------------------------------------------------------------
 
-PATCH = 4
-
-
-class _PatchEncoder(nnx.Module):
-    """A linear patch embedding: each 4x4 patch of channel 0 times a fixed matrix."""
-
-    def __init__(self, channels: int = 5):
-        rng = np.random.default_rng(0)
-        self.weight = nnx.Param(jnp.asarray(rng.normal(size=(PATCH * PATCH, channels)),
-                                            jnp.float32))
-
-    def __call__(self, images):
-        b, h, w, _ = images.shape
-        x = images[..., 0].reshape(b, h // PATCH, PATCH, w // PATCH, PATCH)
-        x = x.transpose(0, 1, 3, 2, 4).reshape(b, h // PATCH, w // PATCH, PATCH * PATCH)
-        return {"features": x @ self.weight[...]}
-
-
 def _encoder():
-    spec = EncoderSpec(name="patch2d", config=None, patch_size=PATCH, channels=5,
-                       preprocessing=Preprocessing(image_size=32, resize="square"))
-    return F.SliceEncoder(_PatchEncoder(), spec, layers=("features",), chunk=2)
+    """A linear patch embedding (tests/helpers.py), 5 channels."""
+    return patch_encoder("patch2d", channels=5, chunk=2)
 
 
 def test_pair_features_2d_encodes_each_image_once_as_its_own_slice(tmp_path):

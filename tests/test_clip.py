@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from _parity import relative_errors, vit_bound  # noqa: E402
+from helpers import (apply, from_torch, hf_vit_errors, isolate_weights,  # noqa: E402
+                     numpy_state_dict, perturb_, random_images)
 from jaxreg.encoders import clip  # noqa: E402
 from jaxreg.encoders.checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
                                          read_state_dict, write_safetensors)
@@ -28,17 +30,9 @@ def _vision_config(width=64, depth=2, heads=2, act="quick_gelu", eps=1e-5, image
         layer_norm_eps=eps)
 
 
-def _perturb(model, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
 def _hf_model(**kw):
     torch.manual_seed(0)
-    return _perturb(transformers.CLIPVisionModel(_vision_config(**kw)))
+    return perturb_(transformers.CLIPVisionModel(_vision_config(**kw)), seed=0)
 
 
 def _config(hf, post_norm=False):
@@ -49,40 +43,18 @@ def _config(hf, post_norm=False):
                            pos_grid=c.image_size // 16, features_post_norm=post_norm)
 
 
-def _jax_model(hf, variant):
-    model = clip.create(variant, rngs=nnx.Rngs(0))
-    assign_params(model, clip.convert({k: v.numpy() for k, v in hf.state_dict().items()}))
-    return model
-
-
-def _images(h, w, batch=1):
-    return np.random.RandomState(0).randn(batch, h, w, 3).astype(np.float32)
-
-
 def _errors(hf, model, x):
     """Relative error of every map (tests/_parity.py), and the bound it must meet."""
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(x).permute(0, 3, 1, 2), output_hidden_states=True,
-                 interpolate_pos_encoding=True)
-    out = model(jnp.asarray(x))
-    b, h, w = x.shape[0], x.shape[1] // 16, x.shape[2] // 16
-    maps = lambda t: t[:, 1:].reshape(b, h, w, -1).numpy()
-    last = ref.last_hidden_state
-    if model.config.features_post_norm:
-        with torch.no_grad():
-            last = hf.post_layernorm(last)
-    expected = {"features": maps(last), "cls": ref.pooler_output.numpy()}
-    for i in range(1, len(ref.hidden_states)):
-        expected[f"block_{i}"] = maps(ref.hidden_states[i])
-    assert out["features"].shape == (b, h, w, hf.config.hidden_size)
-    return relative_errors(expected, out), vit_bound(model.config, 1 + h * w)
+    final = hf.post_layernorm if model.config.features_post_norm else None
+    return hf_vit_errors(hf, model, x, patch=16, final=final, interpolate_pos_encoding=True)
 
 
 @pytest.mark.parametrize("act,post_norm", [("quick_gelu", False), ("gelu", True)])
 @pytest.mark.parametrize("size", SIZES)
 def test_small_matches_transformers(act, post_norm, size):
     hf = _hf_model(act=act)
-    errors, bound = _errors(hf, _jax_model(hf, _config(hf, post_norm)), _images(*size, batch=2))
+    model = from_torch(clip, hf, _config(hf, post_norm))
+    errors, bound = _errors(hf, model, random_images(*size, batch=2))
     assert max(errors.values()) <= bound, (bound, errors)
 
 
@@ -91,14 +63,14 @@ def test_vitb_matches_transformers():
     ten times the bound."""
     hf = _hf_model(width=768, depth=12, heads=12)
     assert clip.VARIANTS["clip_vitb16"].config == _config(hf)
-    model = _jax_model(hf, "clip_vitb16")
+    model = from_torch(clip, hf, "clip_vitb16")
     for size in SIZES:
-        errors, bound = _errors(hf, model, _images(*size))
+        errors, bound = _errors(hf, model, random_images(*size))
         print(f"CLIP ViT-B {size}: worst relative error {max(errors.values()):.2e}, "
               f"bound {bound:.2e}")  # shown by pytest -s (BUILD.md, parity tolerances)
         assert max(errors.values()) <= bound, (size, bound, errors)
-    wrong = _jax_model(hf, dataclasses.replace(_config(hf), act="gelu"))
-    errors, bound = _errors(hf, wrong, _images(*SIZES[0]))
+    wrong = from_torch(clip, hf, dataclasses.replace(_config(hf), act="gelu"))
+    errors, bound = _errors(hf, wrong, random_images(*SIZES[0]))
     print(f"CLIP ViT-B, the mistake: worst relative error {max(errors.values()):.2e}")
     assert max(errors.values()) > 10 * bound, (bound, errors)
 
@@ -109,12 +81,12 @@ def test_clip_model_layout_round_trip_and_errors(tmp_path):
         vision_config=_vision_config().to_dict(),
         text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)))
-    _perturb(full)
+    perturb_(full, seed=0)
     hf = transformers.CLIPVisionModel(_vision_config()).eval()
     hf.load_state_dict(full.vision_model.state_dict())
     config = _config(hf)
-    ref = _jax_model(hf, config)
-    x = jnp.asarray(_images(64, 96))
+    ref = from_torch(clip, hf, config)
+    x = jnp.asarray(random_images(64, 96))
     expected = ref(x)
     full.save_pretrained(tmp_path / "clipmodel")  # text tower and projections are dropped
     hf.save_pretrained(tmp_path / "vision")  # vision_model.* names
@@ -149,7 +121,7 @@ def test_clip_model_layout_round_trip_and_errors(tmp_path):
 
 from _timm_vit_reference import TimmViT  # noqa: E402  (tests/ is on sys.path under pytest)
 
-from jaxreg.encoders import registry  # noqa: E402
+from jaxreg.encoders import _base, registry  # noqa: E402
 from jaxreg.encoders._base import EncoderSpec  # noqa: E402
 
 # A 2-block, 64-wide, 64-px (4x4 grid) tower of timm's vit_base_patch16_224 design.
@@ -159,9 +131,11 @@ TIMM_SMALL = clip.ClipConfig(patch_size=16, hidden_size=64, depth=2, num_heads=2
                              patch_bias=True)
 
 
-def _timm_reference(seed=0):
+def _timm_reference(seed=0, **tower):
+    """timm's ViT design (random weights); by default 2 blocks, 64 wide, 64 px."""
     torch.manual_seed(seed)
-    return _perturb(TimmViT(image_size=64, dim=64, depth=2, heads=2), seed)
+    return perturb_(TimmViT(**(tower or dict(image_size=64, dim=64, depth=2, heads=2))),
+                    seed=seed)
 
 
 def _open_clip_state_dict(trunk):
@@ -191,13 +165,13 @@ def _timm_errors(trunk, model, x):
     """Relative error of every map against the timm reference, and the bound."""
     with torch.no_grad():
         tokens, hidden = trunk(torch.from_numpy(x).permute(0, 3, 1, 2))
-    out = model(jnp.asarray(x))
+    out = apply(model, x)
     b, h, w = x.shape[0], x.shape[1] // 16, x.shape[2] // 16
     maps = lambda t: t[:, 1:].reshape(b, h, w, -1).numpy()
     expected = {"features": maps(tokens), "cls": tokens[:, 0].numpy()}
     for i, t in enumerate(hidden, start=1):
         expected[f"block_{i}"] = maps(t)
-    assert out["features"].shape == (b, h, w, 64)
+    assert out["features"].shape == (b, h, w, model.config.hidden_size)
     return relative_errors(expected, out), vit_bound(model.config, 1 + h * w)
 
 
@@ -206,10 +180,10 @@ def test_open_clip_timm_layout_matches_timm_reference(tmp_path):
     folder = _open_clip_folder(tmp_path / "biomedclip", trunk, "vit_small_test")
     model = clip.load(TIMM_SMALL, folder)
     for size in [(64, 64), (96, 128)]:  # the pretraining grid, then resampled positions
-        errors, bound = _timm_errors(trunk, model, _images(*size, batch=2))
+        errors, bound = _timm_errors(trunk, model, random_images(*size, batch=2))
         assert max(errors.values()) <= bound, (size, bound, errors)
     # A bare timm state dict (with a classifier head, dropped) converts the same way.
-    sd = {k: v.numpy() for k, v in trunk.state_dict().items()}
+    sd = numpy_state_dict(trunk)
     sd.update({"head.weight": np.zeros((5, 64), np.float32), "head.bias": np.zeros(5, np.float32)})
     assert clip.convert(sd).keys() == clip.convert(
         {k: v.numpy() for k, v in _open_clip_state_dict(trunk).items()}).keys()
@@ -222,16 +196,37 @@ def test_open_clip_config_is_checked(tmp_path):
         clip.load(TIMM_SMALL, folder)
 
 
-def test_biomedclip_variant_is_timm_vit_base_patch16_224():
+def test_biomedclip_variant_computes_timm_vit_base_patch16_224(tmp_path, monkeypatch):
+    """``biomedclip_vitb16`` is the tower BiomedCLIP publishes, timm's vit_base_patch16_224
+    (tests/_timm_vit_reference.py at its defaults: 224 px, patch 16, 768 wide, 12 blocks of
+    12 heads, MLP 3072, exact GELU, LayerNorm eps 1e-6, a final norm on every token): its
+    full-size weights fit the variant exactly, and the variant's first two blocks compute
+    timm's maps at a size whose position grid is resampled.
+
+    Catches each of the variant's constants set wrong: the width, depth, MLP width, patch
+    size, position grid, a pre-norm, no patch bias or a layer scale (the weights do not
+    fit: missing, unexpected or mis-shaped parameters), the quick GELU, 6 or 16 heads, eps
+    1e-5, resampling without anti-aliasing, or "features" without the final norm (measured:
+    each puts some map 100 to 500 000 times the float32 bound off timm's)."""
     spec = clip.VARIANTS["biomedclip_vitb16"]
-    c = spec.config
-    assert (c.hidden_size, c.depth, c.num_heads, c.mlp_dim, c.patch_size, c.pos_grid) == (
-        768, 12, 12, 3072, 16, 14)
-    assert (c.pre_norm, c.patch_bias, c.act, c.norm_eps, c.pos_antialias,
-            c.features_post_norm, c.layer_scale) == (False, True, "gelu", 1e-6, True, True, False)
-    assert spec.preprocessing == clip.OPENAI_PREPROCESSING  # open_clip_config.json's mean/std
-    assert (spec.preprocessing.image_size, spec.preprocessing.value_range) == (224, (0.0, 1.0))
-    assert "open_clip_pytorch_model.bin" in registry.ENCODERS["medclip"].files
+    with torch.device("meta"):  # the full tower's parameter shapes, no memory
+        full = TimmViT()
+    zeros = {k: np.zeros(tuple(v.shape), np.float32) for k, v in full.state_dict().items()}
+    _base.abstract_with(clip.create, "biomedclip_vitb16", clip.convert(zeros), source="timm")
+    assert spec.preprocessing.image_size == spec.config.pos_grid * spec.patch_size == 224
+    # Two blocks of it against timm's; 96 x 176 px: the 14 x 14 grid resampled to 6 x 11.
+    trunk = _timm_reference(depth=2)  # vit_base_patch16_224's first two blocks
+    model = _base.abstract_with(clip.create, dataclasses.replace(spec.config, depth=2),
+                                clip.convert(numpy_state_dict(trunk)), source="timm")
+    errors, bound = _timm_errors(trunk, model, random_images(96, 176))
+    assert max(errors.values()) <= bound, (bound, errors)
+    # BiomedCLIP's open_clip_config.json normalises as OpenAI CLIP does, and the registry
+    # finds its open_clip file under the name the release uses.
+    assert spec.preprocessing == clip.OPENAI_PREPROCESSING
+    isolate_weights(monkeypatch, tmp_path)
+    monkeypatch.setenv("JAXREG_WEIGHTS_DIR", str(tmp_path))
+    (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"")
+    assert registry.find_weights("medclip") == str(tmp_path / "open_clip_pytorch_model.bin")
 
 
 def test_biomedclip_name_builds_the_checkpoints_layout(tmp_path, monkeypatch):
@@ -246,11 +241,11 @@ def test_biomedclip_name_builds_the_checkpoints_layout(tmp_path, monkeypatch):
     trunk = _timm_reference()
     model = clip.load("biomedclip_vitb16", _open_clip_folder(tmp_path / "oc", trunk, "vit_x"))
     assert model.config == TIMM_SMALL
-    errors, bound = _timm_errors(trunk, model, _images(64, 64))
+    errors, bound = _timm_errors(trunk, model, random_images(64, 64))
     assert max(errors.values()) <= bound, (bound, errors)
     hf = _hf_model(act="gelu", eps=1e-6, image_size=64)
     hf.save_pretrained(tmp_path / "hf")
     model = clip.load("biomedclip_vitb16", tmp_path / "hf")
     assert model.config == hf_small
-    errors, bound = _errors(hf, model, _images(64, 64))
+    errors, bound = _errors(hf, model, random_images(64, 64))
     assert max(errors.values()) <= bound, (bound, errors)

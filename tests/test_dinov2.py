@@ -11,7 +11,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from _parity import relative_errors, vit_bound  # noqa: E402
+from helpers import from_torch, hf_vit_errors, perturb_, random_images  # noqa: E402
 from jaxreg.encoders import dinov2, vit  # noqa: E402
 from jaxreg.encoders.checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
                                          write_safetensors)
@@ -28,10 +28,7 @@ def _hf_model(*, width=32, depth=2, heads=2, registers=0, swiglu=False, image_si
             transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
     else:
         model = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
-    with torch.no_grad():  # move every parameter off its init so that all of them matter
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return perturb_(model)
 
 
 def _config(hf, *, registers=0, swiglu=False):
@@ -43,39 +40,17 @@ def _config(hf, *, registers=0, swiglu=False):
                          pos_grid=c.image_size // 14, pos_antialias=registers > 0)
 
 
-def _jax_model(hf, variant):
-    model = dinov2.create(variant, rngs=nnx.Rngs(0))
-    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-    assign_params(model, dinov2.convert(sd))
-    return model
-
-
-def _images(h, w, batch=1, seed=0):
-    return np.random.RandomState(seed).randn(batch, h, w, 3).astype(np.float32)
-
-
 def _errors(hf, model, x, registers):
     """Relative error of every map (tests/_parity.py), and the bound it must meet."""
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(x).permute(0, 3, 1, 2), output_hidden_states=True)
-    out = model(jnp.asarray(x))
-    b, h, w = x.shape[0], x.shape[1] // 14, x.shape[2] // 14
-    n = 1 + registers
-    maps = lambda t: t[:, n:].reshape(b, h, w, -1).numpy()
-    expected = {"features": maps(ref.last_hidden_state), "cls": ref.pooler_output.numpy()}
-    for i in range(1, len(ref.hidden_states)):
-        expected[f"block_{i}"] = maps(ref.hidden_states[i])
-    assert out["features"].shape == (b, h, w, hf.config.hidden_size)
-    assert all(v.dtype == jnp.float32 for v in out.values())
-    return relative_errors(expected, out), vit_bound(model.config, n + h * w)
+    return hf_vit_errors(hf, model, x, patch=14, prefix=1 + registers)
 
 
 @pytest.mark.parametrize("registers,swiglu", [(0, False), (4, False), (0, True)])
 @pytest.mark.parametrize("size", SIZES)
 def test_small_matches_transformers(registers, swiglu, size):
     hf = _hf_model(registers=registers, swiglu=swiglu)
-    model = _jax_model(hf, _config(hf, registers=registers, swiglu=swiglu))
-    errors, bound = _errors(hf, model, _images(*size, batch=2), registers)
+    model = from_torch(dinov2, hf, _config(hf, registers=registers, swiglu=swiglu))
+    errors, bound = _errors(hf, model, random_images(*size, batch=2), registers)
     assert max(errors.values()) <= bound, (bound, errors)
 
 
@@ -83,15 +58,15 @@ def test_vitb_reg_matches_transformers():
     """Full-size ViT-B/14 with registers, on the 37x37 learned grid, at 224 and 280x364;
     a position grid shifted by one token is caught at ten times the bound."""
     hf = _hf_model(width=768, depth=12, heads=12, registers=4, image_size=518)
-    model = _jax_model(hf, "dinov2_vitb14_reg")
+    model = from_torch(dinov2, hf, "dinov2_vitb14_reg")
     for size in SIZES:
-        errors, bound = _errors(hf, model, _images(*size), 4)
+        errors, bound = _errors(hf, model, random_images(*size), 4)
         print(f"DINOv2 ViT-B {size}: worst relative error {max(errors.values()):.2e}, "
               f"bound {bound:.2e}")  # shown by pytest -s (BUILD.md, parity tolerances)
         assert max(errors.values()) <= bound, (size, bound, errors)
     grid = jnp.asarray(model.pos_embed[...])  # a copy: the parameter may share torch's memory
     model.pos_embed.value = jnp.concatenate([grid[:1], jnp.roll(grid[1:], 1, axis=0)])
-    errors, bound = _errors(hf, model, _images(*SIZES[0]), 4)
+    errors, bound = _errors(hf, model, random_images(*SIZES[0]), 4)
     print(f"DINOv2 ViT-B, the mistake: worst relative error {max(errors.values()):.2e}")
     assert max(errors.values()) > 10 * bound, (bound, errors)
 
@@ -133,7 +108,7 @@ def test_original_pth_layout_loads_same_params(tmp_path, swiglu):
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(orig, path)
     loaded = dinov2.load(config, path)
-    ref = _jax_model(hf, config)
+    ref = from_torch(dinov2, hf, config)
     for k, v in flat_params(ref).items():
         np.testing.assert_array_equal(v, flat_params(loaded)[k], err_msg=k)
 
@@ -141,8 +116,8 @@ def test_original_pth_layout_loads_same_params(tmp_path, swiglu):
 def test_round_trip_and_folders(tmp_path):
     hf = _hf_model(registers=4)
     config = _config(hf, registers=4)
-    ref = _jax_model(hf, config)
-    x = jnp.asarray(_images(98, 126))
+    ref = from_torch(dinov2, hf, config)
+    x = jnp.asarray(random_images(98, 126))
     expected = ref(x)
     # Converter round trip: jaxreg names written once, read back.
     write_safetensors(flat_params(ref), tmp_path / "converted.safetensors")
@@ -194,7 +169,7 @@ def test_wrong_architecture_and_truncated_file(tmp_path):
 def test_jit_bfloat16_and_block_selection():
     hf = _hf_model()
     config = _config(hf)
-    model = _jax_model(hf, config)
+    model = from_torch(dinov2, hf, config)
     model_bf16 = dinov2.create(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
     assign_params(model_bf16, flat_params(model))
     graphdef, state = nnx.split(model_bf16)
@@ -203,7 +178,7 @@ def test_jit_bfloat16_and_block_selection():
     def run(state, x):
         return nnx.merge(graphdef, state)(x, blocks=[2])
 
-    x = jnp.asarray(_images(98, 126))
+    x = jnp.asarray(random_images(98, 126))
     out = run(state, x)
     assert sorted(out) == ["block_2", "cls", "features"]
     assert out["features"].dtype == jnp.float32 and out["features"].shape == (1, 7, 9, 32)
@@ -225,8 +200,8 @@ def test_hub_layout_swiglu(tmp_path):
 
     keys = read_state_dict(tmp_path / "g" / "model.safetensors")
     assert "encoder.layer.0.mlp.weights_in.weight" in keys
-    x = jnp.asarray(_images(98, 98))
-    expected = _jax_model(hf, config)(x)
+    x = jnp.asarray(random_images(98, 98))
+    expected = from_torch(dinov2, hf, config)(x)
     got = dinov2.load(config, tmp_path / "g")(x)
     for k in expected:
         np.testing.assert_array_equal(expected[k], got[k], err_msg=k)

@@ -6,15 +6,14 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from _parity import relative_errors, vit_bound  # noqa: E402
+from helpers import from_torch, hf_vit_errors, perturb_, random_images  # noqa: E402
 from jaxreg.encoders import dinov3, vit  # noqa: E402
-from jaxreg.encoders.checkpoint import (CheckpointError, assign_params, flat_params,  # noqa: E402
-                                         read_state_dict, write_safetensors)
+from jaxreg.encoders.checkpoint import (CheckpointError, flat_params, read_state_dict,  # noqa: E402
+                                         write_safetensors)
 
 SIZES = [(224, 224), (256, 352)]
 
@@ -25,11 +24,7 @@ def _hf_model(*, width=64, depth=2, heads=2, registers=4, gated=False, seed=0):
         hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
         intermediate_size=4 * width, num_register_tokens=registers, use_gated_mlp=gated,
         hidden_act="silu" if gated else "gelu", image_size=224, patch_size=16)
-    model = transformers.DINOv3ViTModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return perturb_(transformers.DINOv3ViTModel(config))
 
 
 def _config(hf):
@@ -41,36 +36,17 @@ def _config(hf):
                          rope_theta=c.rope_theta)
 
 
-def _jax_model(hf, variant):
-    model = dinov3.create(variant, rngs=nnx.Rngs(0))
-    assign_params(model, dinov3.convert({k: v.numpy() for k, v in hf.state_dict().items()}))
-    return model
-
-
 def _errors(hf, model, x):
     """Relative error of every map (tests/_parity.py), and the bound it must meet."""
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(x).permute(0, 3, 1, 2), output_hidden_states=True)
-    out = model(jnp.asarray(x))
-    b, h, w = x.shape[0], x.shape[1] // 16, x.shape[2] // 16
-    n = 1 + hf.config.num_register_tokens
-    maps = lambda t: t[:, n:].reshape(b, h, w, -1).numpy()
-    expected = {"features": maps(ref.last_hidden_state), "cls": ref.pooler_output.numpy()}
-    for i in range(1, len(ref.hidden_states)):
-        expected[f"block_{i}"] = maps(ref.hidden_states[i])
-    assert out["features"].shape == (b, h, w, hf.config.hidden_size)
-    return relative_errors(expected, out), vit_bound(model.config, n + h * w)
-
-
-def _images(h, w, batch=1):
-    return np.random.RandomState(0).randn(batch, h, w, 3).astype(np.float32)
+    return hf_vit_errors(hf, model, x, patch=16, prefix=1 + hf.config.num_register_tokens)
 
 
 @pytest.mark.parametrize("registers,gated", [(4, False), (0, True)])
 @pytest.mark.parametrize("size", SIZES)
 def test_small_matches_transformers(registers, gated, size):
     hf = _hf_model(registers=registers, gated=gated)
-    errors, bound = _errors(hf, _jax_model(hf, _config(hf)), _images(*size, batch=2))
+    model = from_torch(dinov3, hf, _config(hf))
+    errors, bound = _errors(hf, model, random_images(*size, batch=2))
     assert max(errors.values()) <= bound, (bound, errors)
 
 
@@ -79,14 +55,14 @@ def test_vitb_matches_transformers():
     caught at ten times the bound."""
     hf = _hf_model(width=768, depth=12, heads=12)
     assert dinov3.VARIANTS["dinov3_vitb16"].config == _config(hf)
-    model = _jax_model(hf, "dinov3_vitb16")
+    model = from_torch(dinov3, hf, "dinov3_vitb16")
     for size in SIZES:
-        errors, bound = _errors(hf, model, _images(*size))
+        errors, bound = _errors(hf, model, random_images(*size))
         print(f"DINOv3 ViT-B {size}: worst relative error {max(errors.values()):.2e}, "
               f"bound {bound:.2e}")  # shown by pytest -s (BUILD.md, parity tolerances)
         assert max(errors.values()) <= bound, (size, bound, errors)
-    wrong = _jax_model(hf, dataclasses.replace(_config(hf), rope_theta=10000.0))
-    errors, bound = _errors(hf, wrong, _images(*SIZES[0]))
+    wrong = from_torch(dinov3, hf, dataclasses.replace(_config(hf), rope_theta=10000.0))
+    errors, bound = _errors(hf, wrong, random_images(*SIZES[0]))
     print(f"DINOv3 ViT-B, the mistake: worst relative error {max(errors.values()):.2e}")
     assert max(errors.values()) > 10 * bound, (bound, errors)
 
@@ -94,8 +70,8 @@ def test_vitb_matches_transformers():
 def test_round_trip_folders_and_errors(tmp_path):
     hf = _hf_model()
     config = _config(hf)
-    ref = _jax_model(hf, config)
-    x = jnp.asarray(_images(64, 96))
+    ref = from_torch(dinov3, hf, config)
+    x = jnp.asarray(random_images(64, 96))
     expected = ref(x)
     hf.save_pretrained(tmp_path / "hf")  # hub names: layer.N.*
     assert "layer.0.norm1.weight" in read_state_dict(tmp_path / "hf" / "model.safetensors")

@@ -11,29 +11,13 @@ from jaxreg import features as F
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 from jaxreg.features.encoding import encoder_input
 
-PATCH = 4
-
-
-class PatchEncoder(nnx.Module):
-    """A linear patch embedding: each 4x4 patch of channel 0 times a fixed matrix."""
-
-    def __init__(self, channels: int = 6, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        self.weight = nnx.Param(jnp.asarray(rng.normal(size=(PATCH * PATCH, channels)),
-                                            jnp.float32))
-
-    def __call__(self, images):
-        b, h, w, _ = images.shape
-        x = images[..., 0].reshape(b, h // PATCH, PATCH, w // PATCH, PATCH)
-        x = x.transpose(0, 1, 3, 2, 4).reshape(b, h // PATCH, w // PATCH, PATCH * PATCH)
-        out = x @ self.weight[...]
-        return {"features": out, "shallow": out[..., :3] ** 2}
+from helpers import PATCH, patch_encoder
 
 
 def make_encoder(image_size=32, resize="square", chunk=3, layers=("features",)):
-    spec = EncoderSpec(name="patch", config=None, patch_size=PATCH, channels=6,
-                       preprocessing=Preprocessing(image_size=image_size, resize=resize))
-    return F.SliceEncoder(PatchEncoder(), spec, layers=layers, chunk=chunk)
+    """A linear patch embedding (tests/helpers.py), 6 channels."""
+    return patch_encoder("patch", channels=6, image_size=image_size, resize=resize,
+                         chunk=chunk, layers=layers)
 
 
 def volume(shape=(20, 16, 14), seed=0):

@@ -1,7 +1,6 @@
 """SAM2 Hiera image encoder: parity with transformers' Sam2VisionModel on random weights,
 the Hugging Face and original sam2 checkpoint layouts, the registry entry."""
 
-import functools
 import json
 
 import jax
@@ -16,6 +15,8 @@ from jaxreg.encoders import checkpoint as _checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+from helpers import apply, numpy_state_dict, random_images, randomise_  # noqa: E402
 
 TOL = 1e-4  # max |jaxreg - transformers| / max |transformers|, per map
 
@@ -38,11 +39,7 @@ def _hf_model(seed=0):
         backbone_config=transformers.Sam2HieraDetConfig(**BACKBONE),
         backbone_channel_list=[128, 64, 32, 16], fpn_hidden_size=32)
     model = transformers.Sam2VisionModel(config).eval()
-    with torch.no_grad():  # HF initialises the position embeddings to zero: randomise all
-        for name, p in model.named_parameters():
-            is_norm_scale = "norm" in name and name.endswith("weight")
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if is_norm_scale else 0.0))
-    return model
+    return randomise_(model, 0.1)  # HF initialises the position embeddings to zero
 
 
 def _hf_run(model, images):
@@ -57,17 +54,6 @@ def _hf_run(model, images):
     return expected
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run(graphdef, state, images):
-    return nnx.merge(graphdef, state)(images)
-
-
-def _apply(model, images):
-    """The model's outputs, jitted (compiled once per architecture and input shape)."""
-    graphdef, state = nnx.split(model)
-    return jax.device_get(_run(graphdef, state, jnp.asarray(images)))
-
-
 def _random_model(config, seed=0):
     """``hiera.create(config)`` with random weights, built without eager initialisation
     (which compiles one small program per parameter shape)."""
@@ -77,10 +63,6 @@ def _random_model(config, seed=0):
     params = {".".join(map(str, path)): (rng.standard_normal(v.get_value().shape) * 0.1
                                          ).astype(np.float32) for path, v in flat}
     return _base.abstract_with(hiera.create, config, params, source="random")
-
-
-def _sd(model):
-    return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
 def _hf_to_original(sd):
@@ -104,14 +86,15 @@ def _hf_to_original(sd):
 @pytest.fixture(scope="module")
 def small():
     model = _hf_model()
-    images = np.random.RandomState(0).randn(2, SIZE, SIZE, 3).astype(np.float32)
+    images = random_images(SIZE, SIZE, batch=2)
     return model, images, _hf_run(model, images)
 
 
 def test_small_config_parity_trunk_stages_and_fpn_levels(small):
     hf, images, expected = small
-    model = _base.abstract_with(hiera.create, SMALL, hiera.convert(_sd(hf)), source="hf")
-    got = _apply(model, images)
+    model = _base.abstract_with(hiera.create, SMALL, hiera.convert(numpy_state_dict(hf)),
+                                source="hf")
+    got = apply(model, images)
     assert sorted(got) == sorted(expected)
     shapes = {k: v.shape for k, v in got.items()}
     assert shapes["fpn_1"] == (2, 24, 24, 32) and shapes["features"] == (2, 6, 6, 32)
@@ -137,7 +120,7 @@ def test_hf_folder_and_original_pt_load_identically(small, tmp_path):
     from_folder = hiera.load(SMALL, tmp_path / "hf")
     ref = _checkpoint.flat_params(from_folder)
     # The original sam2 .pt: {"model": {...}} with the other SAM2 parts, which are dropped.
-    orig = _hf_to_original(_sd(hf))
+    orig = _hf_to_original(numpy_state_dict(hf))
     assert "image_encoder.trunk.blocks.1.mlp.layers.0.weight" in orig
     assert "image_encoder.neck.convs.3.conv.bias" in orig
     orig["sam_mask_decoder.conv_s0.weight"] = np.zeros((32, 32, 1, 1), np.float32)
@@ -147,7 +130,7 @@ def test_hf_folder_and_original_pt_load_identically(small, tmp_path):
                tmp_path / "sam2_small.pt")
     from_pt = _checkpoint.flat_params(hiera.load(SMALL, tmp_path / "sam2_small.pt"))
     # A whole Sam2Model's names (vision_encoder.*) convert to the same.
-    whole = {"vision_encoder." + k: v for k, v in _sd(hf).items()}
+    whole = {"vision_encoder." + k: v for k, v in numpy_state_dict(hf).items()}
     whole["mask_decoder.iou_token.weight"] = np.zeros((1, 32), np.float32)
     from_whole = hiera.convert(whole)
     # python -m jaxreg.encoders.convert: the .pt to jaxreg-named safetensors, loaded unconverted.
@@ -161,7 +144,7 @@ def test_hf_folder_and_original_pt_load_identically(small, tmp_path):
         assert params.keys() == ref.keys()
         for k in ref:
             np.testing.assert_array_equal(params[k], ref[k])
-    got = _apply(from_folder, images)
+    got = apply(from_folder, images)
     for name, e in expected.items():
         assert float(np.abs(got[name] - e).max() / np.abs(e).max()) <= TOL, name
 
@@ -268,12 +251,12 @@ def test_full_tiny_1024_parity_through_the_registry(tmp_path, monkeypatch):
         for name, p in hf.named_parameters():
             is_norm_scale = "norm" in name and name.endswith("weight")
             p.copy_(torch.randn_like(p) * 0.05 + (1.0 if is_norm_scale else 0.0))
-    save_file(_sd(hf), str(tmp_path / "sam2.1_hiera_tiny.safetensors"))
+    save_file(numpy_state_dict(hf), str(tmp_path / "sam2.1_hiera_tiny.safetensors"))
     monkeypatch.setenv("JAXREG_WEIGHTS_DIR", str(tmp_path))
     model, spec = registry.load_encoder("sam2")
-    images = np.random.RandomState(0).randn(1, 1024, 1024, 3).astype(np.float32)
+    images = random_images(1024, 1024)
     expected = _hf_run(hf, images)
-    got = _apply(model, images)
+    got = apply(model, images)
     assert got["features"].shape == (1, 64, 64, 256) and got["fpn_1"].shape == (1, 256, 256, 256)
     for name, e in expected.items():
         rel = float(np.abs(got[name] - e).max() / np.abs(e).max())

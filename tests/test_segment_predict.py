@@ -84,14 +84,6 @@ def test_bad_inputs():
     assert predict.mask_box(np.pad(np.ones((2, 3)), ((1, 1), (0, 2)))) == (1, 0, 3, 3)
 
 
-@pytest.fixture(scope="module")
-def tiny_segmenter():
-    """Random weights: a TinyViT at 64 px (16x16 embedding, 32 channels) and its heads."""
-    import _sam_decoder_reference as ref
-
-    return ref.tiny_segmenter()
-
-
 def test_tiny_model_shapes(tiny_segmenter):
     seg = tiny_segmenter
     rng = np.random.default_rng(0)

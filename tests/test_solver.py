@@ -222,20 +222,53 @@ def test_config_accepts_edge_values_and_numpy_numbers():
                                                         lambda_weight=2.0, final_smooth=5))
 
 
-@pytest.mark.parametrize("shape", [(5, 5, 5), (24, 24, 1), (1, 20, 14), (7, 1, 3)])
-def test_volumes_smaller_than_a_cell_register(shape):
-    rng = np.random.default_rng(6)
-    fixed, moving = (rng.random(shape).astype(np.float32) for _ in range(2))
-    u = np.asarray(solver.register_mind(fixed, moving, config=FAST))
-    assert u.shape == shape + (3,) and np.all(np.isfinite(u))
-    feats = rng.random(shape + (3,)).astype(np.float32)
-    u = np.asarray(solver.convex_adam(feats, feats[::-1, ::-1], config=FAST))
-    assert u.shape == shape + (3,) and np.all(np.isfinite(u))
-
-
 def _smooth_volume(shape, seed, sigma):
     rng = np.random.default_rng(seed)
     return ndimage.gaussian_filter(rng.normal(size=shape), sigma).astype(np.float32)
+
+
+def _shifted_crops(shape, axis, seed, channels=None):
+    """Two crops of ``shape`` from one smooth random volume (or ``channels`` of them), the
+    moving one a voxel further along ``axis``: ``moving(x - e_axis) == fixed(x)``, so the
+    true field is -1 voxel along ``axis`` (0 along the others)."""
+    big = tuple(s + 16 if s > 1 else 1 for s in shape)
+    sigma = tuple(1.5 if s > 1 else 0 for s in shape)
+    volume = (_smooth_volume(big, seed, sigma) if channels is None else
+              np.stack([_smooth_volume(big, seed + c, sigma) for c in range(channels)], -1))
+    start = np.asarray([8 if s > 1 else 0 for s in shape])
+    crop = lambda at: volume[tuple(slice(a, a + s) for a, s in zip(at, shape))]  # noqa: E731
+    return crop(start), crop(start + np.eye(3, dtype=int)[axis])
+
+
+@pytest.mark.parametrize("shape, recovered, residual", [
+    ((5, 5, 5), 0.1, 0.95),  # one coarse cell: a part of the voxel (as below)
+    ((24, 24, 1), 0.5, 0.5),
+    ((1, 20, 14), 0.5, 0.5),
+    pytest.param((7, 1, 3), 0.02, 0.95, marks=pytest.mark.xfail(
+        raises=AssertionError, strict=True,
+        reason="a volume thin along two axes barely moves: MIND-SSC's field goes the wrong "
+               "way (mean +0.04 voxel) and the features' recovers 4 % of the shift")),
+])
+def test_volumes_smaller_than_a_cell_recover_a_known_shift(shape, recovered, residual):
+    """Volumes smaller than a cell (grid_sp=6) along some axes, moved one voxel along the
+    longest: MIND-SSC of the images (register_mind) and 3 feature channels (convex_adam)
+    each give a field along that axis, the right way, that makes the moved volume match
+    better. Catches a zero field, a field pointing the wrong way or along another axis (an
+    axis mix-up on a degenerate grid), and one that does not improve the match."""
+    axis = int(np.argmax(shape))
+    config = solver.ConvexAdamConfig(iterations=30)
+    fixed, moving = _shifted_crops(shape, axis, seed=7)
+    feats = _shifted_crops(shape, axis, seed=10, channels=3)
+    for name, (f, m), u in (
+            ("mind", (fixed, moving), solver.register_mind(fixed, moving, config=config)),
+            ("features", feats, solver.convex_adam(*feats, config=config))):
+        u = np.asarray(u)
+        assert u.shape == shape + (3,), name
+        mean = u.reshape(-1, 3).mean(axis=0)
+        assert mean[axis] < -recovered and np.all(np.abs(np.delete(mean, axis)) < 0.15), (
+            name, mean)
+        warped = np.asarray(W.warp(m, u, mode="edge"))
+        assert np.abs(warped - f).mean() < residual * np.abs(m - f).mean(), name
 
 
 def test_a_5x5x5_pair_with_a_known_shift_moves_the_right_way():

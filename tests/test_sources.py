@@ -60,11 +60,37 @@ def test_hybrid_with_weight_zero_registers_as_mind_alone(pair):
     np.testing.assert_allclose(a, b, atol=2e-3)
 
 
-def test_hybrid_passes_the_encoders_coarse_map_with_mind(pair):
+def _assert_mind_beside_features(hybrid, mind, features, weight):
+    """``hybrid`` (fixed, moving) is ``mind``'s channels times one factor followed by
+    ``features``' channels times another, and 12 x its channel-mean squared difference
+    (the solver's objective at MIND-SSC's similarity_weight) is MIND-SSC's plus ``weight``
+    x the features' mean squared difference."""
+    mc = mind[0].shape[-1]
+    assert hybrid[0].shape[-1] == mc + features[0].shape[-1]
+    for part, ref in ((slice(None, mc), mind), (slice(mc, None), features)):
+        got = [np.asarray(h[..., part], np.float64) for h in hybrid]
+        ref = [np.asarray(r, np.float64) for r in ref]
+        factor = sum(np.vdot(g, r) for g, r in zip(got, ref)) / sum(np.vdot(r, r) for r in ref)
+        for g, r in zip(got, ref):
+            np.testing.assert_allclose(g, factor * r, rtol=1e-5, atol=1e-6)
+    msd = lambda pair: float(losses.ssd(*pair))  # noqa: E731
+    np.testing.assert_allclose(12.0 * msd(hybrid), 12.0 * msd(mind) + weight * msd(features),
+                               rtol=1e-5)
+
+
+def test_hybrid_coarse_pair_is_mind_beside_the_encoders_coarse_map(pair):
+    """With an encoder that has a coarse map, the solver's coarse stage gets MIND-SSC beside
+    that map (not the fine maps), weighted as the fine pair is. Catches the fine maps passed
+    to the coarse stage, MIND-SSC left out of it, the parts in the other order, and the
+    coarse map scaled for the fine maps' channel count (its weight would be off)."""
     fixed, moving = pair
-    h = sources.HybridSource(sources.MindSource(), _FakeEncoderSource(4, coarse=True),
-                             weight=1.0)(fixed, moving)
-    assert h.fixed.shape[-1] == 16 and h.coarse_fixed.shape[-1] == 14
+    mind_src, fake = sources.MindSource(), _FakeEncoderSource(4, coarse=True)
+    h = sources.HybridSource(mind_src, fake, weight=0.7)(fixed, moving)
+    m, e = mind_src(fixed, moving), fake(fixed, moving)
+    _assert_mind_beside_features((h.fixed, h.moving), (m.fixed, m.moving),
+                                 (e.fixed, e.moving), 0.7)
+    _assert_mind_beside_features((h.coarse_fixed, h.coarse_moving), (m.fixed, m.moving),
+                                 (e.coarse_fixed, e.coarse_moving), 0.7)
 
 
 def test_hybrid_refuses_a_negative_weight():
@@ -91,10 +117,26 @@ def test_config_names_a_hybrid_and_checks_its_weight():
     assert "mind+mind" not in settings.ENCODERS
 
 
-def test_make_source_builds_the_hybrid_from_its_parts():
-    r = settings.from_configdict(breast.get_config("litemedsam+mind")).registration
+def test_make_source_builds_the_hybrid_from_its_parts(pair):
+    """``make_source`` of a hybrid config: MIND-SSC with the config's radius and dilation
+    beside the config's encoder and feature settings, at the config's weight. Catches any
+    of those settings dropped for a default (all differ from the defaults here) and a plain
+    encoder or MIND-SSC source returned for a hybrid name."""
+    from helpers import patch_encoder
+    from jaxreg.encoders import registry
+
+    c = breast.get_config("litemedsam+mind")
+    c.mind.radius, c.mind.dilation, c.hybrid_weight, c.features.pca_dims = 2, 1, 0.3, 2
+    r = settings.from_configdict(c).registration
     source = experiment.make_source(r)
-    assert isinstance(source, sources.HybridSource)
-    assert isinstance(source.encoder, sources.EncoderSource)
-    assert source.weight == r.hybrid_weight
-    assert source.channels == 12 + source.encoder.channels
+    assert isinstance(source, sources.HybridSource), source
+    assert source.encoder.encoder.spec == registry.ENCODERS[r.model].spec
+    # Run with a small linear encoder in LiteMedSAM's place (it takes seconds a slice here).
+    small = patch_encoder()
+    source.encoder.encoder = small
+    fixed, moving = pair
+    h = source(fixed, moving)
+    m = sources.MindSource(radius=2, dilation=1)(fixed, moving)
+    e = sources.EncoderSource(small, r.features)(fixed, moving)  # r.features.pca_dims == 2
+    _assert_mind_beside_features((h.fixed, h.moving), (m.fixed, m.moving),
+                                 (e.fixed, e.moving), 0.3)

