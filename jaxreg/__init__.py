@@ -5,45 +5,47 @@ One call registers a pair, one object holds the result::
     transform = jaxreg.register("fixed.nii.gz", "moving.nii.gz", method="mind")
     transform.apply("moving_phase2.nii.gz"); transform.export("out/")
 
-The pieces, each a module of its own name:
+The pieces, by folder (docs/architecture.md draws the layers and the data flow):
 
 * :mod:`jaxreg.registration`: :func:`register` and its stages, the settings of every
   method (:func:`~jaxreg.registration.default_config`);
 * :mod:`jaxreg.transform`: :class:`Transform` (apply to images and labels, map points,
   invert, save as ANTs/ITK/Slicer files);
-* :mod:`jaxreg.io.points`: landmark files (ANTs CSV, Slicer ``.fcsv``/``.mrk.json``);
-
 * :mod:`jaxreg.warping`: identity grid, warping (pull, trilinear; nearest for labels),
-  composition and resizing of voxel displacement fields ``(H, W, D, 3)``, or ``(H, W, 2)``
-  for 2D images (every engine module takes 2D input; the dimension comes from it);
-* :mod:`jaxreg.losses` and :mod:`jaxreg.regularisers`: similarity losses, diffusion and
-  bending regularisers, Jacobian determinant;
-* :mod:`jaxreg.losses.mi`: Parzen-window mutual information, a loss to compose;
-* :mod:`jaxreg.solver.affine`: rigid/affine pre-alignment (voxel and world matrices, ITK files);
-* :mod:`jaxreg.features.mind`: MIND-SSC features;
-* :mod:`jaxreg.solver`: ConvexAdam (coupled convex coarse stage, Adam fine stage);
-* :mod:`jaxreg.compilation`: ``jax.jit`` with the XLA options the warp's loss needs on CPU;
-* :mod:`jaxreg.metrics`: Dice, HD95, Jacobian statistics, TRE, field error;
-* :mod:`jaxreg.io`: NIfTI/NRRD/DICOM volumes and label maps with their affines;
-* :mod:`jaxreg.phantom`: the built-in breast MRI phantom;
-* :mod:`jaxreg.features`: volumes -> slices -> encoder -> PCA -> feature volumes;
-* :mod:`jaxreg.solver.batching`: shape buckets, padded pairs, vmap/sharded batches, memory plan;
-* :mod:`jaxreg.qc`: QC pictures of a registration;
-* :mod:`jaxreg.experiment`: a registration study over pairs (behind the CLIs);
+  composition, inversion and resizing of voxel displacement fields ``(H, W, D, 3)``, or
+  ``(H, W, 2)`` for 2D images (every engine module takes 2D input; the dimension comes
+  from it);
+* :mod:`jaxreg.regularisers`: diffusion and bending regularisers, Jacobian determinant;
+* :mod:`jaxreg.losses`: similarity losses to compose (SSD, NCC, local NCC, Parzen mutual
+  information);
+* :mod:`jaxreg.features`: what the solver compares: MIND-SSC, and volumes -> slices ->
+  encoder -> PCA -> feature volumes, behind one source interface;
+* :mod:`jaxreg.solver`: ConvexAdam (coupled convex coarse stage, Adam fine stage), the
+  rigid/affine pre-alignment, many pairs at once; :mod:`jaxreg.kernels`: its CPU kernels;
+* :mod:`jaxreg.io`: NIfTI/NRRD/DICOM volumes and label maps with their affines, landmark
+  files, atomic writes;
 * :mod:`jaxreg.encoders`: Flax NNX ports of SAM, TinyViT (LiteMedSAM, MobileSAM), DINOv2,
-  DINOv3, CLIP, SAM2's Hiera;
-  :mod:`jaxreg.encoders.registry` names them and finds their weights.
+  DINOv3, CLIP, SAM2's Hiera; :mod:`jaxreg.encoders.registry` names them and finds their
+  weights;
+* :mod:`jaxreg.segment`: promptable segmentation (SAM-style prompt encoder and mask
+  decoder, 2D and 3D);
+* :mod:`jaxreg.experiment`: a registration study over pairs (behind the CLIs);
+* :mod:`jaxreg.metrics` (Dice, HD95, Jacobian statistics, TRE, field error),
+  :mod:`jaxreg.qc` (QC pictures), :mod:`jaxreg.phantom` (the built-in breast MRI phantom),
+  :mod:`jaxreg.compilation` (``jax.jit`` with the XLA options the warp's loss needs on
+  CPU), :mod:`jaxreg.filters`.
 
 Importing jaxreg registers nothing and leaves ``jax.config`` alone.
 """
 
-from jaxreg.solver.affine import AffineConfig
-from jaxreg.solver.affine import register_affine
-from jaxreg.solver.batching import register_batch
 from jaxreg.compilation import jit
 from jaxreg.features import FeatureConfig
 from jaxreg.features import SliceEncoder
 from jaxreg.features import pair_features
+from jaxreg.features.mind import mind_ssc
+from jaxreg.features.sources import EncoderSource
+from jaxreg.features.sources import MindSource
+from jaxreg.features.sources import PairFeatures
 from jaxreg.io import InputError
 from jaxreg.io import Volume
 from jaxreg.io import field_to_mm
@@ -52,19 +54,18 @@ from jaxreg.io import load_labels
 from jaxreg.io import load_volume
 from jaxreg.io import resample_to
 from jaxreg.io import save_volume
+from jaxreg.io.points import Points
+from jaxreg.io.points import read_points
+from jaxreg.io.points import write_points
 from jaxreg.losses import local_ncc
 from jaxreg.losses import ncc
 from jaxreg.losses import ssd
+from jaxreg.losses.mi import MIConfig
 from jaxreg.metrics import dice
 from jaxreg.metrics import field_error
 from jaxreg.metrics import hd95
 from jaxreg.metrics import jacobian_stats
 from jaxreg.metrics import tre
-from jaxreg.features.mind import mind_ssc
-from jaxreg.losses.mi import MIConfig
-from jaxreg.io.points import Points
-from jaxreg.io.points import read_points
-from jaxreg.io.points import write_points
 from jaxreg.phantom import breast_pair
 from jaxreg.phantom import random_field
 from jaxreg.registration import RegistrationConfig
@@ -79,9 +80,9 @@ from jaxreg.solver import coarse_stage
 from jaxreg.solver import convex_adam
 from jaxreg.solver import fine_stage
 from jaxreg.solver import register_mind
-from jaxreg.features.sources import EncoderSource
-from jaxreg.features.sources import MindSource
-from jaxreg.features.sources import PairFeatures
+from jaxreg.solver.affine import AffineConfig
+from jaxreg.solver.affine import register_affine
+from jaxreg.solver.batching import register_batch
 from jaxreg.transform import Transform
 from jaxreg.transform import inverse_consistency
 from jaxreg.warping import compose

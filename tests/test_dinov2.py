@@ -84,7 +84,6 @@ def _original_layout(sd):
               "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}.get(k2, k2)
         out[k2] = v
     for k in [k for k in out if ".attention.q_proj." in k]:
-        kind = k.rsplit(".", 1)[1]
         parts = [out.pop(k.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
         out[k.replace("attention.q_proj", "attn.qkv")] = torch.cat(parts, 0)
     for k in [k for k in out if ".mlp.gate_proj." in k]:
