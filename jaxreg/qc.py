@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxreg.io import atomic
 from jaxreg import metrics
+from jaxreg.io import atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

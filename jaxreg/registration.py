@@ -36,14 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxreg.solver import affine as affine_lib
 from jaxreg import features as feat_lib
 from jaxreg import io
 from jaxreg import solver
-from jaxreg.features import sources
-from jaxreg.features.intensity import PERCENTILES
 from jaxreg import warping
 from jaxreg.encoders import registry
+from jaxreg.features import sources
+from jaxreg.features.intensity import PERCENTILES
+from jaxreg.solver import affine as affine_lib
 from jaxreg.transform import Transform
 
 __all__ = ["HYBRID_SUFFIX", "METHODS", "AFFINES", "ConfigError", "MindSettings", "RegistrationConfig",

@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxreg.io import atomic
 from jaxreg import io
-from jaxreg.io import volumes
 from jaxreg import warping
+from jaxreg.io import atomic
+from jaxreg.io import volumes
 
 __all__ = ["Transform", "inverse_consistency"]
 

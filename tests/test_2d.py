@@ -20,11 +20,11 @@ from jaxreg import features as F
 from jaxreg import filters
 from jaxreg import losses
 from jaxreg import metrics
-from jaxreg.features import mind
 from jaxreg import regularisers
 from jaxreg import solver
-from jaxreg.features import sources
 from jaxreg import warping as W
+from jaxreg.features import mind
+from jaxreg.features import sources
 
 RNG = np.random.default_rng(2024)
 

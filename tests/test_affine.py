@@ -8,8 +8,8 @@ import pytest
 
 from benchmarks.common import rotation as _rotation
 from conftest import mni_path
-from jaxreg.solver import affine
 from jaxreg import warping
+from jaxreg.solver import affine
 from jaxreg.solver.affine import AffineConfig
 
 # Test-size settings (the defaults' coarsest level, 8, suits ~200-voxel images).

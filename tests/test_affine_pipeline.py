@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from experiments.configs import breast
-from jaxreg.solver import affine
 from jaxreg import experiment
 from jaxreg import io
 from jaxreg import phantom
@@ -16,6 +15,7 @@ from jaxreg import registration
 from jaxreg import solver
 from jaxreg import warping
 from jaxreg.experiment import settings
+from jaxreg.solver import affine
 
 
 def test_affine_none_leaves_the_deformable_result_unchanged():

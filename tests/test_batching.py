@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxreg.solver import batching
-from jaxreg.features import mind
 from jaxreg import phantom
 from jaxreg import solver
+from jaxreg.features import mind
 from jaxreg.features import sources
+from jaxreg.solver import batching
 
 FAST = solver.ConvexAdamConfig(iterations=5)
 SMALL = (24, 30, 18)  # already a multiple of 6

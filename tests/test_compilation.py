@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxreg
 from jaxreg import compilation
 from jaxreg import warping
+import jaxreg
 
 
 def _ssd_grad(moving, disp, fixed):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg.features import encoding
 from jaxreg import features as F
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
+from jaxreg.features import encoding
 from jaxreg.features.encoding import encoder_input
 
 from helpers import PATCH, patch_encoder

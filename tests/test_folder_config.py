@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from jaxreg.encoders import clip, dinov2, dinov3, registry, sam, vit  # noqa: E402
 from jaxreg.encoders._base import EncoderSpec  # noqa: E402
-from jaxreg.encoders.checkpoint import CheckpointError  # noqa: E402
 from jaxreg.encoders._folder_config import expected_fields  # noqa: E402
+from jaxreg.encoders.checkpoint import CheckpointError  # noqa: E402
 
 CASES = {
     "clip": (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg.encoders import convert as convert_cli
 from jaxreg.encoders import _base, _hiera_parts, hiera, registry
 from jaxreg.encoders import checkpoint as _checkpoint
+from jaxreg.encoders import convert as convert_cli
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from jaxreg import io
-from jaxreg.io import volumes
 from jaxreg.io import reading as _reading
+from jaxreg.io import volumes
 from jaxreg.io import writing as _writing
 
 MNI_T1 = os.path.join(

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import jaxreg
 from jaxreg import solver
+import jaxreg
 from jaxreg.solver import affine
 from jaxreg.solver.coarse import correlation_cost
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg.features import encoding
 from jaxreg.encoders import _weights_mobilesam, registry, tinyvit
 from jaxreg.encoders import checkpoint as _checkpoint
+from jaxreg.features import encoding
 
 torch = pytest.importorskip("torch")
 import _tinyvit_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreg.losses import mi as mi_lib
 from jaxreg import solver
 from jaxreg import warping
+from jaxreg.losses import mi as mi_lib
 from jaxreg.losses.mi import MIConfig, mutual_information
 
 

@@ -18,7 +18,6 @@ import numpy as np
 import optax
 import pytest
 
-import jaxreg
 from jaxreg import losses
 from jaxreg import metrics
 from jaxreg import phantom
@@ -26,6 +25,7 @@ from jaxreg import registration
 from jaxreg import regularisers
 from jaxreg import solver
 from jaxreg import warping
+import jaxreg
 from jaxreg.features import intensity
 from jaxreg.features import sources
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders import convert as convert_cli
 from jaxreg.encoders import registry, sam
-from jaxreg.encoders import checkpoint as _checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

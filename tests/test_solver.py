@@ -9,11 +9,11 @@ import pytest
 from scipy import ndimage
 
 from jaxreg import metrics
-from jaxreg.features import mind
 from jaxreg import phantom
 from jaxreg import solver
-from jaxreg.solver import convexadam
 from jaxreg import warping as W
+from jaxreg.features import mind
+from jaxreg.solver import convexadam
 from jaxreg.solver.coarse import _offsets
 
 FAST = solver.ConvexAdamConfig(iterations=5)

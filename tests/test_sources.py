@@ -8,8 +8,8 @@ from jaxreg import experiment
 from jaxreg import losses
 from jaxreg import phantom
 from jaxreg import solver
-from jaxreg.features import sources
 from jaxreg.experiment import settings
+from jaxreg.features import sources
 
 
 class _FakeEncoderSource:

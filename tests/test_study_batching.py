@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from experiments.configs import breast
-from jaxreg.solver import batching
 from jaxreg import experiment
 from jaxreg import io
 from jaxreg.encoders import registry
+from jaxreg.solver import batching
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

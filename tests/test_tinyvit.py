@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreg.encoders import convert as convert_cli
 from jaxreg.encoders import _weights_litemedsam, registry, tinyvit
 from jaxreg.encoders import checkpoint as _checkpoint
+from jaxreg.encoders import convert as convert_cli
 
 torch = pytest.importorskip("torch")
 import _tinyvit_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)

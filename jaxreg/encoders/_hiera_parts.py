@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreg.encoders.checkpoint import CheckpointError, resolve_checkpoint
 from jaxreg.encoders._sam_parts import window_partition, window_unpartition
+from jaxreg.encoders.checkpoint import CheckpointError, resolve_checkpoint
 
 __all__ = ["bicubic_matrix", "max_pool", "MultiScaleAttention", "MultiScaleBlock", "FpnNeck",
            "check_folder"]

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders import _torch_names as tn
+from jaxreg.encoders import checkpoint as _checkpoint
 
 __all__ = ["Neck", "window_partition", "window_unpartition", "NECK_RENAMES",
            "strip_image_encoder", "convert_image_encoder"]

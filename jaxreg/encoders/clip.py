@@ -42,8 +42,8 @@ import numpy as np
 from flax import nnx
 
 from jaxreg.encoders import _base, vit
-from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders import _torch_names as tn
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 from jaxreg.encoders.checkpoint import CheckpointError
 

@@ -48,8 +48,8 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from jaxreg.encoders import _base
-from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders import _torch_names as tn
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
 from jaxreg.encoders._hiera_parts import (FpnNeck, MultiScaleBlock, bicubic_matrix,
                                           check_folder)

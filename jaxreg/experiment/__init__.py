@@ -22,17 +22,17 @@ The modules, by job:
   others go on.
 """
 
+from jaxreg.experiment.batched import grid_shape
 from jaxreg.experiment.outputs import format_summary, write_pair
 from jaxreg.experiment.pairs import Pair, check_name, find_pairs_csv, read_pairs
 from jaxreg.experiment.pairs import write_phantom_pairs
 from jaxreg.experiment.pipeline import LoadedPair, load_pair
-from jaxreg.registration import make_source
 from jaxreg.experiment.settings import ENCODERS, PYRAMIDS, ConfigError, MindSettings
 from jaxreg.experiment.settings import PhantomSettings, RegistrationConfig, StudyConfig
 from jaxreg.experiment.settings import from_configdict
-from jaxreg.experiment.batched import grid_shape
 from jaxreg.experiment.study import run_pair, run_study, select_devices
 from jaxreg.experiment.workdir import Workdir, WorkdirError
+from jaxreg.registration import make_source
 
 __all__ = [
     "ENCODERS", "PYRAMIDS", "ConfigError", "LoadedPair", "MindSettings", "Pair",

@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxreg.solver import batching
 from jaxreg import registration
-from jaxreg.features import sources
 from jaxreg.experiment import outputs
 from jaxreg.experiment import pipeline
 from jaxreg.experiment import settings
 from jaxreg.experiment.pairs import Pair
+from jaxreg.features import sources
+from jaxreg.solver import batching
 
 __all__ = ["grid_shape", "run_batched"]
 

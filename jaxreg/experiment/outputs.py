@@ -12,7 +12,6 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg.solver import affine as affine_lib
 from jaxreg import io
 from jaxreg import metrics
 from jaxreg import solver
@@ -20,6 +19,7 @@ from jaxreg import warping as warp_lib
 from jaxreg.experiment import settings
 from jaxreg.experiment.pipeline import LoadedPair
 from jaxreg.io import atomic
+from jaxreg.solver import affine as affine_lib
 from jaxreg.transform import Transform
 
 __all__ = ["write_pair", "landmark_errors", "write_summary", "format_summary"]

@@ -28,9 +28,9 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-from jaxreg.io import atomic
 from jaxreg import io
 from jaxreg import phantom
+from jaxreg.io import atomic
 
 
 __all__ = ["Pair", "read_pairs", "check_name", "write_phantom_pairs", "find_pairs_csv"]

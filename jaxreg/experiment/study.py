@@ -15,8 +15,6 @@ from absl import logging
 
 from jaxreg import features as feat_lib
 from jaxreg import registration
-from jaxreg.features import sources
-from jaxreg.io import atomic
 from jaxreg.experiment import batched as batched_lib
 from jaxreg.experiment import outputs
 from jaxreg.experiment import pairs as pairs_lib
@@ -24,6 +22,8 @@ from jaxreg.experiment import pipeline
 from jaxreg.experiment import settings
 from jaxreg.experiment import workdir as workdir_lib
 from jaxreg.experiment.pairs import Pair
+from jaxreg.features import sources
+from jaxreg.io import atomic
 
 __all__ = ["run_study", "run_pair", "select_devices"]
 

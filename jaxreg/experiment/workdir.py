@@ -33,8 +33,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from jaxreg.io import atomic
 from jaxreg import io
+from jaxreg.io import atomic
 
 __all__ = ["WorkdirError", "Workdir", "changed_pairs", "SETTINGS_FILE"]
 

@@ -30,8 +30,8 @@ import numpy as np
 from absl import logging
 from jax.typing import ArrayLike
 
-from jaxreg.io import atomic
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
+from jaxreg.io import atomic
 
 __all__ = ["token_geometry", "encoder_input", "map_cells", "plan_chunk", "SliceEncoder",
            "FeatureCache"]

@@ -55,9 +55,9 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
+from jaxreg.io import atomic
 from jaxreg.io import reading as _reading
 from jaxreg.io import writing as _writing
-from jaxreg.io import atomic
 from jaxreg.io.reading import InputError
 
 __all__ = [

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxreg.kernels import cpu as cpu_kernels
 from jaxreg import filters
 from jaxreg import warping as warp_lib
+from jaxreg.kernels import cpu as cpu_kernels
 
 __all__ = ["ssd", "warped_ssd", "ncc", "local_ncc"]
 

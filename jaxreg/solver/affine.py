@@ -38,10 +38,10 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from jaxreg.solver import affine_parts as parts
-from jaxreg.io import atomic
 from jaxreg.features import mind
+from jaxreg.io import atomic
 from jaxreg.losses import mi as mi_lib
+from jaxreg.solver import affine_parts as parts
 
 __all__ = ["AffineConfig", "AffineResult", "config_for_shape", "register_affine",
            "displacement", "compose", "world_matrix", "save_itk"]

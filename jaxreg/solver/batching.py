@@ -43,8 +43,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxreg.kernels import cpu as cpu_kernels
 from jaxreg import compilation
+from jaxreg.kernels import cpu as cpu_kernels
 from jaxreg.solver.config import ConvexAdamConfig
 from jaxreg.solver.convexadam import convex_adam
 

@@ -38,15 +38,15 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from jaxreg.kernels import cpu as cpu_kernels
 from jaxreg import compilation
 from jaxreg import filters
-from jaxreg.features import intensity
-from jaxreg.features.intensity import PERCENTILES
 from jaxreg import losses
-from jaxreg.features import mind
 from jaxreg import regularisers
 from jaxreg import warping as warp_lib
+from jaxreg.features import intensity
+from jaxreg.features import mind
+from jaxreg.features.intensity import PERCENTILES
+from jaxreg.kernels import cpu as cpu_kernels
 from jaxreg.solver.coarse import (coarse_stage, correlation_cost, coupled_convex,
                                   inverse_consistency)
 from jaxreg.solver.config import (ConvexAdamConfig, _check_side, _masked, _min_side,
