@@ -1,11 +1,12 @@
 """Benchmarks and diagnostics of jaxreg; each script is its own program
 (``python -m benchmarks.<name> --help``), and none imports another.
 
-* ``bench_mni``: jaxreg beside convexadam and ANTs on MNI152 T1 with a known smooth
-  field: seconds, peak memory, GM/WM Dice, folding, field error (also the CLI's whole
-  process, cold and warm caches).
+* ``bench_mni``: jaxreg beside convexadam, ANTs and greedy on MNI152 T1 with a known
+  smooth field (``--contrast=cross``: a T2 moving image): seconds, peak memory, GM/WM
+  Dice, folding, field error (also the CLI's whole process, cold and warm caches).
 * ``bench_affine``: large affine motions on the MNI pair: jaxreg with and without its
-  affine stage, convexadam, ANTs (Dice, field error, folding, seconds).
+  affine stage (and the CLI's whole process), convexadam, ANTs, greedy (Dice, field
+  error, folding, seconds).
 * ``bench_fine``: solver settings side by side on the MNI pair: interleaved time ratios
   and scores.
 * ``bench_outputs``: what scoring and writing one registered pair costs, component by

