@@ -53,28 +53,12 @@ import numpy as np
 from absl import logging
 from jax.typing import ArrayLike
 
-from jaxreg.features.encoding import FeatureCache, SliceEncoder, encoder_input, token_geometry
-from jaxreg.features.intensity import PERCENTILES, RENDERS, foreground_mask, normalise_intensity, render
+from jaxreg.features.encoding import FeatureCache, SliceEncoder
+from jaxreg.features.intensity import PERCENTILES, RENDERS, render
 from jaxreg.features.pca import PCA, fit_pca, project
 
-__all__ = [
-    "FeatureConfig",
-    "SlicePlan",
-    "PCA",
-    "normalise_intensity",
-    "render",
-    "foreground_mask",
-    "slice_plan",
-    "interpolation_matrix",
-    "encoder_input",
-    "token_geometry",
-    "SliceEncoder",
-    "fit_pca",
-    "project",
-    "to_image_grid",
-    "FeatureCache",
-    "pair_features",
-]
+__all__ = ["FeatureConfig", "SlicePlan", "slice_plan", "interpolation_matrix", "to_image_grid",
+           "pair_features"]
 
 
 @dataclasses.dataclass(frozen=True)

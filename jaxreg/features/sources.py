@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxreg.features import encoding
 from jaxreg.features import extract as feat_lib
+from jaxreg.features import intensity
 from jaxreg.features import mind
 from jaxreg.features.intensity import PERCENTILES
 
@@ -92,7 +94,7 @@ class MindSource:
 
     def __call__(self, fixed, moving, *, fixed_mask=None, moving_mask=None, timings=None):
         start = time.perf_counter()
-        norm = functools.partial(feat_lib.normalise_intensity, percentiles=self.percentiles)
+        norm = functools.partial(intensity.normalise_intensity, percentiles=self.percentiles)
         f, m = jax.block_until_ready(_mind_pair(norm(fixed), norm(moving), radius=self.radius,
                                                 dilation=self.dilation))
         if timings is not None:
@@ -113,8 +115,8 @@ class EncoderSource:
         (a deeper map), the fine stage all of them.
     """
 
-    def __init__(self, encoder: feat_lib.SliceEncoder, config: feat_lib.FeatureConfig, *,
-                 cache: feat_lib.FeatureCache | None = None, coarse_to_fine: bool = False):
+    def __init__(self, encoder: encoding.SliceEncoder, config: feat_lib.FeatureConfig, *,
+                 cache: encoding.FeatureCache | None = None, coarse_to_fine: bool = False):
         self.encoder, self.config, self.cache = encoder, config, cache
         self.coarse_to_fine = coarse_to_fine
         self.name = encoder.name

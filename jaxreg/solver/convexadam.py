@@ -20,7 +20,7 @@ every stage (the reference mixes ``align_corners`` conventions, scaling fine-sta
 by ``n / (n - 1)``); without inverse consistency the coarse field is still upsampled to
 full resolution; the result is the smoothed field of the final parameters.
 
-Where the pieces are (every public name is importable from here): :class:`ConvexAdamConfig`
+Where the pieces are (every public name is importable from :mod:`jaxreg.solver`): :class:`ConvexAdamConfig`
 and the padded-grid helpers both stages use in ``jaxreg/solver/config.py``; the coarse
 stage (:func:`correlation_cost`, :func:`coupled_convex`, :func:`inverse_consistency`,
 :func:`coarse_stage`) in ``jaxreg/solver/coarse.py``; the checks of concrete inputs and
@@ -47,23 +47,12 @@ from jaxreg.features import intensity
 from jaxreg.features import mind
 from jaxreg.features.intensity import PERCENTILES
 from jaxreg.kernels import cpu as cpu_kernels
-from jaxreg.solver.coarse import (coarse_stage, correlation_cost, coupled_convex,
-                                  inverse_consistency)
+from jaxreg.solver.coarse import coarse_stage
 from jaxreg.solver.config import (ConvexAdamConfig, _check_side, _masked, _min_side,
                                  _pooled_weights, _real_cells)
-from jaxreg.solver.checks import _check_features, _check_images, check_field
+from jaxreg.solver.checks import _check_features, _check_images
 
-__all__ = [
-    "ConvexAdamConfig",
-    "correlation_cost",
-    "coupled_convex",
-    "inverse_consistency",
-    "coarse_stage",
-    "fine_stage",
-    "convex_adam",
-    "register_mind",
-    "check_field",
-]
+__all__ = ["fine_stage", "convex_adam", "register_mind"]
 
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
