@@ -45,7 +45,7 @@ from jaxreg.encoders import _folder_config
 from jaxreg.encoders import checkpoint as _checkpoint
 
 __all__ = ["Preprocessing", "EncoderSpec", "variant_config", "read_params", "abstract_with",
-           "load_checkpoint"]
+           "ShapeOnlyRngs", "load_checkpoint"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +115,26 @@ def read_params(convert: Convert, path: str | os.PathLike) -> tuple[dict[str, np
     return (dict(sd) if _checkpoint.is_converted(sd) else convert(sd)), source
 
 
+class ShapeOnlyRngs:
+    """Stands in for ``nnx.Rngs`` when a model is built for its shapes only (under
+    ``nnx.eval_shape``, its values replaced by a checkpoint's): every stream gives the same
+    key, and no counter is advanced.
+
+    An ``nnx.Rngs`` advances a traced counter at each draw; flax then compares that
+    tracer's ``sharding`` with the old one's, and JAX answers each such query by searching
+    and printing the trace so far for an error message: about 1.25 s of the 3.3 s a
+    LiteMedSAM encoder + heads load took on the 2-core CPU, growing with the model. The
+    layers jaxreg builds (flax's Linear, Conv, LayerNorm, BatchNorm, Embed and its own
+    parameters) only ever call ``rngs.params()``; ``tests/test_encoder_loading.py`` checks
+    that every family builds the same abstract state with it as with ``nnx.Rngs``.
+    """
+
+    def __call__(self):
+        return jax.random.key(0)
+
+    params = default = __call__
+
+
 def abstract_with(create: Callable[..., nnx.Module], variant: object,
                   params: Mapping[str, np.ndarray], *, source: str,
                   dtype=jnp.float32, folder: str | os.PathLike | None = None) -> nnx.Module:
@@ -125,7 +145,7 @@ def abstract_with(create: Callable[..., nnx.Module], variant: object,
     (:func:`jaxreg.encoders._folder_config.check_folder`).
     """
     from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
-    model = nnx.eval_shape(lambda: create(variant, rngs=nnx.Rngs(0), dtype=dtype))
+    model = nnx.eval_shape(lambda: create(variant, rngs=ShapeOnlyRngs(), dtype=dtype))
     if folder is not None and hasattr(model, "config"):
         _folder_config.check_folder(folder, model.config)
     _checkpoint.assign_params(model, params, source=source)
@@ -167,4 +187,7 @@ def load_checkpoint(create: Callable[..., nnx.Module], convert: Convert, variant
     logging.info("Loaded %s from %s (%d tensors).",
                  variant if isinstance(variant, str) else type(model).__name__, source,
                  len(params))
-    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+    # jax.device_put, not jnp.asarray: jax 0.10 stages each numpy array through a small
+    # jitted program per shape (traced, lowered and compiled or loaded: ~25 ms each, 1.5 s
+    # for LiteMedSAM's 61 shapes); device_put copies the arrays without one.
+    return nnx.merge(graphdef, jax.tree.map(jax.device_put, state))
