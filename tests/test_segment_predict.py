@@ -14,7 +14,7 @@ class _Oracle:
     """Stands in for a Segmenter: "embeds" a slice as itself, and "decodes" the pixels above
     0.5 inside the prompt box (so propagation follows the object exactly)."""
 
-    chunk = 3
+    chunk = ahead = 3
 
     def __init__(self):
         self.encoded = []
@@ -109,3 +109,85 @@ def test_heads_size_must_match_encoder(tiny_segmenter):
     heads = nnx.eval_shape(lambda: H.create(cfg, rngs=nnx.Rngs(1)))
     with pytest.raises(ValueError, match="do not fit"):
         predict.Segmenter(nnx.Module(), tiny_segmenter.spec, heads)
+
+
+class _Counting(_Oracle):
+    """The oracle, recording which slice of ``vol`` each encoded slice is."""
+
+    def __init__(self, vol, chunk):
+        super().__init__()
+        self.vol, self.chunk, self.ahead, self.slices = vol, chunk, chunk, []
+
+    def encode(self, slices, **kw):
+        for s in np.asarray(slices):
+            self.slices += [k for k in range(self.vol.shape[2])
+                            if np.array_equal(s, self.vol[..., k])]
+        return super().encode(slices, **kw)
+
+
+def test_only_reached_slices_are_encoded():
+    """One slice per encoder call (a CPU's chunk): the key slice first, then each slice the
+    propagation reaches, once; nothing outside the box, nothing past a slice whose mask
+    came out empty."""
+    k = np.arange(16, dtype=np.float32)
+    vol = _ball() * (1.0 + k / 100) + k / 1000  # every slice different, all below 0.5 but the ball
+    vol[3:6, 3:6, 0:2] = 1.0  # a second object beyond the first's empty slices
+    model = _Counting(vol, chunk=1)
+    predict.segment_3d(model, vol, (7, 4, 5, 18, 15, 12), normalise=False, margin=0.0)
+    assert model.slices[0] == 8 and sorted(model.slices) == list(range(5, 12))
+    assert model.encoded == [1] * 7
+    model = _Counting(vol, chunk=1)
+    got = predict.segment_3d(model, vol, (7, 4, 0, 18, 15, 16), normalise=False,
+                             margin=256 / 24)
+    assert got[..., 3:14].any(axis=(0, 1)).all() and not got[..., [2, 14]].any()
+    # the ball spans slices 3..13: 2 and 14 are encoded, found empty, and end the run
+    assert sorted(model.slices) == list(range(2, 15)) and model.encoded == [1] * 13
+
+
+def test_cpu_encodes_one_slice_per_call(tiny_segmenter):
+    """The default chunk on a CPU is 1 (batches run slower there, and encode slices the
+    propagation may never reach); a single slice's embedding is the batched one."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU default")
+    seg = predict.Segmenter(nnx.merge(*tiny_segmenter._enc), tiny_segmenter.spec,
+                            nnx.merge(*tiny_segmenter._heads))
+    assert seg.chunk == 1
+    slices = np.random.default_rng(1).random((3, 30, 20)).astype(np.float32)
+    np.testing.assert_allclose(seg.encode(slices[1:2]), tiny_segmenter.encode(slices)[1:2],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_two_devices_encode_at_once(tiny_segmenter):
+    """On two devices, calls alternate between them, the embeddings are the one device's
+    and land on the first device; a 3D propagation encodes ``chunk`` slices on each."""
+    import jax
+
+    devices = jax.local_devices()[:2]
+    if len(devices) < 2:
+        pytest.skip("needs two devices (tests/conftest.py makes two CPU devices)")
+    enc, heads = nnx.merge(*tiny_segmenter._enc), nnx.merge(*tiny_segmenter._heads)
+    one = predict.Segmenter(enc, tiny_segmenter.spec, heads, chunk=1, devices=devices[:1])
+    two = predict.Segmenter(enc, tiny_segmenter.spec, heads, chunk=1, devices=devices)
+    assert (one.ahead, two.ahead) == (1, 2)
+    slices = np.random.default_rng(2).random((3, 30, 20)).astype(np.float32)
+    got = two.encode(slices, pad_to=1)
+    assert got.devices() == {devices[0]}
+    np.testing.assert_allclose(got, one.encode(slices, pad_to=1), rtol=1e-5, atol=1e-6)
+    vol = np.random.default_rng(3).random((30, 20, 7)).astype(np.float32)
+    np.testing.assert_array_equal(predict.segment_3d(two, vol, (3, 4, 1, 20, 15, 6)),
+                                  predict.segment_3d(one, vol, (3, 4, 1, 20, 15, 6)))
+
+
+def test_ahead_two_encodes_pairs():
+    """Two slices per step: each step encodes the next pair in the direction of travel, so
+    a propagation that stops early encodes at most one slice past its last."""
+    k = np.arange(16, dtype=np.float32)
+    vol = _ball() * (1.0 + k / 100) + k / 1000
+    model = _Counting(vol, chunk=1)
+    model.ahead = 2
+    predict.segment_3d(model, vol, (7, 4, 0, 18, 15, 16), normalise=False, margin=256 / 24)
+    # key 7 with 8; 9-10, 11-12, 13-14 (14 empty: stop); down 6-5, 4-3, 2-1 (2 empty: stop)
+    assert sorted(model.slices) == list(range(1, 15))
+    assert len(model.encoded) == 7 and model.slices[:2] == [7, 8]

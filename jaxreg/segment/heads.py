@@ -27,9 +27,9 @@ import numpy as np
 from flax import nnx
 
 from jaxreg.encoders import _base, _weights_litemedsam, _weights_mobilesam
-from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.encoders import _torch_names as tn
 from jaxreg.encoders import _weights_wheel
+from jaxreg.encoders import checkpoint as _checkpoint
 from jaxreg.segment.mask_decoder import MaskDecoder
 from jaxreg.segment.prompt_encoder import PromptEncoder
 

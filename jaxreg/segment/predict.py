@@ -22,14 +22,21 @@ slice prompted by the bounding box (widened by ``margin`` pixels of a 256 px inp
 side, LiteMedSAM's 3) of the previous slice's mask, within the box's slice range, and
 stops in a direction where a mask comes out empty (LiteMedSAM's script would prompt
 that slice with the key box again). :func:`propagate_from_mask` starts from a given mask
-on one slice instead. The slices are encoded when the propagation reaches them, ``chunk``
-slices ahead per jitted encoder call (so a propagation that stops early encodes at most
-``chunk - 1`` slices in vain); the decoder (jitted once per slice shape) runs per slice.
-Embeddings go to ``cache`` for reuse by other boxes on the same volume.
+on one slice instead. The slices are encoded when the propagation reaches them,
+:attr:`Segmenter.ahead` at a time in the direction of travel (``chunk`` per jitted call on
+each of the segmenter's devices: on a 2-core CPU one slice on each of two CPU devices; so
+a propagation that stops early encodes at most ``ahead - 1`` slices in vain); the decoder
+(jitted once per slice shape) runs per slice. Embeddings go to ``cache`` for reuse by
+other boxes on the same volume.
 
 Cost: LiteMedSAM's TinyViT keeps 64x64 tokens at 256 px (1x1 patch embedding), about as
-much work per slice as MobileSAM at 1024 px; on a 2-core CPU a slice takes seconds, so
-the encoder, not the decoder, sets the time of a 3D run.
+much work per slice as MobileSAM at 1024 px (88 and 91 GFLOP); on a 2-core CPU a slice
+takes about a second, the decoder a tenth of that, so the encoder sets the time of a 3D
+run. The encoder is compiled with :data:`jaxreg.compilation.COMPILER_OPTIONS` on CPU
+(YNNPACK's fusions off): 10-20 % less CPU time per slice (1.9 against 2.2 CPU-s on the
+2-core CPU under load), the embedding the same to 3e-6 (relative), the 3D masks
+identical. Slices go to the jitted functions as numpy arrays: a ``jnp.asarray`` of a new
+shape compiles a small XLA program of its own.
 """
 
 from __future__ import annotations
@@ -43,9 +50,10 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
+from jaxreg import compilation
+from jaxreg.encoders import registry
 from jaxreg.features import encoding
 from jaxreg.features.intensity import normalise_intensity
-from jaxreg.encoders import registry
 from jaxreg.segment import heads as heads_lib
 
 __all__ = ["MODELS", "Segmenter", "load_segmenter", "normalise_intensity", "segment_2d",
@@ -55,7 +63,7 @@ MODELS = ("litemedsam", "mobilesam", "sam", "medsam")
 """Model names: registry encoders whose checkpoints hold SAM's heads."""
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "preprocessing", "image_size"))
+@compilation.jit(static_argnames=("graphdef", "preprocessing", "image_size"))
 def _encode(state, slices, *, graphdef, preprocessing, image_size):
     """Per-slice min-max, the encoder's preprocessing and the encoder: ``(B, h, w, C)``."""
     lo = slices.min(axis=(1, 2), keepdims=True)
@@ -91,43 +99,69 @@ class Segmenter:
       encoder: the image encoder (NNX module returning ``"features"``).
       spec: its :class:`~jaxreg.encoders._base.EncoderSpec`.
       heads: the matching :class:`~jaxreg.segment.heads.SamHeads`.
-      chunk: slices per encoder call in 3D; ``None``: 1 on CPU, which gains nothing from
-        batches and would encode up to ``chunk - 1`` slices past each end of a box in vain
-        (a 27-slice thalamus box: 37 s with 1, 55 s with 4, compilation included), and 4
-        on an accelerator.
+      chunk: slices per encoder call; ``None``: 1 on CPU, and 4 on an accelerator. A CPU
+        gains nothing from batches (LiteMedSAM, 2 cores: 1.6-1.9 CPU-s per slice in calls
+        of 1, 2 or 4; with YNNPACK's fusions, off here, a call of 4 took 2.5x longer per
+        slice).
+      devices: the devices that encode at once, one call each (default: on CPU the first
+        two CPU devices, where there are two, else the default device). The heads run on
+        the first. One XLA:CPU device runs one program at a time and keeps the 2-core CPU
+        ~1.7 cores busy (its small operations run on one thread); two CPU devices
+        (``jax.config.update("jax_num_cpu_devices", 2)`` before JAX starts, as
+        :func:`jaxreg.segment.run.prepare_process` does) encode two slices at once
+        and keep both busy: 0.88 against 1.04 s a slice (LiteMedSAM), the same embeddings.
+
+    In 3D the propagation encodes :attr:`ahead` slices per step (``chunk`` on each
+    device), so one that stops early encodes at most ``ahead - 1`` slices in vain.
     """
 
     def __init__(self, encoder: nnx.Module, spec, heads: heads_lib.SamHeads, *,
-                 chunk: int | None = None):
+                 chunk: int | None = None, devices: Sequence[jax.Device] | None = None):
         self.spec = spec
         self.image_size = spec.preprocessing.image_size
         if heads.config.input_image_size != self.image_size:
             raise ValueError(f"heads for {heads.config.input_image_size} px inputs do not fit "
                              f"the {spec.name} encoder's {self.image_size} px")
-        self.chunk = int(chunk or (1 if jax.default_backend() == "cpu" else 4))
+        cpu = jax.default_backend() == "cpu"
+        self.chunk = int(chunk or (1 if cpu else 4))
+        if devices is None:
+            devices = jax.local_devices()[:2] if cpu else jax.local_devices()[:1]
+        self.devices = tuple(devices)
         self._enc = nnx.split(encoder)
+        # the weights on each device (device_put to their own device copies nothing)
+        self._enc_states = [jax.device_put(self._enc[1], d) for d in self.devices]
         self._heads = nnx.split(heads)
 
+    @property
+    def ahead(self) -> int:
+        """Slices a 3D propagation encodes per step: ``chunk`` on each of :attr:`devices`."""
+        return self.chunk * len(self.devices)
+
     def encode(self, slices: ArrayLike, *, pad_to: int | None = None) -> jax.Array:
-        """``(B, h, w)`` grey slices -> ``(B, 64, 64, 256)`` image embeddings.
+        """``(B, h, w)`` grey slices -> ``(B, 64, 64, 256)`` image embeddings (on the first
+        device).
 
         Runs in calls of ``pad_to`` slices (default: 1 for a single slice, else ``chunk``),
         the last padded with copies of its last slice, so that each slice shape compiles
-        once per call size.
+        once per call size; call ``i`` runs on ``devices[i % len(devices)]``, all
+        dispatched before any is awaited.
         """
-        x = jnp.asarray(slices, jnp.float32)
+        x = np.asarray(slices, np.float32)  # numpy: no per-shape XLA program to stage it
         if x.ndim != 3:
             raise ValueError(f"slices must be (B, h, w), got {x.shape}")
         n, graphdef = x.shape[0], self._enc[0]
         size = int(pad_to or (1 if n == 1 else self.chunk))
         out = []
-        for start in range(0, n, size):
+        for i, start in enumerate(range(0, n, size)):
             part = x[start:start + size]
             if part.shape[0] < size:
-                part = jnp.concatenate([part, jnp.repeat(part[-1:], size - part.shape[0], 0)])
-            out.append(_encode(self._enc[1], part, graphdef=graphdef,
-                               preprocessing=self.spec.preprocessing,
-                               image_size=self.image_size))
+                part = np.concatenate([part, np.repeat(part[-1:], size - part.shape[0], 0)])
+            lane = i % len(self.devices)
+            emb = _encode(self._enc_states[lane], part, graphdef=graphdef,
+                          preprocessing=self.spec.preprocessing, image_size=self.image_size)
+            out.append(emb if lane == 0 else jax.device_put(emb, self.devices[0]))
+        if len(out) == 1 and size == n:
+            return out[0]
         return jnp.concatenate(out)[:n]
 
     def decode(self, embedding: ArrayLike, shape: tuple[int, int], *,
@@ -219,11 +253,11 @@ def _check_volume(volume: ArrayLike, axis: int, normalise: bool) -> np.ndarray:
 
 def _embedding(segmenter: Segmenter, vol: np.ndarray, k: int, step: int,
                limits: tuple[int, int], cache: MutableMapping) -> jax.Array:
-    """Slice ``k``'s embedding; if not cached, encodes it with the next ``chunk - 1`` slices
-    in direction ``step`` (within ``limits``, not cached) in one call."""
+    """Slice ``k``'s embedding; if not cached, encodes it with the next ``ahead - 1`` slices
+    in direction ``step`` (within ``limits``, not cached) at once."""
     if k not in cache:
         lo, hi = limits
-        todo = [j for j in range(k, k + step * segmenter.chunk, step)
+        todo = [j for j in range(k, k + step * segmenter.ahead, step)
                 if lo <= j < hi and j not in cache]
         embs = segmenter.encode(np.stack([vol[..., j] for j in todo]), pad_to=segmenter.chunk)
         for j, e in zip(todo, embs):
