@@ -6,8 +6,9 @@
 * :mod:`jaxreg.features.encoding`: a foundation-model encoder over the slices of a volume
   (input geometry, chunking, the on-disk feature cache);
 * :mod:`jaxreg.features.pca`: PCA fitted jointly on both images' tokens;
+* :mod:`jaxreg.features.config`: :class:`FeatureConfig`, the settings of every stage;
 * :mod:`jaxreg.features.extract`: volumes -> slices -> encoder -> PCA -> feature volumes
-  (:class:`FeatureConfig`, :func:`pair_features`);
+  (:func:`pair_features`);
 * :mod:`jaxreg.features.sources`: a pair of images in, a pair of feature volumes out:
   :class:`MindSource`, :class:`EncoderSource`, :class:`HybridSource`; the solver only ever
   sees what a source returns.
@@ -19,7 +20,7 @@ from jaxreg.features.encoding import FeatureCache
 from jaxreg.features.encoding import SliceEncoder
 from jaxreg.features.encoding import encoder_input
 from jaxreg.features.encoding import token_geometry
-from jaxreg.features.extract import FeatureConfig
+from jaxreg.features.config import FeatureConfig
 from jaxreg.features.extract import SlicePlan
 from jaxreg.features.extract import interpolation_matrix
 from jaxreg.features.extract import pair_features
