@@ -9,6 +9,7 @@
 * :mod:`jaxreg.features.config`: :class:`FeatureConfig`, the settings of every stage;
 * :mod:`jaxreg.features.extract`: volumes -> slices -> encoder -> PCA -> feature volumes
   (:func:`pair_features`);
+* :mod:`jaxreg.features.subtoken`: sub-token shifts, token maps denser than the stride;
 * :mod:`jaxreg.features.sources`: a pair of images in, a pair of feature volumes out:
   :class:`MindSource`, :class:`EncoderSource`, :class:`HybridSource`; the solver only ever
   sees what a source returns.

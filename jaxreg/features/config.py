@@ -32,6 +32,8 @@ class FeatureConfig:
         the solver's similarity weight means the same for every encoder.
       render: what the encoder sees (:func:`render`): ``"intensity"`` (the reference) or
         ``"gradient"`` (the gradient magnitude, for pairs of different contrasts).
+      shifts: sub-token shifts per in-plane axis; 1 is off, 2 encodes every slice 4 times
+        (half-token shifts) for maps twice as dense (:mod:`jaxreg.features.subtoken`).
     """
 
     axes: tuple[int, ...] = (2,)
@@ -45,6 +47,7 @@ class FeatureConfig:
     uniform_tolerance: float = 1e-6
     scale: bool = True
     render: str = "intensity"
+    shifts: int = 1
 
     def __post_init__(self):
         """Refuses settings that cannot work; each message starts ``<field>=<value>:``."""
@@ -57,7 +60,8 @@ class FeatureConfig:
             refuse("render", f"must be one of {', '.join(RENDERS)}")
         if self.fusion not in ("concat", "mean"):
             refuse("fusion", "must be one of concat, mean")
-        for name, minimum in (("gap", 1), ("pca_dims", 1), ("image_size", 0), ("chunk", 0)):
+        for name, minimum in (("gap", 1), ("pca_dims", 1), ("image_size", 0), ("chunk", 0),
+                              ("shifts", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 refuse(name, f"must be an integer >= {minimum}")

@@ -10,12 +10,16 @@ re-exports these names):
 * :class:`SliceEncoder`: slices through the Flax encoder under ``jit`` in fixed-size
   chunks (one compilation per slice shape), any named output maps returned (the pyramid),
   each cut to the cells that cover the slice at its own stride (:func:`map_cells`).
+  With ``shifts > 1`` each slice is encoded ``shifts**2`` times, shifted by fractions of a
+  token, and the maps interleaved into maps ``shifts`` times denser
+  (:mod:`jaxreg.features.subtoken`); :meth:`SliceEncoder.with_shifts`.
 * :class:`FeatureCache`: encoded tokens on disk, keyed by slice content and encoder
   settings.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -23,6 +27,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +36,11 @@ from absl import logging
 from jax.typing import ArrayLike
 
 from jaxreg.encoders._base import EncoderSpec, Preprocessing
+from jaxreg.features import subtoken
 from jaxreg.io import atomic
+
+if TYPE_CHECKING:  # the annotations only: MIND-SSC runs never load flax
+    from flax import nnx
 
 __all__ = ["token_geometry", "encoder_input", "map_cells", "plan_chunk", "SliceEncoder",
            "FeatureCache"]
@@ -121,19 +130,32 @@ def map_cells(resized: tuple[int, int], side: tuple[int, int],
     return tuple(-(-r * n // image_size) for r, n in zip(resized, side))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "preprocessing", "patch_size",
-                                             "layers", "image_size"))
-def _encode_chunk(state, slices, *, graphdef, preprocessing, patch_size, layers, image_size):
-    """Preprocesses and encodes a chunk of slices (compiled once per architecture and shape,
-    shared by every :class:`SliceEncoder` of that architecture); each map cropped to the
-    cells that cover the slice (:func:`map_cells`)."""
-    resized, _ = token_geometry(slices.shape[1:], preprocessing, image_size=image_size,
-                                patch_size=patch_size)
-    from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
-    out = nnx.merge(graphdef, state)(encoder_input(slices, preprocessing, image_size=image_size))
+def _chosen(out: Mapping[str, jax.Array], layers: Sequence[str]) -> dict[str, jax.Array]:
+    """The maps ``layers`` of an encoder's outputs (ValueError naming any it lacks)."""
     missing = [k for k in layers if k not in out]
     if missing:
         raise ValueError(f"the encoder has no output {missing}; it has {sorted(out)}")
+    return {k: out[k] for k in layers}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "preprocessing", "patch_size",
+                                             "layers", "image_size", "shifts", "stride"))
+def _encode_chunk(state, slices, *, graphdef, preprocessing, patch_size, layers, image_size,
+                  shifts=1, stride=None):
+    """Preprocesses and encodes a chunk of slices (compiled once per architecture and shape,
+    shared by every :class:`SliceEncoder` of that architecture); each map cropped to the
+    cells that cover the slice (:func:`map_cells`). With ``shifts > 1`` the maps (all of
+    input-pixel ``stride``) are ``shifts`` times denser (:func:`subtoken.shifted_maps`)."""
+    resized, _ = token_geometry(slices.shape[1:], preprocessing, image_size=image_size,
+                                patch_size=patch_size)
+    from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
+    model = nnx.merge(graphdef, state)
+    x = encoder_input(slices, preprocessing, image_size=image_size)
+    if shifts == 1:
+        out = _chosen(model(x), layers)
+    else:
+        out = subtoken.shifted_maps(lambda y: _chosen(model(y), layers), x, shifts=shifts,
+                                    stride=stride, fill=subtoken.pad_fill(preprocessing))
     crops = {k: map_cells(resized, out[k].shape[1:3], image_size) for k in layers}
     return {k: out[k][:, :crops[k][0], :crops[k][1]].astype(jnp.float32) for k in layers}
 
@@ -152,17 +174,24 @@ class SliceEncoder:
       name: identifies the weights in cache keys (e.g. encoder name and checkpoint path).
       devices: several devices: each chunk of slices is sharded over them (the weights
         replicated), the chunk rounded up to a multiple of their number.
+      shifts: sub-token shifts per in-plane axis (1: none): each slice is encoded
+        ``shifts**2`` times and every map comes ``shifts`` times denser, at ``1/shifts`` of
+        the stride (:mod:`jaxreg.features.subtoken`); the maps of ``layers`` must share one
+        stride.
     """
 
     def __init__(self, model: nnx.Module, spec: EncoderSpec, *, layers: Sequence[str],
                  image_size: int = 0, chunk: int = 0, name: str = "",
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, shifts: int = 1):
+        if isinstance(shifts, bool) or not isinstance(shifts, int) or shifts < 1:
+            raise ValueError(f"shifts={shifts!r}: must be an integer >= 1")
         self.spec = spec
+        self.shifts = shifts
         self.layers = tuple(layers)
         self.image_size = image_size or spec.preprocessing.image_size
         self.chunk = chunk or plan_chunk(spec, self.image_size)
         self.name = name or spec.name
-        self.calls = 0  # encoder invocations (slices), for tests and logs
+        self.calls = 0  # encoder invocations (slices x shifts**2), for tests and logs
         self._strides = None
         from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
         self._graphdef, self._state = nnx.split(model)
@@ -174,16 +203,41 @@ class SliceEncoder:
             self._state = jax.device_put(self._state, jax.sharding.NamedSharding(mesh, P()))
             self.chunk = -(-self.chunk // len(devices)) * len(devices)
 
+    def with_shifts(self, shifts: int) -> SliceEncoder:
+        """This encoder with ``shifts`` sub-token shifts (itself when it has them already):
+        a copy sharing the weights, its own ``calls`` counted from 0."""
+        if shifts == self.shifts:
+            return self
+        if isinstance(shifts, bool) or not isinstance(shifts, int) or shifts < 1:
+            raise ValueError(f"shifts={shifts!r}: must be an integer >= 1")
+        other = copy.copy(self)
+        other.shifts, other.calls = shifts, 0
+        return other
+
+    def _shift_stride(self) -> tuple[float, float] | None:
+        """The one input-pixel stride of the chosen maps, for the shifts (None without)."""
+        if self.shifts == 1:
+            return None
+        strides = set(self._map_strides().values())
+        if len(strides) != 1:
+            raise ValueError(f"shifts={self.shifts}: the maps {list(self.layers)} have "
+                             f"different strides {self._map_strides()}; sub-token shifts "
+                             "need maps of one stride")
+        return strides.pop()
+
     def _apply(self, state, slices):
         return _encode_chunk(state, slices, graphdef=self._graphdef,
                              preprocessing=self.spec.preprocessing,
                              patch_size=self.spec.patch_size, layers=self.layers,
-                             image_size=self.image_size)
+                             image_size=self.image_size, shifts=self.shifts,
+                             stride=self._shift_stride())
 
     def key(self) -> str:
-        """What the features depend on besides the slices (for :class:`FeatureCache`)."""
-        return json.dumps([self.name, self.spec.name, self.image_size, list(self.layers),
-                           dataclasses.asdict(self.spec.preprocessing)])
+        """What the features depend on besides the slices (for :class:`FeatureCache`);
+        the shifts only when there are some (unshifted keys are those of earlier caches)."""
+        parts = [self.name, self.spec.name, self.image_size, list(self.layers),
+                 dataclasses.asdict(self.spec.preprocessing)]
+        return json.dumps(parts + ([{"shifts": self.shifts}] if self.shifts > 1 else []))
 
     def __call__(self, slices: ArrayLike) -> dict[str, np.ndarray]:
         """``(m, h, w)`` slices in [0, 1] -> ``{layer: (m, th, tw, C)}`` float32 numpy."""
@@ -199,12 +253,18 @@ class SliceEncoder:
         if self._sharding is not None:
             chunks = [jax.device_put(x, self._sharding) for x in chunks]
         parts = [self._apply(self._state, x) for x in chunks]
-        self.calls += m
+        self.calls += m * self.shifts ** 2
         return {k: np.concatenate([np.asarray(p[k]) for p in parts])[:m] for k in self.layers}
 
     def strides(self) -> dict[str, tuple[float, float]]:
         """Input pixels per cell of each returned map, ``image_size / map side`` per axis
-        (from the model's output shapes, traced once without computing)."""
+        (from the model's output shapes, traced once without computing), divided by the
+        shifts."""
+        s = self.shifts
+        return {k: (a / s, b / s) for k, (a, b) in self._map_strides().items()}
+
+    def _map_strides(self) -> dict[str, tuple[float, float]]:
+        """Input pixels per cell of each of the model's own (unshifted) maps."""
         if self._strides is None:
             s = self.image_size
             from flax import nnx  # with the encoders only: MIND-SSC runs never load flax
@@ -217,10 +277,11 @@ class SliceEncoder:
     def token_scale(self, shape: tuple[int, int],
                     layer: str | None = None) -> tuple[float, float]:
         """Slice pixels per cell of map ``layer`` along each in-plane axis (None: per
-        ``spec.patch_size`` token), for :func:`jaxreg.features.to_image_grid`."""
+        ``spec.patch_size`` token, over the shifts), for
+        :func:`jaxreg.features.to_image_grid`."""
         resized, _ = token_geometry(shape, self.spec.preprocessing, image_size=self.image_size,
                                     patch_size=self.spec.patch_size)
-        p = self.spec.patch_size
+        p = self.spec.patch_size / self.shifts
         sy, sx = (p, p) if layer is None else self.strides()[layer]
         return sy * shape[0] / resized[0], sx * shape[1] / resized[1]
 

@@ -26,6 +26,9 @@ each replaceable:
 7. :func:`to_image_grid`: the token maps resized back to the slice's pixels (linear; the
    token grid's geometry, padding included, is respected) and the slice axis put back.
 
+Optionally (``shifts > 1``, :mod:`jaxreg.features.subtoken`) step 4 encodes each slice
+``shifts**2`` times, shifted by fractions of a token, for maps ``shifts`` times denser.
+
 :func:`pair_features` runs all of it for one pair, along one axis or all three (tri-planar)
 and for one or several output maps (pyramid), with an optional on-disk cache of the encoded
 tokens (:class:`FeatureCache`). It returns per output map a ``(fixed, moving)`` pair of
@@ -272,7 +275,7 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
       fixed, moving: ``(H, W, D)`` images on one voxel grid (any intensity range), or
         two ``(H, W)`` images (each encoded once as its own slice).
       encoder: the slice encoder; its ``layers`` must include ``config.layers``.
-      config: slicing, PCA and fusion settings.
+      config: slicing, shifts, PCA and fusion settings.
       fixed_mask, moving_mask: optional foreground masks; when given, PCA is fitted only
         on tokens mostly inside them.
       cache: reuse encoded tokens from disk.
@@ -288,6 +291,7 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
         the fixed image (every slice along an axis) is of uniform intensity.
     """
     times = timings if timings is not None else {}
+    encoder = encoder.with_shifts(config.shifts)
     with _timed(times, "slicing"):
         fixed = render(fixed, config.render, percentiles=config.percentiles)
         moving = render(moving, config.render, percentiles=config.percentiles)
