@@ -10,6 +10,8 @@
 * :mod:`jaxreg.features.extract`: volumes -> slices -> encoder -> PCA -> feature volumes
   (:func:`pair_features`);
 * :mod:`jaxreg.features.subtoken`: sub-token shifts, token maps denser than the stride;
+* :mod:`jaxreg.features.upsample`: token maps to pixels guided by the image (joint
+  bilateral upsampling);
 * :mod:`jaxreg.features.sources`: a pair of images in, a pair of feature volumes out:
   :class:`MindSource`, :class:`EncoderSource`, :class:`HybridSource`; the solver only ever
   sees what a source returns.

@@ -7,7 +7,10 @@ import dataclasses
 
 from jaxreg.features.intensity import PERCENTILES, RENDERS
 
-__all__ = ["FeatureConfig"]
+__all__ = ["FeatureConfig", "UPSAMPLES"]
+
+
+UPSAMPLES = ("linear", "guided")  # FeatureConfig.upsample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,11 @@ class FeatureConfig:
         ``"gradient"`` (the gradient magnitude, for pairs of different contrasts).
       shifts: sub-token shifts per in-plane axis; 1 is off, 2 encodes every slice 4 times
         (half-token shifts) for maps twice as dense (:mod:`jaxreg.features.subtoken`).
+      upsample: token maps to pixels in-plane: ``"linear"`` (the reference) or
+        ``"guided"`` (joint bilateral, guided by the normalised intensities,
+        :mod:`jaxreg.features.upsample`); between encoded slices it is linear either way.
+      guide_sigma_spatial: ``"guided"``: spatial sigma, in tokens.
+      guide_sigma_range: ``"guided"``: intensity sigma, in normalised intensity [0, 1].
     """
 
     axes: tuple[int, ...] = (2,)
@@ -48,6 +56,9 @@ class FeatureConfig:
     scale: bool = True
     render: str = "intensity"
     shifts: int = 1
+    upsample: str = "linear"
+    guide_sigma_spatial: float = 1.0
+    guide_sigma_range: float = 0.1
 
     def __post_init__(self):
         """Refuses settings that cannot work; each message starts ``<field>=<value>:``."""
@@ -60,6 +71,11 @@ class FeatureConfig:
             refuse("render", f"must be one of {', '.join(RENDERS)}")
         if self.fusion not in ("concat", "mean"):
             refuse("fusion", "must be one of concat, mean")
+        if self.upsample not in UPSAMPLES:
+            refuse("upsample", f"must be one of {', '.join(UPSAMPLES)}")
+        for name in ("guide_sigma_spatial", "guide_sigma_range"):
+            if isinstance(getattr(self, name), bool) or not getattr(self, name) > 0:
+                refuse(name, "must be a number > 0")
         for name, minimum in (("gap", 1), ("pca_dims", 1), ("image_size", 0), ("chunk", 0),
                               ("shifts", 1)):
             value = getattr(self, name)

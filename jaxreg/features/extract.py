@@ -25,6 +25,8 @@ each replaceable:
    the same as before it (exact); the PCA itself is fitted on the encoded slices only.
 7. :func:`to_image_grid`: the token maps resized back to the slice's pixels (linear; the
    token grid's geometry, padding included, is respected) and the slice axis put back.
+   Optionally (``upsample="guided"``, :mod:`jaxreg.features.upsample`) in-plane by a joint
+   bilateral upsampling guided by each slice's normalised intensities.
 
 Optionally (``shifts > 1``, :mod:`jaxreg.features.subtoken`) step 4 encodes each slice
 ``shifts**2`` times, shifted by fractions of a token, for maps ``shifts`` times denser.
@@ -57,9 +59,10 @@ import numpy as np
 from absl import logging
 from jax.typing import ArrayLike
 
+from jaxreg.features import upsample as upsampling
 from jaxreg.features.config import FeatureConfig
 from jaxreg.features.encoding import FeatureCache, SliceEncoder
-from jaxreg.features.intensity import render
+from jaxreg.features.intensity import normalise_intensity, render
 from jaxreg.features.pca import PCA, fit_pca, project
 
 __all__ = ["SlicePlan", "slice_plan", "interpolation_matrix", "to_image_grid",
@@ -160,7 +163,8 @@ def _token_mask(mask: np.ndarray, plan: SlicePlan, encoder: SliceEncoder,
 # 6-7. back on the image grid ------------------------------------------------------------
 
 def to_image_grid(tokens: ArrayLike, plan: SlicePlan, shape: tuple[int, int, int], *,
-                  pixels_per_token: tuple[float, float]) -> jax.Array:
+                  pixels_per_token: tuple[float, float], guide: ArrayLike | None = None,
+                  sigmas: tuple[float, float] = (1.0, 0.1)) -> jax.Array:
     """Encoded-slice token maps -> a feature volume on the image grid.
 
     Args:
@@ -169,6 +173,10 @@ def to_image_grid(tokens: ArrayLike, plan: SlicePlan, shape: tuple[int, int, int
       shape: the ``(H, W, D)`` image grid.
       pixels_per_token: slice pixels covered by one token along the two in-plane axes
         (:meth:`SliceEncoder.token_scale`).
+      guide: ``(H, W, D)`` intensities in [0, 1]: when given, each slice's tokens go to
+        pixels by joint bilateral upsampling guided by that slice
+        (:func:`jaxreg.features.upsample.guided_slices`) instead of linearly.
+      sigmas: the guided upsampling's spatial (tokens) and range (intensity) sigmas.
 
     Returns:
       ``(H, W, D, k)``: slices interpolated between encoded ones (zeros for dropped
@@ -177,6 +185,11 @@ def to_image_grid(tokens: ArrayLike, plan: SlicePlan, shape: tuple[int, int, int
     """
     tokens = jnp.asarray(tokens, jnp.float32)
     full = jnp.einsum("nm,m...->n...", jnp.asarray(interpolation_matrix(plan)), tokens)
+    if guide is not None:
+        guides = jnp.moveaxis(jnp.asarray(guide, jnp.float32), plan.axis, 0)
+        out = upsampling.guided_slices(full, guides, pixels_per_token=pixels_per_token,
+                                       sigma_spatial=sigmas[0], sigma_range=sigmas[1])
+        return jnp.moveaxis(out, 0, plan.axis)
     in_plane = tuple(s for i, s in enumerate(shape) if i != plan.axis)
     out = jax.image.scale_and_translate(
         full, (full.shape[0], *in_plane, full.shape[-1]), spatial_dims=(1, 2),
@@ -226,19 +239,35 @@ def _fit_pcas(tokens: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence
 
 
 def _fused_volumes(projected: Sequence[tuple[jax.Array, jax.Array]], plans: Sequence[SlicePlan],
-                   encoder: SliceEncoder, shape: tuple[int, int, int], fusion: str,
-                   layer: str) -> tuple[jax.Array, jax.Array]:
-    """Projected tokens of every axis on the image grid, then fused across the axes:
+                   encoder: SliceEncoder, shape: tuple[int, int, int], config: FeatureConfig,
+                   layer: str, guides: tuple[np.ndarray, np.ndarray] | tuple[None, None]
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Projected tokens of every axis on the image grid (guided by ``guides``, the
+    ``(fixed, moving)`` intensities, when given), then fused across the axes:
     ``(fixed, moving)`` volumes, channels averaged (``"mean"``) or concatenated."""
     volumes = []
+    sigmas = (config.guide_sigma_spatial, config.guide_sigma_range)
     for plan, (pf, pm) in zip(plans, projected):
         in_plane = tuple(s for i, s in enumerate(shape) if i != plan.axis)
         ppt = encoder.token_scale(in_plane, layer)
-        volumes.append(tuple(to_image_grid(p, plan, shape, pixels_per_token=ppt)
-                             for p in (pf, pm)))
+        volumes.append(tuple(to_image_grid(p, plan, shape, pixels_per_token=ppt, guide=g,
+                                           sigmas=sigmas)
+                             for p, g in zip((pf, pm), guides)))
+    fusion = config.fusion
     if fusion == "mean":
         return tuple(sum(v[j] for v in volumes) / len(volumes) for j in (0, 1))
     return tuple(jnp.concatenate([v[j] for v in volumes], axis=-1) for j in (0, 1))
+
+
+def _guides(fixed: ArrayLike, moving: ArrayLike, config: FeatureConfig
+            ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """``(fixed, moving)`` guidance of ``upsample="guided"``: the normalised intensities
+    (whatever the encoder sees), as ``(H, W, D)`` volumes (a 2D image as one slice);
+    ``(None, None)`` for linear upsampling."""
+    if config.upsample != "guided":
+        return None, None
+    norm = [normalise_intensity(v, percentiles=config.percentiles) for v in (fixed, moving)]
+    return tuple(g[..., None] if g.ndim == 2 else g for g in norm)
 
 
 def _as_volumes(fixed: np.ndarray, moving: np.ndarray, fixed_mask, moving_mask,
@@ -275,7 +304,7 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
       fixed, moving: ``(H, W, D)`` images on one voxel grid (any intensity range), or
         two ``(H, W)`` images (each encoded once as its own slice).
       encoder: the slice encoder; its ``layers`` must include ``config.layers``.
-      config: slicing, shifts, PCA and fusion settings.
+      config: slicing, shifts, PCA, fusion and upsampling settings.
       fixed_mask, moving_mask: optional foreground masks; when given, PCA is fitted only
         on tokens mostly inside them.
       cache: reuse encoded tokens from disk.
@@ -293,6 +322,7 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
     times = timings if timings is not None else {}
     encoder = encoder.with_shifts(config.shifts)
     with _timed(times, "slicing"):
+        guides = _guides(fixed, moving, config)
         fixed = render(fixed, config.render, percentiles=config.percentiles)
         moving = render(moving, config.render, percentiles=config.percentiles)
         two_d = fixed.ndim == 2
@@ -317,7 +347,7 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
             projected = [(project(f, p), project(m, p)) for (f, m), p in zip(tokens, pcas)]
             jax.block_until_ready(projected)
         with _timed(times, "resizing"):
-            pair = _fused_volumes(projected, plans, encoder, fixed.shape, config.fusion, layer)
+            pair = _fused_volumes(projected, plans, encoder, fixed.shape, config, layer, guides)
             out[layer] = jax.block_until_ready(
                 tuple(v[:, :, 0] for v in pair) if two_d else pair)
     return out
