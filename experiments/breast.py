@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from jaxreg import compilation
 from jaxreg import experiment
 from jaxreg import io
 from jaxreg.encoders import checkpoint as _checkpoint
@@ -131,8 +132,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", os.path.join("~", ".cache", "jaxreg", "xla"),
-    "Folder of XLA's persistent compilation cache, so that a second run skips compiling; "
+    "compilation_cache", compilation.DEFAULT_CACHE,
+    "Folder of XLA's persistent compilation cache and of jaxreg's exported programs "
+    "(jaxreg.compilation.use_caches), so that a second run skips tracing and compiling; "
     "'' turns it off. $JAX_COMPILATION_CACHE_DIR, when set, wins.")
 # Shorthands: --data_dir=X is --config.data_dir=X, and so on. Each is a config field
 # (experiments/configs/breast.py), given a short flag because almost every run sets it.
@@ -165,24 +167,12 @@ def _apply_shorthands(config) -> None:
             node[leaf] = value
 
 
-def _use_compilation_cache(folder: str) -> None:
-    """XLA's persistent cache: programs compiled once are loaded by later runs."""
-    import jax
-
-    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(folder)
-    if folder:
-        jax.config.update("jax_compilation_cache_dir", folder)
-        # Every program: the metrics' and warps' small ones took 0.1-0.3 s each to
-        # compile, 1.4 s of a warm one-pair run when left out.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     _apply_shorthands(config)
-    _use_compilation_cache(_COMPILATION_CACHE.value)
+    compilation.use_caches(_COMPILATION_CACHE.value)
     if _DISTRIBUTED.value:
         import jax
 

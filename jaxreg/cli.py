@@ -38,6 +38,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from jaxreg.compilation import DEFAULT_CACHE
+
 __all__ = ["main", "override"]
 
 
@@ -98,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="a setting of jaxreg.RegistrationConfig, e.g. solver.iterations=200")
     reg.add_argument("--no-qc", action="store_true", help="skip the QC picture")
     reg.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    reg.add_argument("--compilation-cache", "--compilation_cache", default=DEFAULT_CACHE,
+                     help="XLA's compiled programs and jaxreg's exported ones, so that a "
+                     "second run skips tracing and compiling ('' turns it off)")
     app = commands.add_parser("apply", help="resample a moving-space image onto the fixed grid")
     app.add_argument("transform")
     app.add_argument("image")
@@ -142,8 +147,7 @@ def _segment_parser(commands) -> None:
                      help="label values to evaluate, comma-separated (default: the --largest)")
     seg.add_argument("--largest", type=int, default=12)
     seg.add_argument("--json", help="write the evaluation scores here (JSON)")
-    seg.add_argument("--compilation_cache", "--compilation-cache",
-                     default=os.path.join("~", ".cache", "jaxreg", "xla"),
+    seg.add_argument("--compilation_cache", "--compilation-cache", default=DEFAULT_CACHE,
                      help="XLA's persistent compilation cache ('' turns it off)")
 
 
@@ -206,7 +210,7 @@ def _write_whole(out, loaded, transform, study, timings, extras, bar) -> dict:
 
 
 def _register(args) -> int:
-    from jaxreg import io, registration
+    from jaxreg import compilation, io, registration
     from jaxreg.experiment import pipeline, settings
     from jaxreg.experiment.pairs import Pair
 
@@ -215,6 +219,7 @@ def _register(args) -> int:
         raise io.InputError(f"{out}: already exists; choose another -o or add --overwrite")
     if (args.fixed_points is None) != (args.moving_points is None):
         raise io.InputError("--fixed-points and --moving-points go together")
+    compilation.use_caches(args.compilation_cache)
     config = registration.default_config(args.method, affine=args.affine, weights=args.weights)
     for assignment in args.set:
         config = override(config, assignment)

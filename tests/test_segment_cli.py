@@ -150,28 +150,13 @@ def test_library_does_not_import_experiments():
     assert offenders == []
 
 
-def test_compilation_cache_setting(monkeypatch, tmp_path):
-    """The commands' XLA cache: the flag's folder, $JAX_COMPILATION_CACHE_DIR over it,
-    '' off; every program cached (no minimum compile time)."""
-    import jax
-
+def test_compilation_cache_setting():
+    """The commands share one cache folder (jaxreg.compilation.use_caches, tested there)."""
+    from jaxreg import compilation
     from jaxreg.segment import run
 
-    saved = {k: getattr(jax.config, k) for k in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    try:
-        assert run.use_compilation_cache("") is None
-        assert jax.config.jax_compilation_cache_dir == saved["jax_compilation_cache_dir"]
-        assert run.use_compilation_cache(str(tmp_path / "a")) == str(tmp_path / "a")
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
-        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
-        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
-        assert run.use_compilation_cache(str(tmp_path / "a")) == str(tmp_path / "env")
-        assert run.DEFAULT_COMPILATION_CACHE == cli._COMPILATION_CACHE.default
-    finally:
-        for k, v in saved.items():
-            jax.config.update(k, v)
+    assert run.DEFAULT_COMPILATION_CACHE == cli._COMPILATION_CACHE.default
+    assert run.DEFAULT_COMPILATION_CACHE == compilation.DEFAULT_CACHE
 
 
 KEPT = """

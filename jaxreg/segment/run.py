@@ -30,16 +30,16 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxreg import io
+from jaxreg import compilation, io
 from jaxreg.io import InputError, atomic
 from jaxreg.segment import predict
 
 __all__ = ["SegmentSettings", "segment_files", "parse_box", "label_box", "scores",
-           "choose_structures", "prepare_process", "use_compilation_cache",
+           "choose_structures", "prepare_process",
            "keep_freed_memory", "use_cpu_devices", "DEFAULT_COMPILATION_CACHE"]
 
-DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "jaxreg", "xla")
-"""XLA's persistent compilation cache of the commands (``experiments/breast.py``'s too)."""
+DEFAULT_COMPILATION_CACHE = compilation.DEFAULT_CACHE
+"""The commands' cache folder (:func:`jaxreg.compilation.use_caches`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,22 +73,6 @@ class SegmentSettings:
     structures: Sequence[str] | None = None
     largest: int = 12
     json: str | None = None
-
-
-def use_compilation_cache(folder: str | None = DEFAULT_COMPILATION_CACHE) -> str | None:
-    """Turns on XLA's persistent compilation cache in ``folder`` (``~`` expanded) for every
-    program, however short its compilation; ``$JAX_COMPILATION_CACHE_DIR``, when set, wins;
-    ``''`` or None leaves the cache off. Returns the folder used, or None."""
-    import jax
-
-    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(folder or "")
-    if not folder:
-        return None
-    jax.config.update("jax_compilation_cache_dir", folder)
-    # Every program: besides the encoder (6-10 s to compile here) and the decoder (2-4 s),
-    # each new shape staged onto the device is a program of its own (~25 ms each).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return folder
 
 
 def keep_freed_memory() -> bool:
@@ -140,9 +124,9 @@ def use_cpu_devices(count: int = 2) -> bool:
 
 def prepare_process(compilation_cache: str | None = DEFAULT_COMPILATION_CACHE) -> dict:
     """The segment commands' process settings, before JAX starts: :func:`keep_freed_memory`,
-    :func:`use_cpu_devices`, :func:`use_compilation_cache`. Returns what each did."""
+    :func:`use_cpu_devices`, :func:`jaxreg.compilation.use_caches`. Returns what each did."""
     return {"keep_freed_memory": keep_freed_memory(), "cpu_devices": use_cpu_devices(),
-            "compilation_cache": use_compilation_cache(compilation_cache)}
+            "compilation_cache": compilation.use_caches(compilation_cache)}
 
 
 def parse_box(text: str, shape: Sequence[int], path: str) -> tuple[int, ...]:

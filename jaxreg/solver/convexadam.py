@@ -239,7 +239,8 @@ def _pad_small_grid(arrays: tuple[ArrayLike, ...], config: ConvexAdamConfig,
     return padded, jnp.asarray(grid, jnp.int32), tuple(slice(0, s) for s in grid)
 
 
-@compilation.jit(static_argnames=("config",), check=_check_features)
+@compilation.jit(static_argnames=("config",), check=_check_features,
+                  export=lambda: (cpu_kernels.usable(),))
 def convex_adam(fixed: ArrayLike, moving: ArrayLike, *,
                 config: ConvexAdamConfig = ConvexAdamConfig(),
                 coarse_fixed: ArrayLike | None = None,
