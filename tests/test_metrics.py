@@ -184,3 +184,13 @@ def test_dice_counted_path_matches_masks():
     assert counted[5] == 0.0 and math.isnan(counted[9])
     np.testing.assert_equal(counted, masked)
     assert metrics.dice(a, b) == metrics.dice(a.astype(float), b.astype(float))
+
+
+@pytest.mark.parametrize("values", [[0, 3], [1, 2, 4], [0], [0, 1, 5, 77], [-1, 2], [0.5, 2.0]])
+def test_present_values_are_numpys_unique(values):
+    rng = np.random.default_rng(1)
+    for dtype in (np.int16, np.uint8, np.float32, bool):
+        if dtype in (np.uint8, bool) and min(values) < 0 or dtype is bool and max(values) > 1:
+            continue
+        x = rng.choice(np.asarray(values), size=(7, 6, 5)).astype(dtype)
+        np.testing.assert_array_equal(metrics._present(x), np.unique(x))
