@@ -100,17 +100,20 @@ def write_pair(loaded: LoadedPair, transform: Transform, out_dir: str, *,
         if transform.prealignment is not None:
             background.submit(transform.save, os.path.join(out_dir, "deformable_warp.nii.gz"),
                               deformable=True)
-        warped = np.asarray(warp_lib.warp(moving.data, field))
+        # On the device once for the warps and scores below: each would copy the numpy
+        # field again (0.23 s each at 192x224x184 on 2 cores).
+        on_device = jnp.asarray(field)
+        warped = np.asarray(warp_lib.warp(moving.data, on_device))
         save("warped.nii.gz", warped)
-        jacobian, jacobian_stats = metrics.jacobian_summary(field)  # for the row and QC
+        jacobian, jacobian_stats = metrics.jacobian_summary(on_device)  # for the row and QC
         if config.qc:
             background.submit(_save_qc, os.path.join(out_dir, "qc.png"), loaded, warped,
                               field, jacobian, fixed_features, config)
         row: dict[str, Any] = {"pair": pair.name, "seconds": round(seconds, 3)}
         row.update({f"seconds_{k}": round(v, 3) for k, v in (timings or {}).items()})
-        row.update(_label_rows(loaded, field, save, background, hd=config.hd95))
+        row.update(_label_rows(loaded, on_device, save, background, hd=config.hd95))
         row.update({k: round(float(v), 4) for k, v in jacobian_stats.items()})
-        row.update(_field_errors(loaded, field, true))
+        row.update(_field_errors(loaded, on_device, true))
         if loaded.points is not None:
             row.update(landmark_errors(transform, *loaded.points))
         background.wait()
