@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,9 @@ from absl import logging
 
 from jaxreg.encoders import _folder_config
 from jaxreg.encoders import checkpoint as _checkpoint
+
+if TYPE_CHECKING:  # the annotations only: MIND-SSC runs never load flax
+    from flax import nnx
 
 __all__ = ["Preprocessing", "EncoderSpec", "variant_config", "read_params", "abstract_with",
            "ShapeOnlyRngs", "load_checkpoint"]

@@ -15,11 +15,14 @@ import glob
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jaxreg.io import atomic
+
+if TYPE_CHECKING:  # the annotations only: MIND-SSC runs never load flax
+    from flax import nnx
 
 __all__ = [
     "CheckpointError",
