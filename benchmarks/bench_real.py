@@ -12,7 +12,9 @@ weights are missing, is listed as skipped with the reason. ``mind`` is one row; 
 other name one row per variant (``--variants``): ``last`` (last layer, slices along the
 third axis: the reference), ``pyramid`` (the encoder's pyramid maps jointly),
 ``triplanar`` (last layer, slices along all three axes), ``gradient`` (last layer, the
-encoder sees each image's gradient magnitude: ``features.render="gradient"``). ``--iterations`` overrides the
+encoder sees each image's gradient magnitude: ``features.render="gradient"``), ``default``
+(the CLI's settings as they are: the encoder's pyramid, ``render="auto"``, its solver;
+``--iterations`` does not apply). ``--iterations`` overrides the
 Adam iterations of the encoder rows (0: the config's, 1000 for the reference); ``mind``
 and the hybrids keep the config's MIND-SSC solver settings (80 iterations).
 A row's variants share one encoder yielding every pyramid map and the slice cache in
@@ -55,7 +57,7 @@ from benchmarks import common
 from jaxreg import phantom
 
 ROWS = ("mind", "litemedsam", "mobilesam", "litemedsam+mind", "mobilesam+mind")
-VARIANTS = ("last", "pyramid", "triplanar", "gradient")
+VARIANTS = ("last", "pyramid", "triplanar", "gradient", "default")
 TASKS = ("t1t2", "t2t1", "vfa") + tuple(phantom.TASKS)
 _MNI_TASKS = tuple(common.PAIR_TASKS)
 
@@ -115,11 +117,12 @@ def config(row: str, variant: str, iterations: int = 0):
     from experiments.configs import breast
 
     c = breast.get_config(row)
-    if row == "mind":
+    if row == "mind" or variant == "default":  # the CLI's own settings
         return c
     if iterations and not row.endswith("+mind"):  # hybrids keep MIND-SSC's solver
         c.solver.iterations = iterations
     c.features.pyramid = "none"  # the last layer, whatever the encoder's default
+    c.features.render = "intensity"  # the reference's input, whatever the default
     if variant == "pyramid":
         c.features.pyramid = "joint"
     elif variant == "triplanar":

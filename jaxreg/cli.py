@@ -190,7 +190,8 @@ def _write_whole(out, loaded, transform, study, timings, extras, bar) -> dict:
         work = os.path.join(staging, "out")
         row = outputs.write_pair(loaded, transform, work, config=study,
                                  fixed_features=extras["fixed_features"],
-                                 seconds=sum(timings.values()), timings=timings)
+                                 seconds=sum(timings.values()), timings=timings,
+                                 choices=extras["choices"])
         bar.update()
         inverse = transform.inverse(loaded.moving_grid)  # on the moving image's own grid
         inverse.save(os.path.join(work, "inverse_warp.nii.gz"))

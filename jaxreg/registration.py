@@ -172,9 +172,11 @@ def default_config(method: str = "mind", *, affine: str = "none",
     pyramid = default_pyramid(method)
     if model != "mind":
         entry = registry.ENCODERS[model]
+        # render="auto": the gradient input for cross-contrast pairs, where the
+        # intensity input left a real T1->T2 pair worse than no registration
         features = feat_lib.FeatureConfig(
             layers=("features",) if pyramid == "none" else entry.pyramid,
-            pca_dims=entry.pca_dims)
+            pca_dims=entry.pca_dims, render="auto")
     return RegistrationConfig(encoder=method, solver=solver_defaults(method),
                               hybrid_weight=HYBRID_WEIGHT if hybrid else 0.0,
                               features=features, pyramid=pyramid, weights=str(weights),
@@ -273,7 +275,8 @@ def register_on_grid(fixed: io.Volume, moving: io.Volume, *, config: Registratio
                      pca_masks: tuple[np.ndarray, np.ndarray] | None = None,
                      fixed_mask: np.ndarray | None = None,
                      moving_mask: np.ndarray | None = None,
-                     timings: dict[str, float] | None = None
+                     timings: dict[str, float] | None = None,
+                     choices: dict | None = None
                      ) -> tuple[Transform, jax.Array]:
     """Stages 2-5 for a moving image (and masks) already on the fixed grid.
 
@@ -284,6 +287,7 @@ def register_on_grid(fixed: io.Volume, moving: io.Volume, *, config: Registratio
       fixed_mask, moving_mask: similarity weights (:func:`similarity_weights`) on the
         fixed grid, or None.
       timings: seconds per stage are added to it (affine, the source's, solving).
+      choices: receives what the source decided for the pair (``PairFeatures.choices``).
 
     Returns:
       ``(transform, fixed_features)``: the fixed image's features used by the fine
@@ -296,6 +300,8 @@ def register_on_grid(fixed: io.Volume, moving: io.Volume, *, config: Registratio
         moving_masks=(moving_mask, moving_pca), timings=timings)
     feats = source(fixed.data, moving_data, fixed_mask=fixed_pca, moving_mask=moving_pca,
                    timings=timings)
+    if choices is not None and feats.choices:
+        choices.update(feats.choices)
     start = time.perf_counter()
     field = solver.convex_adam(feats.fixed, feats.moving, config=config.solver,
                                coarse_fixed=feats.coarse_fixed,
@@ -383,7 +389,8 @@ def register(fixed, moving, *, method: str = "mind", affine: str = "none",
       pca_masks: ``(fixed, moving)`` boolean masks on the fixed grid that an encoder's
         PCA is fitted on; default from ``config.mask`` (``"auto"``: the foreground).
       timings: seconds per stage are added to it.
-      extras: receives ``"fixed_features"``, the features the fine stage matched (QC).
+      extras: receives ``"fixed_features"`` (the fine stage's, for QC) and ``"choices"``
+        (what the settings left to the pair: ``render="auto"``'s choice).
 
     Returns:
       A :class:`jaxreg.transform.Transform` on the fixed grid; the same field the CLI
@@ -411,9 +418,10 @@ def register(fixed, moving, *, method: str = "mind", affine: str = "none",
                              f"study's pair; give pca_masks, or use 'auto' or ''")
         pca_masks = tuple(feat_lib.foreground_mask(v.data) for v in (fixed, moving_vol))
     source = make_source(config) if source is None else source
+    choices: dict = {}
     transform, fixed_features = register_on_grid(
         fixed, moving_vol, config=config, source=source, pca_masks=pca_masks,
-        fixed_mask=masks[0], moving_mask=masks[1], timings=timings)
+        fixed_mask=masks[0], moving_mask=masks[1], timings=timings, choices=choices)
     if extras is not None:
-        extras["fixed_features"] = fixed_features
+        extras.update(fixed_features=fixed_features, choices=choices)
     return transform

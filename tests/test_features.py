@@ -272,3 +272,67 @@ def test_pair_features_encode_the_rendered_images():
         gap=2, pca_dims=2, percentiles=(0.0, 100.0)))["features"]
     np.testing.assert_allclose(got[0], want[0], atol=1e-5)
     np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+
+
+def _tissues(shape=(40, 36, 32), seed=3):
+    """Three tissues in an ellipsoid of anatomy against air (labels 1-3, air 0)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    body = (grid ** 2).sum(0) < 0.8
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), 3)
+    tissue = 1 + np.digitize(noise, np.quantile(noise, [1 / 3, 2 / 3]))
+    return np.where(body, tissue, 0)
+
+
+def _contrast(labels, values):
+    return np.asarray(values, np.float32)[labels] + 0.0
+
+
+@pytest.mark.parametrize("moving_values,same", [
+    ((0, 60, 120, 200), True),       # the fixed image's order, other levels
+    ((0, 200, 120, 60), False),      # tissues reordered (T1 against T2)
+    ((0, 120, 200, 60), False),      # another order
+])
+def test_choose_render_tells_cross_contrast_pairs(moving_values, same):
+    labels = _tissues()
+    fixed = _contrast(labels, (0, 50, 100, 150))
+    moving = np.roll(_contrast(labels, moving_values), 2, axis=0)  # misaligned too
+    kind, rho = F.choose_render(fixed, moving)
+    assert kind == ("intensity" if same else "gradient"), rho
+    assert (rho > 0.7) if same else (rho < F.AUTO_THRESHOLD)
+
+
+def test_choose_render_without_common_anatomy_picks_the_gradient():
+    fixed = np.zeros((12, 12, 12), np.float32)
+    fixed[:3] = 1.0
+    moving = np.zeros_like(fixed)
+    moving[-3:] = 1.0
+    kind, rho = F.choose_render(fixed, moving)
+    assert kind == "gradient" and np.isnan(rho)
+
+
+def test_auto_render_is_the_chosen_render_and_is_reported():
+    labels = _tissues((24, 20, 16))  # small: the erosion is cut to one block
+    fixed = _contrast(labels, (0, 50, 100, 150))
+    moving = np.roll(_contrast(labels, (0, 150, 100, 50)), 1, axis=1)
+    enc = make_encoder()
+    choices = {}
+    got = F.pair_features(fixed, moving, enc, config=F.FeatureConfig(
+        gap=2, pca_dims=2, render="auto"), choices=choices)["features"]
+    assert choices["render"] == "gradient" and choices["contrast_agreement"] < 0.5
+    want = F.pair_features(fixed, moving, enc, config=F.FeatureConfig(
+        gap=2, pca_dims=2, render="gradient"))["features"]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    with pytest.raises(ValueError, match="render"):
+        F.render(fixed, "auto")  # a choice for a pair, not a render of one image
+
+
+def test_encoders_register_with_the_automatic_render():
+    from jaxreg import registration
+
+    for method in ("litemedsam", "mobilesam+mind", "dinov2"):
+        assert registration.default_config(method).features.render == "auto"
+    assert registration.default_config("mind").features is None

@@ -154,7 +154,8 @@ def test_a_damaged_true_field_is_reported_not_scored(data, tmp_path):
     ("solver.learning_rate", float("inf"), "learning_rate"),
     ("features.pyramid", "jiont", "features.pyramid='jiont': must be one of none, joint"),
     ("features.percentiles", (99.0, 1.0), "features.percentiles"),
-    ("features.render", "edges", "features.render='edges': must be one of intensity, gradient"),
+    ("features.render", "edges",
+     "features.render='edges': must be one of intensity, gradient, auto"),
     ("features.dtype", "float16", "features.dtype"),
     ("features.attention", "flash", "features.attention='flash': must be one of xla, cudnn"),
     ("batch.batch_per_device", 0, "batch.batch_per_device"),
@@ -169,14 +170,21 @@ def test_nonsense_settings_are_refused_naming_the_field(field, value, message, t
     assert not (tmp_path / "run").exists()  # refused before the workdir was made
 
 
-def test_render_is_recorded_only_when_it_is_not_the_reference():
+def test_later_feature_settings_are_recorded_only_off_their_reference():
     config = breast.get_config("litemedsam")
-    assert "render" not in settings.result_settings(experiment.from_configdict(config))[
-        "features"]  # earlier results stay valid
-    config.features.render = "gradient"
+    assert settings.result_settings(experiment.from_configdict(config))["features"][
+        "render"] == "auto"  # the encoders' default since it was measured
+    config.features.render = "intensity"
+    recorded = settings.result_settings(experiment.from_configdict(config))["features"]
+    for field in ("render", "shifts", "upsample", "guide_sigma_spatial", "guide_sigma_range"):
+        assert field not in recorded, field  # earlier results stay valid
+    config.features.render, config.features.shifts = "gradient", 2
+    config.features.upsample = "guided"
     study = experiment.from_configdict(config)
     assert study.registration.features.render == "gradient"
-    assert settings.result_settings(study)["features"]["render"] == "gradient"
+    recorded = settings.result_settings(study)["features"]
+    assert (recorded["render"], recorded["shifts"], recorded["upsample"]) == (
+        "gradient", 2, "guided")
 
 
 def test_cudnn_attention_off_a_gpu_is_refused_before_loading_weights():

@@ -90,7 +90,7 @@ def _register_group(group, shape, config, source, solver_config, mesh, finish):
         return
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    fixed, moving, unpadded, matrices = [], [], [], []
+    fixed, moving, unpadded, matrices, choices = [], [], [], [], []
     for lp in loaded:  # the stages of jaxreg.register, the solver's left for the batch
         moving_data, (moving_mask,), matrix = registration.prealign(
             lp.fixed, lp.moving, config=config.registration,
@@ -102,6 +102,7 @@ def _register_group(group, shape, config, source, solver_config, mesh, finish):
         fixed.append(batching.pad_to(feats.fixed, shape))
         moving.append(batching.pad_to(feats.moving, shape))
         unpadded.append(feats.fixed)
+        choices.append(feats.choices)
     t1 = time.perf_counter()
     fields = np.asarray(batching.register_batch(
         jnp.stack(fixed), jnp.stack(moving), [lp.fixed.shape for lp in loaded],
@@ -114,7 +115,7 @@ def _register_group(group, shape, config, source, solver_config, mesh, finish):
         field = np.ascontiguousarray(fields[j, :h, :w, :d])
         finish(lp.pair, functools.partial(
             _write, lp, field, matrices[j], config=config, seconds=seconds,
-            timings=per_pair, fixed_features=unpadded[j]))
+            timings=per_pair, fixed_features=unpadded[j], choices=choices[j]))
 
 
 def _write(lp, field, matrix, out_dir, **kwargs):

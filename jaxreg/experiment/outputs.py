@@ -63,17 +63,17 @@ class _Pending:
 def write_pair(loaded: LoadedPair, transform: Transform, out_dir: str, *,
                config: settings.StudyConfig,
                fixed_features: np.ndarray | None = None, seconds: float = 0.0,
-               timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+               timings: Mapping[str, float] | None = None, choices: Mapping | None = None
+               ) -> dict[str, Any]:
     """Writes a registered pair's outputs into ``out_dir`` (created here) and scores it.
 
     The transform is written for ANTs, ITK and Slicer (:meth:`Transform.export`:
     ``warp.nii.gz``, and with an affine stage ``affine.mat`` and
     ``deformable_warp.nii.gz``), and as jaxreg's voxel field (``field_voxels.nii.gz``,
     the total field) and its RAS millimetres (``field_mm.nii.gz``). With landmarks
-    (``fix_points``/``mov_points``), TRE before and after is scored.
+    (``fix_points``/``mov_points``), TRE is scored. ``choices`` go into the row.
 
-    Files are compressed, and the QC picture and HD95 computed, in background threads
-    while the warps and the other scores run; all are done when this returns.
+    Files, the QC picture and HD95 are made in background threads, done on return.
 
     Returns:
       The metrics row (also saved as ``metrics.json``).
@@ -107,7 +107,7 @@ def write_pair(loaded: LoadedPair, transform: Transform, out_dir: str, *,
         if config.qc:
             background.submit(_save_qc, os.path.join(out_dir, "qc.png"), loaded, warped,
                               field, jacobian, fixed_features, config)
-        row: dict[str, Any] = {"pair": pair.name, "seconds": round(seconds, 3)}
+        row: dict[str, Any] = {"pair": pair.name, "seconds": round(seconds, 3), **(choices or {})}
         row.update({f"seconds_{k}": round(v, 3) for k, v in (timings or {}).items()})
         row.update(_label_rows(loaded, on_device, save, background, hd=config.hd95))
         row.update({k: round(float(v), 4) for k, v in jacobian_stats.items()})

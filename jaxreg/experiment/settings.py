@@ -185,6 +185,12 @@ def from_configdict(c: Any) -> StudyConfig:
         similarity_mask=str(c.get("similarity_mask", "mask")))
 
 
+_LATER_FEATURES = {"render": "intensity", "shifts": 1, "upsample": "linear",
+                   "guide_sigma_spatial": 1.0, "guide_sigma_range": 0.1}
+"""FeatureConfig fields added after results were first written, with the values that
+reproduce the features from before them: :func:`result_settings` leaves them out there."""
+
+
 def result_settings(config: StudyConfig) -> dict[str, Any]:
     """The settings that shape a pair's outputs (not how fast or where they are made)."""
     r = config.registration
@@ -199,8 +205,11 @@ def result_settings(config: StudyConfig) -> dict[str, Any]:
     if r.model is not None:
         features = dataclasses.asdict(r.features)
         features.pop("chunk")
-        if features["render"] == "intensity":  # absent then: earlier results stay valid
-            features.pop("render")
+        # settings added later are absent at their reference values: results written
+        # before them stay valid
+        for field, reference in _LATER_FEATURES.items():
+            if features.get(field) == reference:
+                features.pop(field)
         out.update(weights=r.weights, features=features, pyramid=r.pyramid, mask=r.mask,
                    dtype=r.dtype)
     if config.uses_phantom:

@@ -48,7 +48,7 @@ def run_pair(pair: Pair, out_dir: str, *, config: settings.StudyConfig,
     seconds = time.perf_counter() - start
     return outputs.write_pair(loaded, transform, out_dir, config=config,
                               fixed_features=extras["fixed_features"], seconds=seconds,
-                              timings=timings)
+                              timings=timings, choices=extras["choices"])
 
 
 def select_devices(spec: str = "") -> list[jax.Device]:

@@ -29,6 +29,9 @@ from jaxreg.features.extract import interpolation_matrix
 from jaxreg.features.extract import pair_features
 from jaxreg.features.extract import slice_plan
 from jaxreg.features.extract import to_image_grid
+from jaxreg.features.intensity import AUTO_THRESHOLD
+from jaxreg.features.intensity import choose_render
+from jaxreg.features.intensity import contrast_agreement
 from jaxreg.features.intensity import foreground_mask
 from jaxreg.features.intensity import normalise_intensity
 from jaxreg.features.intensity import render
@@ -49,6 +52,9 @@ __all__ = [
     "PCA",
     "normalise_intensity",
     "render",
+    "choose_render",
+    "contrast_agreement",
+    "AUTO_THRESHOLD",
     "foreground_mask",
     "slice_plan",
     "interpolation_matrix",

@@ -7,10 +7,11 @@ import dataclasses
 
 from jaxreg.features.intensity import PERCENTILES, RENDERS
 
-__all__ = ["FeatureConfig", "UPSAMPLES"]
+__all__ = ["FeatureConfig", "UPSAMPLES", "RENDER_SETTINGS"]
 
 
 UPSAMPLES = ("linear", "guided")  # FeatureConfig.upsample
+RENDER_SETTINGS = RENDERS + ("auto",)  # FeatureConfig.render
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +34,10 @@ class FeatureConfig:
       uniform_tolerance: a slice whose normalised range is at most this is dropped.
       scale: divide PCA outputs by the standard deviation of the first component, so that
         the solver's similarity weight means the same for every encoder.
-      render: what the encoder sees (:func:`render`): ``"intensity"`` (the reference) or
-        ``"gradient"`` (the gradient magnitude, for pairs of different contrasts).
+      render: what the encoder sees (:func:`render`): ``"intensity"`` (the reference),
+        ``"gradient"`` (the gradient magnitude, for pairs of different contrasts) or
+        ``"auto"`` (chosen per pair by :func:`choose_render`; the registration
+        defaults of every encoder, :func:`jaxreg.registration.default_config`).
       shifts: sub-token shifts per in-plane axis; 1 is off, 2 encodes every slice 4 times
         (half-token shifts) for maps twice as dense (:mod:`jaxreg.features.subtoken`).
       upsample: token maps to pixels in-plane: ``"linear"`` (the reference) or
@@ -67,8 +70,8 @@ class FeatureConfig:
 
         if not self.axes or any(a not in (0, 1, 2) for a in self.axes):
             refuse("axes", "must be a non-empty subset of 0, 1, 2")
-        if self.render not in RENDERS:
-            refuse("render", f"must be one of {', '.join(RENDERS)}")
+        if self.render not in RENDER_SETTINGS:
+            refuse("render", f"must be one of {', '.join(RENDER_SETTINGS)}")
         if self.fusion not in ("concat", "mean"):
             refuse("fusion", "must be one of concat, mean")
         if self.upsample not in UPSAMPLES:

@@ -62,7 +62,7 @@ from jax.typing import ArrayLike
 from jaxreg.features import upsample as upsampling
 from jaxreg.features.config import FeatureConfig
 from jaxreg.features.encoding import FeatureCache, SliceEncoder
-from jaxreg.features.intensity import normalise_intensity, render
+from jaxreg.features.intensity import choose_render, normalise_intensity, render
 from jaxreg.features.pca import PCA, fit_pca, project
 
 __all__ = ["SlicePlan", "slice_plan", "interpolation_matrix", "to_image_grid",
@@ -292,11 +292,22 @@ def _as_volumes(fixed: np.ndarray, moving: np.ndarray, fixed_mask, moving_mask,
     return (as_3d(fixed), as_3d(moving), as_3d(fixed_mask), as_3d(moving_mask), (2,))
 
 
+def _rendered(fixed, moving, config: FeatureConfig, choices: dict | None):
+    """The pair as the encoder sees it (``config.render``; ``"auto"`` decided here and
+    reported in ``choices``)."""
+    kind = config.render
+    if kind == "auto":
+        kind, rho = choose_render(fixed, moving, percentiles=config.percentiles)
+        if choices is not None:
+            choices.update(render=kind, contrast_agreement=round(rho, 4))
+    return tuple(render(v, kind, percentiles=config.percentiles) for v in (fixed, moving))
+
+
 def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
                   config: FeatureConfig = FeatureConfig(),
                   fixed_mask: ArrayLike | None = None, moving_mask: ArrayLike | None = None,
                   cache: FeatureCache | None = None,
-                  timings: dict[str, float] | None = None
+                  timings: dict[str, float] | None = None, choices: dict | None = None
                   ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Feature volumes of a pair on one grid, per output map of the encoder.
 
@@ -310,6 +321,8 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
       cache: reuse encoded tokens from disk.
       timings: if given, seconds spent are added under ``"slicing"``, ``"encoding"``,
         ``"pca"`` and ``"resizing"``.
+      choices: receives what ``config`` left to the pair (``render="auto"``: ``"render"``
+        and ``"contrast_agreement"``, :func:`jaxreg.features.intensity.choose_render`).
 
     Returns:
       ``{layer: (fixed_features, moving_features)}``, each ``(H, W, D, C)`` float32 with
@@ -323,8 +336,7 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
     encoder = encoder.with_shifts(config.shifts)
     with _timed(times, "slicing"):
         guides = _guides(fixed, moving, config)
-        fixed = render(fixed, config.render, percentiles=config.percentiles)
-        moving = render(moving, config.render, percentiles=config.percentiles)
+        fixed, moving = _rendered(fixed, moving, config, choices)
         two_d = fixed.ndim == 2
         fixed, moving, fixed_mask, moving_mask, axes = _as_volumes(
             fixed, moving, fixed_mask, moving_mask, config)

@@ -1,8 +1,9 @@
 """Step 1 of :mod:`jaxreg.features`: volumes as an encoder sees them, in [0, 1].
 
 Robust min-max scaling (:func:`normalise_intensity`), the optional contrast-free rendering
-(:func:`render`) and the foreground mask the PCA is fitted on (:func:`foreground_mask`).
-:mod:`jaxreg.features` re-exports all three.
+(:func:`render`), the per-pair choice between the two (:func:`choose_render`, the setting
+``render="auto"``) and the foreground mask the PCA is fitted on (:func:`foreground_mask`).
+:mod:`jaxreg.features` re-exports them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from jax.typing import ArrayLike
 
 from jaxreg.filters import PERCENTILES
 
-__all__ = ["PERCENTILES", "RENDERS", "normalise_intensity", "render", "foreground_mask"]
+__all__ = ["PERCENTILES", "RENDERS", "AUTO_THRESHOLD", "normalise_intensity", "render",
+           "contrast_agreement", "choose_render", "foreground_mask"]
 
 
 def normalise_intensity(volume: ArrayLike, *,
@@ -56,6 +58,56 @@ def render(volume: ArrayLike, kind: str = "intensity", *,
 
     return normalise_intensity(ndimage.gaussian_gradient_magnitude(x, sigma),
                                percentiles=percentiles)
+
+
+AUTO_THRESHOLD = 0.5
+""":func:`choose_render`: a pair whose intensities rank-correlate less than this inside the
+anatomy is cross-contrast. Measured (2-voxel block means, the eroded common foreground):
+real T1/T2 brain pairs 0.35; the breast phantom's same-contrast pairs (date, lesion)
+0.91-0.93, its contrast-changing ones (sequence, modality) -0.29 and -0.94; the real VFA
+series' flip-angle pairs 0.71-0.96 (BUILD.md, "Defaults that never hurt")."""
+
+
+def _block_mean(x: np.ndarray, k: int) -> np.ndarray:
+    crop = tuple(slice(0, s - s % k) for s in x.shape)
+    x = x[crop]
+    return x.reshape([d for s in x.shape for d in (s // k, k)]).mean(
+        axis=tuple(range(1, 2 * x.ndim, 2)))
+
+
+def contrast_agreement(fixed: ArrayLike, moving: ArrayLike, *,
+                       percentiles: tuple[float, float] = PERCENTILES, block: int = 2,
+                       erode: int = 4) -> float:
+    """How far two images on one grid order their tissues' brightness alike: the Spearman
+    rank correlation of their ``block``-voxel block means inside the common foreground
+    (:func:`foreground_mask` of each), eroded by ``erode`` blocks (at most an eighth of
+    the shortest side) so that the anatomy's partial-volume rim does not weigh in.
+    Near 1 for two images of one contrast, low or negative when a sequence reorders the
+    tissues (T1 against T2). Robust to the misalignment a registration has to remove: the
+    block means see tissue, not edges. 2D or 3D; NaN when the foreground is empty."""
+    from scipy import ndimage, stats  # imported when used
+
+    f, m = (normalise_intensity(v, percentiles=percentiles) for v in (fixed, moving))
+    inside = (_block_mean((f > 0.05).astype(np.float32), block) > 0.5) & (
+        _block_mean((m > 0.05).astype(np.float32), block) > 0.5)
+    erode = min(erode, min(inside.shape) // 8)  # a small image keeps its middle
+    inside = ndimage.binary_erosion(inside, iterations=erode) if erode else inside
+    if inside.sum() < 3:
+        return float("nan")
+    rho = stats.spearmanr(_block_mean(f, block)[inside], _block_mean(m, block)[inside])[0]
+    return float(rho)
+
+
+def choose_render(fixed: ArrayLike, moving: ArrayLike, *,
+                  percentiles: tuple[float, float] = PERCENTILES,
+                  threshold: float = AUTO_THRESHOLD) -> tuple[str, float]:
+    """``render="auto"``: ``("gradient", rho)`` for a cross-contrast pair (the
+    :func:`contrast_agreement` ``rho`` below ``threshold``, or undefined), else
+    ``("intensity", rho)``. Measured with LiteMedSAM: on real T1/T2 pairs the gradient
+    input lifts mean CerebrA Dice from 0.78 to 0.82-0.84, where the intensity input is
+    no better than no registration; on same-contrast pairs the intensity is 0.01 better."""
+    rho = contrast_agreement(fixed, moving, percentiles=percentiles)
+    return ("intensity" if rho >= threshold else "gradient"), rho
 
 
 def foreground_mask(volume: ArrayLike, *, threshold: float = 0.05,

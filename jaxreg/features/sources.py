@@ -21,7 +21,8 @@ import dataclasses
 import functools
 import math
 import time
-from typing import NamedTuple, Protocol
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +42,16 @@ class PairFeatures(NamedTuple):
     """A pair's features on the fixed grid, ``(H, W, D, C)`` (2D: ``(H, W, C)``) float32 each.
 
     ``coarse_fixed`` / ``coarse_moving``: other features for the solver's coarse stage
-    only (a coarse-to-fine pyramid), or None.
+    only (a coarse-to-fine pyramid), or None. ``choices``: what the source decided for
+    this pair (an encoder's ``render="auto"``: ``{"render": ..., "contrast_agreement":
+    ...}``), recorded in the pair's ``metrics.json``; None when nothing was decided.
     """
 
     fixed: jax.Array
     moving: jax.Array
     coarse_fixed: jax.Array | None = None
     coarse_moving: jax.Array | None = None
+    choices: Mapping[str, Any] | None = None
 
 
 class FeatureSource(Protocol):
@@ -124,15 +128,15 @@ class EncoderSource:
         self.channels = len(config.layers) * per_map
 
     def __call__(self, fixed, moving, *, fixed_mask=None, moving_mask=None, timings=None):
+        choices: dict = {}
         layers = feat_lib.pair_features(fixed, moving, self.encoder, config=self.config,
                                         fixed_mask=fixed_mask, moving_mask=moving_mask,
-                                        cache=self.cache, timings=timings)
+                                        cache=self.cache, timings=timings, choices=choices)
         names = self.config.layers
         f = jnp.concatenate([layers[k][0] for k in names], axis=-1)
         m = jnp.concatenate([layers[k][1] for k in names], axis=-1)
-        if self.coarse_to_fine:
-            return PairFeatures(f, m, *layers[names[-1]])
-        return PairFeatures(f, m)
+        coarse = layers[names[-1]] if self.coarse_to_fine else (None, None)
+        return PairFeatures(f, m, *coarse, choices=choices or None)
 
 
 def _concat(a: jax.Array, b: jax.Array, scale_a: float, scale_b: float) -> jax.Array:
@@ -194,4 +198,4 @@ class HybridSource:
             ac, bc = self.scales(e.coarse_fixed.shape[-1], mc)
             out += [_concat(m.fixed, e.coarse_fixed, ac, bc),
                     _concat(m.moving, e.coarse_moving, ac, bc)]
-        return PairFeatures(*out)
+        return PairFeatures(*out, choices=e.choices)
