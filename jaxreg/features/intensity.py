@@ -62,10 +62,11 @@ def render(volume: ArrayLike, kind: str = "intensity", *,
 
 AUTO_THRESHOLD = 0.5
 """:func:`choose_render`: a pair whose intensities rank-correlate less than this inside the
-anatomy is cross-contrast. Measured (2-voxel block means, the eroded common foreground):
-real T1/T2 brain pairs 0.35; the breast phantom's same-contrast pairs (date, lesion)
-0.91-0.93, its contrast-changing ones (sequence, modality) -0.29 and -0.94; the real VFA
-series' flip-angle pairs 0.71-0.96 (BUILD.md, "Defaults that never hurt")."""
+anatomy is cross-contrast. Measured (:func:`contrast_agreement`'s defaults): real T1/T2
+brain pairs 0.33-0.35; an MNI T1/T1 pair 0.88; the breast phantom's same-contrast pairs
+(date, lesion) 0.95, its contrast-changing ones (sequence, modality) -0.43 and -0.96; the
+real VFA series' neighbouring flip angles 0.65-0.91, 25 against 2 degrees 0.44 (BUILD.md,
+"Defaults that never hurt")."""
 
 
 def _block_mean(x: np.ndarray, k: int) -> np.ndarray:
