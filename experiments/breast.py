@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from jaxreg import cli
 from jaxreg import compilation
 from jaxreg import experiment
 from jaxreg import io
@@ -196,4 +197,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except SystemExit as done:
+        if _DISTRIBUTED.value:  # jax.distributed's shutdown runs at a normal exit
+            raise
+        cli.exit_now(done.code)  # every output is written: skip XLA's teardown

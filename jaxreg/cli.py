@@ -37,10 +37,11 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import NoReturn
 
 from jaxreg.compilation import DEFAULT_CACHE
 
-__all__ = ["main", "override"]
+__all__ = ["main", "run", "override", "exit_now"]
 
 
 def override(config, assignment: str):
@@ -328,5 +329,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def exit_now(code: int | str | None = 0) -> NoReturn:
+    """Ends a command's process with ``code`` as ``sys.exit`` would (a string is printed
+    to stderr, exit status 1), but without tearing down XLA's runtime: jax's exit handler
+    clears its backends, 0.5-1.2 s of a process on the 2-core CPU (about a tenth of a
+    warm one-pair run) spent after every file was written. JAX's pending effects are
+    awaited and Python's logging and standard streams flushed first. For the commands'
+    ``__main__`` only, never in a ``jax.distributed`` job (its shutdown must run)."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    if "jax" in sys.modules:
+        sys.modules["jax"].effects_barrier()
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say
+            pass
+    os._exit(0 if code is None else int(code))
+
+
+def run() -> NoReturn:
+    """The ``jaxreg`` console command: :func:`main`, then :func:`exit_now`."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -166,3 +166,21 @@ def test_cli_apply_invert_points_match_the_library(data, tmp_path):
                      str(tmp_path / "q.csv")]) == 0
     np.testing.assert_allclose(jaxreg.read_points(tmp_path / "q.csv").ras, t.map_points(pts.T),
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("code,status,err", [
+    (None, 0, ""), (3, 3, ""), ("error: x.nii: bad", 1, "error: x.nii: bad")])
+def test_exit_now_keeps_sys_exit_meaning(code, status, err):
+    """The commands end through cli.exit_now (no XLA teardown): the same status and
+    messages as sys.exit, output flushed, jax's work done."""
+    import subprocess
+    import sys
+
+    script = ("import jax.numpy as jnp; from jaxreg import cli; "
+              "print('sum', float(jnp.arange(4.0).sum()), end=''); "
+              f"cli.exit_now({code!r})")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == status
+    assert done.stdout == "sum 6.0"  # flushed although no newline ended it
+    assert done.stderr.strip().endswith(err)
