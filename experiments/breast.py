@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import _flags
 from jaxreg import cli
 from jaxreg import compilation
 from jaxreg import experiment
@@ -132,11 +133,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Several hosts: call "
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", compilation.DEFAULT_CACHE,
-    "Folder of XLA's persistent compilation cache and of jaxreg's exported programs "
-    "(jaxreg.compilation.use_caches), so that a second run skips tracing and compiling; "
-    "'' turns it off. $JAX_COMPILATION_CACHE_DIR, when set, wins.")
+_COMPILATION_CACHE = _flags.COMPILATION_CACHE
 # Shorthands: --data_dir=X is --config.data_dir=X, and so on. Each is a config field
 # (experiments/configs/breast.py), given a short flag because almost every run sets it.
 _SHORTHANDS = {
@@ -200,6 +197,8 @@ if __name__ == "__main__":
     try:
         app.run(main, flags_parser=parse_flags)
     except SystemExit as done:
-        if _DISTRIBUTED.value:  # jax.distributed's shutdown runs at a normal exit
+        # Every output is written: skip XLA's teardown (cli.exit_now), except in a
+        # jax.distributed job, whose shutdown runs at a normal exit.
+        if flags.FLAGS.is_parsed() and _DISTRIBUTED.value:
             raise
-        cli.exit_now(done.code)  # every output is written: skip XLA's teardown
+        cli.exit_now(done.code)

@@ -38,7 +38,8 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxreg.segment.run import DEFAULT_COMPILATION_CACHE, label_box, parse_box, scores
+from experiments import _flags
+from jaxreg.segment.run import label_box, parse_box, scores
 
 __all__ = ["main", "run", "settings", "label_box", "parse_box", "scores"]
 
@@ -60,10 +61,7 @@ _STRUCTURES = flags.DEFINE_list("structures", None, "label values to evaluate (d
                                 "--largest largest)")
 _LARGEST = flags.DEFINE_integer("largest", 12, "structures evaluated without --structures")
 _JSON = flags.DEFINE_string("json", None, "write the evaluation scores here (JSON)")
-_COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", DEFAULT_COMPILATION_CACHE,
-    "Folder of XLA's persistent compilation cache, so that a second run skips compiling; "
-    "'' turns it off. $JAX_COMPILATION_CACHE_DIR, when set, wins.")
+_COMPILATION_CACHE = _flags.COMPILATION_CACHE
 
 
 def settings():

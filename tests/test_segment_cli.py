@@ -223,7 +223,10 @@ def test_both_commands_have_the_same_flags():
     import jaxreg.segment
 
     defaults = vars(jaxreg_cli._parser().parse_args(["segment"]))
-    ours = {f.name: f.default for f in flags.FLAGS.get_flags_for_module(cli.__name__)}
+    from experiments import _flags
+
+    ours = {f.name: f.default for module in (cli.__name__, _flags.__name__)
+            for f in flags.FLAGS.get_flags_for_module(module)}
     assert set(ours) == set(defaults) - {"command"}
     assert {k: defaults[k] for k in ours} == ours
     assert jaxreg_cli._SEGMENT_MODELS == jaxreg.segment.MODELS == tuple(
@@ -240,3 +243,14 @@ def test_other_commands_do_not_load_flax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
+
+
+def test_both_commands_import_into_one_process():
+    """absl allows a flag name once per process: the shared ones live in experiments/_flags."""
+    import subprocess
+    import sys
+
+    for order in ("breast, segment", "segment, breast"):
+        done = subprocess.run([sys.executable, "-c", f"from experiments import {order}"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
