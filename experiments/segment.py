@@ -43,36 +43,36 @@ from jaxreg.segment.run import label_box, parse_box, scores
 
 __all__ = ["main", "run", "settings", "label_box", "parse_box", "scores"]
 
-_IMAGE = flags.DEFINE_string("image", None, "input volume (.nii, .nii.gz, .nrrd)")
-_BOX = flags.DEFINE_string(
+flags.DEFINE_string("image", None, "input volume (.nii, .nii.gz, .nrrd)")
+flags.DEFINE_string(
     "box", None, "i0,j0,k0,i1,j1,k1: 3D box in voxel indices of the image array, starts "
     "inclusive, ends exclusive (covers image[i0:i1, j0:j1, k0:k1])")
-_MODEL = flags.DEFINE_enum("model", "litemedsam", ["litemedsam", "mobilesam", "sam", "medsam"],
-                           "SAM-family model")
-_WEIGHTS = flags.DEFINE_string("checkpoint", None, "checkpoint file (needed for sam / medsam); "
-                               "named so as not to clash with experiments.breast's --weights")
-_OUT = flags.DEFINE_string("out", None, "output mask (uint8 NIfTI, image's affine); with "
-                           "--labels the predicted label map")
-_AXIS = flags.DEFINE_integer("axis", 2, "slicing axis of the image array (0, 1 or 2)")
-_MARGIN = flags.DEFINE_float("margin", 3.0, "widening of each propagated box, pixels at 256 px")
-_MULTIMASK = flags.DEFINE_bool("multimask", False, "keep the best of SAM's 3 masks per slice")
-_LABELS = flags.DEFINE_string("labels", None, "label map on the image's grid: evaluation mode")
-_STRUCTURES = flags.DEFINE_list("structures", None, "label values to evaluate (default: the "
-                                "--largest largest)")
-_LARGEST = flags.DEFINE_integer("largest", 12, "structures evaluated without --structures")
-_JSON = flags.DEFINE_string("json", None, "write the evaluation scores here (JSON)")
+flags.DEFINE_enum("model", "litemedsam", ["litemedsam", "mobilesam", "sam", "medsam"],
+                  "SAM-family model")
+flags.DEFINE_string("checkpoint", None, "checkpoint file (needed for sam / medsam); "
+                    "named so as not to clash with experiments.breast's --weights")
+flags.DEFINE_string("out", None, "output mask (uint8 NIfTI, image's affine); with "
+                    "--labels the predicted label map")
+flags.DEFINE_integer("axis", 2, "slicing axis of the image array (0, 1 or 2)")
+flags.DEFINE_float("margin", 3.0, "widening of each propagated box, pixels at 256 px")
+flags.DEFINE_bool("multimask", False, "keep the best of SAM's 3 masks per slice")
+flags.DEFINE_string("labels", None, "label map on the image's grid: evaluation mode")
+flags.DEFINE_list("structures", None, "label values to evaluate (default: the "
+                  "--largest largest)")
+flags.DEFINE_integer("largest", 12, "structures evaluated without --structures")
+flags.DEFINE_string("json", None, "write the evaluation scores here (JSON)")
 _COMPILATION_CACHE = _flags.COMPILATION_CACHE
 
 
 def settings():
-    """The flags as :class:`jaxreg.segment.run.SegmentSettings`."""
+    """The flags as :class:`jaxreg.segment.run.SegmentSettings` (each field is the flag of
+    its name)."""
+    import dataclasses
+
     from jaxreg.segment.run import SegmentSettings
 
-    return SegmentSettings(
-        image=_IMAGE.value, box=_BOX.value, labels=_LABELS.value, out=_OUT.value,
-        model=_MODEL.value, checkpoint=_WEIGHTS.value, axis=_AXIS.value, margin=_MARGIN.value,
-        multimask=_MULTIMASK.value, structures=_STRUCTURES.value, largest=_LARGEST.value,
-        json=_JSON.value)
+    return SegmentSettings(**{f.name: flags.FLAGS[f.name].value
+                              for f in dataclasses.fields(SegmentSettings)})
 
 
 def run() -> dict:

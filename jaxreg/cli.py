@@ -298,11 +298,8 @@ def _segment(args) -> int:
     from jaxreg.segment import run
 
     run.prepare_process(args.compilation_cache)
-    settings = run.SegmentSettings(
-        image=args.image, box=args.box, labels=args.labels, out=args.out, model=args.model,
-        checkpoint=args.checkpoint, axis=args.axis, margin=args.margin,
-        multimask=args.multimask, structures=args.structures, largest=args.largest,
-        json=args.json)
+    settings = run.SegmentSettings(**{f.name: getattr(args, f.name)  # the flags' names
+                                      for f in dataclasses.fields(run.SegmentSettings)})
     try:
         run.segment_files(settings)
     except OSError as e:  # an output folder that cannot be written: the user's setting

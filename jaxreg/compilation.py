@@ -209,6 +209,7 @@ def _exported_callable(jitted: _Jitted, key: str, arguments: dict) -> Callable:
 def _call_exported(jitted: _Jitted, args: tuple, kwargs: dict):
     """``jitted(*args, **kwargs)`` through the cache of exported programs; None where the
     call cannot use it (then the caller runs the plain jit)."""
+    key = None
     try:
         bound = jitted._signature.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -222,7 +223,7 @@ def _call_exported(jitted: _Jitted, args: tuple, kwargs: dict):
             jitted._exported[key] = _exported_callable(jitted, key, bound.arguments)
         return jitted._exported[key](**dynamic)
     except Exception as e:  # a cache must never fail a registration
-        jitted._exported.pop(locals().get("key"), None)
+        jitted._exported.pop(key, None)  # a program that failed is not kept
         if jitted._name not in _WARNED:
             _WARNED.add(jitted._name)
             logging.warning("jaxreg: %s runs without its exported-program cache (%s: %s)",
