@@ -186,7 +186,7 @@ def from_configdict(c: Any) -> StudyConfig:
 
 
 _LATER_FEATURES = {"render": "intensity", "shifts": 1, "upsample": "linear",
-                   "guide_sigma_spatial": 1.0, "guide_sigma_range": 0.1}
+                   "guide_sigma_spatial": 1.0, "guide_sigma_range": 0.1, "adapter": ""}
 """FeatureConfig fields added after results were first written, with the values that
 reproduce the features from before them: :func:`result_settings` leaves them out there."""
 

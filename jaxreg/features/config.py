@@ -45,6 +45,10 @@ class FeatureConfig:
         :mod:`jaxreg.features.upsample`); between encoded slices it is linear either way.
       guide_sigma_spatial: ``"guided"``: spatial sigma, in tokens.
       guide_sigma_range: ``"guided"``: intensity sigma, in normalised intensity [0, 1].
+      adapter: a trained feature adapter file (:mod:`jaxreg.finetune.features`, written
+        by ``python -m experiments.finetune``): the tokens of the maps it was trained for
+        go through it before the PCA; ``render="auto"`` then means the render it was
+        trained on. ``""``: none (the reference).
     """
 
     axes: tuple[int, ...] = (2,)
@@ -62,6 +66,7 @@ class FeatureConfig:
     upsample: str = "linear"
     guide_sigma_spatial: float = 1.0
     guide_sigma_range: float = 0.1
+    adapter: str = ""
 
     def __post_init__(self):
         """Refuses settings that cannot work; each message starts ``<field>=<value>:``."""
@@ -84,5 +89,7 @@ class FeatureConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 refuse(name, f"must be an integer >= {minimum}")
+        if not isinstance(self.adapter, str):
+            refuse("adapter", "must be a file path (a string), '' for none")
         if not self.layers:
             refuse("layers", "need at least one encoder output map")

@@ -29,7 +29,9 @@ each replaceable:
    bilateral upsampling guided by each slice's normalised intensities.
 
 Optionally (``shifts > 1``, :mod:`jaxreg.features.subtoken`) step 4 encodes each slice
-``shifts**2`` times, shifted by fractions of a token, for maps ``shifts`` times denser.
+``shifts**2`` times, shifted by fractions of a token, for maps ``shifts`` times denser;
+and (``adapter``, :mod:`jaxreg.finetune.features`) the tokens go through a trained adapter
+between steps 4 and 5.
 
 :func:`pair_features` runs all of it for one pair, along one axis or all three (tri-planar)
 and for one or several output maps (pyramid), with an optional on-disk cache of the encoded
@@ -292,11 +294,28 @@ def _as_volumes(fixed: np.ndarray, moving: np.ndarray, fixed_mask, moving_mask,
     return (as_3d(fixed), as_3d(moving), as_3d(fixed_mask), as_3d(moving_mask), (2,))
 
 
-def _rendered(fixed, moving, config: FeatureConfig, choices: dict | None):
+def _adapter(config: FeatureConfig, encoder: SliceEncoder):
+    """The loaded ``config.adapter`` (checked against the encoder), or None."""
+    if not config.adapter:
+        return None
+    from jaxreg.finetune.features import load_adapter  # optax only with an adapter
+
+    adapter = load_adapter(config.adapter)
+    if adapter.info.get("spec") not in (None, encoder.spec.name):
+        raise ValueError(f"{config.adapter}: an adapter for encoder {adapter.encoder!r} "
+                         f"({adapter.info.get('spec')}), not for {encoder.spec.name}")
+    return adapter
+
+
+def _rendered(fixed, moving, config: FeatureConfig, choices: dict | None, adapter=None):
     """The pair as the encoder sees it (``config.render``; ``"auto"`` decided here and
-    reported in ``choices``)."""
+    reported in ``choices``: with an adapter, what it was trained on)."""
     kind = config.render
-    if kind == "auto":
+    if kind == "auto" and adapter is not None:
+        kind = adapter.render
+        if choices is not None:
+            choices.update(render=kind, render_from="adapter")
+    elif kind == "auto":
         kind, rho = choose_render(fixed, moving, percentiles=config.percentiles)
         if choices is not None:
             choices.update(render=kind, contrast_agreement=round(rho, 4))
@@ -315,7 +334,7 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
       fixed, moving: ``(H, W, D)`` images on one voxel grid (any intensity range), or
         two ``(H, W)`` images (each encoded once as its own slice).
       encoder: the slice encoder; its ``layers`` must include ``config.layers``.
-      config: slicing, shifts, PCA, fusion and upsampling settings.
+      config: slicing, shifts, adapter, PCA, fusion and upsampling settings.
       fixed_mask, moving_mask: optional foreground masks; when given, PCA is fitted only
         on tokens mostly inside them.
       cache: reuse encoded tokens from disk.
@@ -334,9 +353,10 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
     """
     times = timings if timings is not None else {}
     encoder = encoder.with_shifts(config.shifts)
+    adapter = _adapter(config, encoder)
     with _timed(times, "slicing"):
         guides = _guides(fixed, moving, config)
-        fixed, moving = _rendered(fixed, moving, config, choices)
+        fixed, moving = _rendered(fixed, moving, config, choices, adapter)
         two_d = fixed.ndim == 2
         fixed, moving, fixed_mask, moving_mask, axes = _as_volumes(
             fixed, moving, fixed_mask, moving_mask, config)
@@ -353,6 +373,8 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
     for layer in config.layers:
         with _timed(times, "pca"):
             tokens = [(f[layer], m[layer]) for f, m in encoded]
+            if adapter is not None:
+                tokens = [(adapter(layer, f), adapter(layer, m)) for f, m in tokens]
             weights = [_pca_weights(plan, encoder, f.shape[1:3], layer, fixed_mask, moving_mask)
                        for plan, (f, _) in zip(plans, tokens)]
             pcas = _fit_pcas(tokens, weights, config)

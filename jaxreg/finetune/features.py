@@ -1,0 +1,546 @@
+"""A feature adapter: a small MLP over a frozen encoder's tokens, trained on synthetic
+contrasts so that corresponding places agree across contrasts and differ from other places.
+
+Where it sits: :func:`jaxreg.features.pair_features` encodes the slices, then (with
+``FeatureConfig.adapter`` set) maps each token of the adapter's output maps through
+:func:`apply_adapter` before the PCA. The encoder stays frozen; the cached tokens are the
+encoder's own, so an adapter costs nothing at encoding time.
+
+The adapter, per output map: standardise the ``C`` token channels (their mean and spread
+over the training tokens), a hidden layer of ``hidden`` GELU units, ``dims`` outputs,
+L2-normalised (``hidden=0``: one linear projection).
+
+Training (:func:`train`), in the manner of SynthMorph's domain randomisation:
+
+* Anatomy: the MNI ICBM 2009a template's tissue maps (nilearn: GM and WM probabilities; CSF
+  is the rest of the brain mask), plus three shells built around the brain at random
+  thicknesses (outer CSF, skull, scalp), since real head images have them and the
+  template is skull-stripped. Axial slices, evenly spaced through the brain.
+* Contrasts: every tissue class gets a random intensity in [0, 1] per image (background in
+  [0, 0.2]); partial volumes mix them by the probabilities; then a random blur, a smooth
+  multiplicative bias field, noise and a gamma; then the pipeline's own percentile
+  normalisation. Image 0 of each slice is undeformed; images 1.. are the same anatomy
+  pulled through a smooth random in-plane field, so every place of image ``v`` has a
+  known place in image 0.
+* Loss: InfoNCE. Per step, anchors are foreground tokens of deformed images; each one's
+  positive is image 0's adapted map sampled (bilinearly) where the anchor's place lies;
+  the other anchors' positives of the same pair are its negatives, except those within
+  ``exclusion`` tokens of its own (near-duplicates). Optimised with optax's Adam.
+
+What a test on real images then measures: generalisation to real contrasts the adapter
+never saw (the training images are synthetic remaps of tissue maps), on anatomy close to
+the training template (the ICBM 2009c templates share the 2009a anatomy almost exactly).
+It never sees the test images.
+
+Training is seeded and resumable: the encoded tokens are kept in a
+:class:`jaxreg.features.FeatureCache` folder, and a checkpoint (parameters, optimiser
+state, the random state) is written every ``checkpoint_every`` steps beside the output and
+resumed from when the settings match; the adapter file (:mod:`jaxreg.finetune.io`,
+kind ``"feature_adapter"``) is written at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+import zlib
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from jaxreg.finetune import io as adapter_io
+
+__all__ = ["AdapterConfig", "FeatureAdapter", "init_adapter", "apply_adapter",
+           "load_adapter", "synthetic_slices", "SyntheticSlices", "train",
+           "template_paths"]
+
+KIND = "feature_adapter"
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+def init_adapter(key: jax.Array, channels: int, *, hidden: int, dims: int,
+                 mean: np.ndarray | None = None, std: np.ndarray | None = None) -> dict:
+    """Parameters of one map's adapter: ``mean``/``std`` (fixed), ``w1``/``b1`` (absent
+    when ``hidden=0``), ``w2``/``b2``; He-scaled normal weights, zero biases."""
+    k1, k2 = jax.random.split(key)
+    params = {"mean": jnp.zeros(channels) if mean is None else jnp.asarray(mean, jnp.float32),
+              "std": jnp.ones(channels) if std is None else jnp.asarray(std, jnp.float32)}
+    width = channels
+    if hidden:
+        params["w1"] = jax.random.normal(k1, (channels, hidden)) * np.sqrt(2.0 / channels)
+        params["b1"] = jnp.zeros(hidden)
+        width = hidden
+    params["w2"] = jax.random.normal(k2, (width, dims)) * np.sqrt(1.0 / width)
+    params["b2"] = jnp.zeros(dims)
+    return params
+
+
+def apply_adapter(params: Mapping[str, jax.Array], tokens: jax.Array) -> jax.Array:
+    """``(..., C)`` tokens -> ``(..., dims)`` adapted, unit-length features."""
+    x = (jnp.asarray(tokens, jnp.float32) - params["mean"]) / params["std"]
+    if "w1" in params:
+        x = jax.nn.gelu(x @ params["w1"] + params["b1"])
+    y = x @ params["w2"] + params["b2"]
+    return y / (jnp.linalg.norm(y, axis=-1, keepdims=True) + 1e-6)
+
+
+_apply = jax.jit(apply_adapter)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureAdapter:
+    """A loaded adapter: per output map its parameters, and what it was trained for.
+
+    Attributes:
+      path: the file.
+      params: ``{map name: parameters}``.
+      info: the training record (``encoder``, ``render``, the settings, the loss).
+    """
+
+    path: str
+    params: Mapping[str, Mapping[str, jax.Array]]
+    info: Mapping
+
+    @property
+    def encoder(self) -> str:
+        return str(self.info.get("encoder", ""))
+
+    @property
+    def render(self) -> str:
+        """What the encoder saw in training (``render="auto"`` uses this)."""
+        return str(self.info.get("render", "intensity"))
+
+    def __call__(self, layer: str, tokens: np.ndarray) -> np.ndarray:
+        """Map ``layer``'s ``(..., C)`` tokens adapted; other maps unchanged."""
+        if layer not in self.params:
+            return tokens
+        p = self.params[layer]
+        if tokens.shape[-1] != p["mean"].shape[0]:
+            raise ValueError(f"{self.path}: the adapter of map {layer!r} takes "
+                             f"{p['mean'].shape[0]} channels, the tokens have "
+                             f"{tokens.shape[-1]}")
+        return np.asarray(_apply(p, tokens))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, mtime: float) -> FeatureAdapter:
+    del mtime  # part of the cache key only: an edited file is read again
+    tree, info = adapter_io.load(path, kind=KIND)
+    params = {layer: {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+              for layer, p in tree.items()}
+    return FeatureAdapter(path=path, params=params, info=info)
+
+
+def load_adapter(path: str | os.PathLike, *, encoder: str | None = None) -> FeatureAdapter:
+    """Reads an adapter file (kept in memory per path and modification time).
+
+    Args:
+      path: the ``.safetensors`` file :func:`train` wrote.
+      encoder: when given, the encoder it must have been trained for (the registry name,
+        e.g. ``"litemedsam"``).
+
+    Raises:
+      FileNotFoundError, ValueError: no such file, not an adapter, or another encoder's;
+        each message starts with the path.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such adapter file (FeatureConfig.adapter)")
+    adapter = _load_cached(os.path.abspath(path), os.path.getmtime(path))
+    if encoder is not None and adapter.encoder != encoder:
+        raise ValueError(f"{path}: an adapter for encoder {adapter.encoder!r}, not "
+                         f"{encoder!r}")
+    return adapter
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+def template_paths() -> dict[str, str]:
+    """nilearn's MNI ICBM152 2009a (sym) ``t1``, ``gm`` and ``wm`` files (the training
+    anatomy; ``pip install nilearn``)."""
+    try:
+        import nilearn
+    except ImportError as e:
+        raise ImportError("training an adapter needs nilearn's MNI template: "
+                          "pip install nilearn") from e
+    base = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
+    return {k: os.path.join(base, f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz")
+            for k in ("t1", "gm", "wm")}
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSlices:
+    """Synthetic training slices.
+
+    Attributes:
+      images: ``(n, V, H, W)`` float32 in [0, 1]: ``V`` contrasts of each of ``n`` slices.
+      fields: ``(n, V, H, W, 2)`` float32 pixel displacements: pixel ``y`` of image ``v``
+        shows the anatomy at ``y + fields[i, v, y]`` of image 0 (zero for ``v = 0``).
+      foreground: ``(n, H, W)`` bool, the head in image 0.
+    """
+
+    images: np.ndarray
+    fields: np.ndarray
+    foreground: np.ndarray
+
+
+def _tissue_maps(paths: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(classes, brain)``: ``(H, W, D, 3)`` CSF/GM/WM probabilities and the brain mask."""
+    import nibabel as nib
+
+    t1 = np.asarray(nib.load(paths["t1"]).dataobj, np.float32)
+    gm, wm = (np.asarray(nib.load(paths[k]).dataobj, np.float32) / 255.0 for k in ("gm", "wm"))
+    brain = t1 > 0.02 * t1.max()
+    csf = np.clip(brain - gm - wm, 0.0, 1.0)
+    return np.stack([csf, gm, wm], axis=-1), brain
+
+
+def _shells(brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``(H, W, 3)`` 0/1 maps of an outer CSF, skull and scalp around a 2D brain mask, at
+    random thicknesses (pixels)."""
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt(~brain)
+    a = rng.uniform(1.0, 3.0)
+    b = a + rng.uniform(3.0, 7.0)
+    c = b + rng.uniform(3.0, 9.0)
+    return np.stack([(dist > 0) & (dist <= a), (dist > a) & (dist <= b),
+                     (dist > b) & (dist <= c)], axis=-1).astype(np.float32)
+
+
+def _render_contrast(classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random contrast of ``(H, W, K)`` class probabilities (K = 6: CSF, GM, WM,
+    outer CSF, skull, scalp; the rest is background), normalised to [0, 1]."""
+    from scipy import ndimage
+
+    from jaxreg import phantom
+    from jaxreg.features.intensity import normalise_intensity
+
+    k = classes.shape[-1]
+    means = rng.uniform(0.0, 1.0, k)
+    background = 1.0 - np.clip(classes.sum(-1), 0.0, 1.0)
+    img = classes @ means + background * rng.uniform(0.0, 0.2)
+    img = ndimage.gaussian_filter(img, rng.uniform(0.0, 1.0))
+    h, w = img.shape
+    bias = phantom.smooth_field((h, w, 1), max_disp=rng.uniform(0.0, 0.3),
+                                seed=int(rng.integers(1 << 31)), sigma=40.0,
+                                max_derivative=None)[..., 0, 0]
+    img = img * np.exp(bias) + rng.normal(0.0, rng.uniform(0.0, 0.04), img.shape)
+    img = np.clip(img, 0.0, None) ** np.exp(rng.normal(0.0, 0.25))
+    return normalise_intensity(img.astype(np.float32))
+
+
+def synthetic_slices(paths: Mapping[str, str] | None = None, *, slices: int = 48,
+                     variants: int = 3, max_disp: float = 4.0, seed: int = 0
+                     ) -> SyntheticSlices:
+    """Random contrasts of the template's axial slices (see the module docstring).
+
+    Args:
+      paths: ``t1``, ``gm``, ``wm`` files (default :func:`template_paths`).
+      slices: axial slices, evenly spaced through the brain's middle 80 %.
+      variants: contrasts per slice; all but the first deformed.
+      max_disp: the deformations' longest vector, pixels.
+      seed: everything random follows from it.
+    """
+    from scipy import ndimage
+
+    from jaxreg import phantom
+
+    if slices < 1 or variants < 2:
+        raise ValueError(f"slices={slices}, variants={variants}: need slices >= 1 and "
+                         "variants >= 2 (one image to compare with)")
+    classes3d, brain3d = _tissue_maps(paths or template_paths())
+    z = np.flatnonzero(brain3d.any(axis=(0, 1)))
+    lo, hi = z[0] + 0.1 * (z[-1] - z[0]), z[-1] - 0.1 * (z[-1] - z[0])
+    picks = np.unique(np.round(np.linspace(lo, hi, slices)).astype(int))
+    rng = np.random.default_rng([seed, 2009])
+    h, w = brain3d.shape[:2]
+    images = np.zeros((picks.size, variants, h, w), np.float32)
+    fields = np.zeros((picks.size, variants, h, w, 2), np.float32)
+    foreground = np.zeros((picks.size, h, w), bool)
+    grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"))
+    for i, k in enumerate(picks):
+        brain = brain3d[:, :, k]
+        classes = np.concatenate([classes3d[:, :, k], _shells(brain, rng)], axis=-1)
+        foreground[i] = classes.sum(-1) > 0.5
+        for v in range(variants):
+            moved = classes
+            if v:
+                u = phantom.smooth_field((h, w, 2), max_disp=max_disp, sigma=12.0,
+                                         seed=int(rng.integers(1 << 31)))[:, :, 0, :2]
+                fields[i, v] = u
+                coords = grid + np.moveaxis(u, -1, 0)
+                moved = np.stack([ndimage.map_coordinates(classes[..., c], coords, order=1)
+                                  for c in range(classes.shape[-1])], axis=-1)
+            images[i, v] = _render_contrast(moved, rng)
+    return SyntheticSlices(images=images, fields=fields, foreground=foreground)
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """How an adapter is trained (every field is recorded in the adapter file).
+
+    Attributes:
+      encoder: the registry encoder (its weights found as the registration's are).
+      layers: output maps to adapt (empty: the encoder's registration pyramid).
+      hidden: hidden GELU units (0: a linear projection).
+      dims: output channels.
+      temperature: InfoNCE temperature.
+      exclusion: negatives within this many tokens of the positive are left out.
+      steps: optimiser steps per map.
+      learning_rate: Adam's.
+      pairs: image pairs per step.
+      anchors: anchor tokens per pair.
+      slices, variants, max_disp: the synthetic data (:func:`synthetic_slices`).
+      seed: of the data, the initial weights and the sampling.
+    """
+
+    encoder: str = "litemedsam"
+    layers: tuple[str, ...] = ()
+    hidden: int = 64
+    dims: int = 16
+    temperature: float = 0.1
+    exclusion: float = 1.0
+    steps: int = 1500
+    learning_rate: float = 2e-3
+    pairs: int = 4
+    anchors: int = 256
+    slices: int = 48
+    variants: int = 3
+    max_disp: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("dims", "steps", "pairs", "anchors", "slices"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.hidden < 0 or self.temperature <= 0 or self.variants < 2:
+            raise ValueError(f"hidden={self.hidden}, temperature={self.temperature}, "
+                             f"variants={self.variants}: need hidden >= 0, temperature > 0, "
+                             "variants >= 2")
+
+
+def _sample_bilinear(maps: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """``maps`` ``(h, w, C)`` at fractional ``(rows, cols)`` (edge values outside)."""
+    h, w = maps.shape[:2]
+    r = jnp.clip(rows, 0.0, h - 1.0)
+    c = jnp.clip(cols, 0.0, w - 1.0)
+    r0, c0 = jnp.floor(r).astype(jnp.int32), jnp.floor(c).astype(jnp.int32)
+    r1, c1 = jnp.minimum(r0 + 1, h - 1), jnp.minimum(c0 + 1, w - 1)
+    fr, fc = (r - r0)[:, None], (c - c0)[:, None]
+    return ((1 - fr) * (1 - fc) * maps[r0, c0] + (1 - fr) * fc * maps[r0, c1]
+            + fr * (1 - fc) * maps[r1, c0] + fr * fc * maps[r1, c1])
+
+
+def _pair_loss(params, reference, moved, anchor_idx, target_rc, *, temperature, exclusion):
+    """InfoNCE of one pair: ``moved`` tokens at ``anchor_idx`` against ``reference``'s
+    adapted map at ``target_rc`` (token coordinates)."""
+    h, w, c = reference.shape
+    ref = apply_adapter(params, reference)
+    positives = _sample_bilinear(ref, target_rc[:, 0], target_rc[:, 1])
+    positives = positives / (jnp.linalg.norm(positives, axis=-1, keepdims=True) + 1e-6)
+    anchors = apply_adapter(params, moved.reshape(-1, c)[anchor_idx])
+    logits = anchors @ positives.T / temperature
+    dist = jnp.linalg.norm(target_rc[:, None] - target_rc[None], axis=-1)
+    near = (dist < exclusion) & ~jnp.eye(dist.shape[0], dtype=bool)
+    logits = jnp.where(near, -1e9, logits)
+    labels = jnp.arange(logits.shape[0])
+    return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+
+
+def _make_step(optimiser, temperature: float, exclusion: float):
+    def loss_fn(trainable, fixed, refs, moveds, idx, rc):
+        params = {**fixed, **trainable}
+        losses = jax.vmap(lambda r, m, i, t: _pair_loss(
+            params, r, m, i, t, temperature=temperature, exclusion=exclusion))(refs, moveds,
+                                                                              idx, rc)
+        return losses.mean()
+
+    @jax.jit
+    def step(trainable, opt_state, fixed, refs, moveds, idx, rc):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, fixed, refs, moveds, idx, rc)
+        updates, opt_state = optimiser.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
+
+
+def _token_targets(data: SyntheticSlices, scale: tuple[float, float], grid: tuple[int, int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, per token of its map: the token coordinates of its place in image 0,
+    and whether it lies on the head; ``(n, V, th, tw, 2)`` and ``(n, V, th, tw)``."""
+    from scipy import ndimage
+
+    sy, sx = scale
+    th, tw = grid
+    # token j's centre is pixel (j + 1/2) * s - 1/2 (jaxreg.features.to_image_grid)
+    py = (np.arange(th) + 0.5) * sy - 0.5
+    px = (np.arange(tw) + 0.5) * sx - 0.5
+    pts = np.stack(np.meshgrid(py, px, indexing="ij"))
+    n, v = data.images.shape[:2]
+    rc = np.zeros((n, v, th, tw, 2), np.float32)
+    on = np.zeros((n, v, th, tw), bool)
+    for i in range(n):
+        for j in range(v):
+            u = [ndimage.map_coordinates(data.fields[i, j, ..., a], pts, order=1,
+                                         mode="nearest") for a in (0, 1)]
+            y, x = pts[0] + u[0], pts[1] + u[1]
+            rc[i, j] = np.stack([(y + 0.5) / sy - 0.5, (x + 0.5) / sx - 0.5], -1)
+            on[i, j] = ndimage.map_coordinates(data.foreground[i].astype(np.float32),
+                                               [y, x], order=1, mode="constant") > 0.5
+    return rc, on
+
+
+def _settings_hash(config: AdapterConfig, encoder_name: str) -> str:
+    text = json.dumps([dataclasses.asdict(config), encoder_name, adapter_io.FORMAT_VERSION],
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _train_map(layer: str, tokens: np.ndarray, rc: np.ndarray, on: np.ndarray,
+               config: AdapterConfig, key: jax.Array, checkpoint: str, progress) -> tuple:
+    """One map's adapter: ``(params, losses)``; resumes from ``checkpoint`` when present."""
+    n, v, th, tw, c = tokens.shape
+    head = tokens[:, 0][on[:, 0]]
+    mean, std = head.mean(0), head.std(0) + 1e-6
+    params = init_adapter(key, c, hidden=config.hidden, dims=config.dims, mean=mean, std=std)
+    fixed = {k: params[k] for k in ("mean", "std")}
+    trainable = {k: val for k, val in params.items() if k not in fixed}
+    optimiser = optax.adam(config.learning_rate)
+    opt_state = optimiser.init(trainable)
+    rng = np.random.default_rng([config.seed, 7, zlib.crc32(layer.encode())])
+    start, losses = 0, []
+    if os.path.isfile(checkpoint):
+        tree, info = adapter_io.load(checkpoint, kind="checkpoint",
+                                     like={"trainable": trainable, "opt": opt_state})
+        if info.get("layer") == layer:
+            trainable, opt_state = tree["trainable"], tree["opt"]
+            start, losses = int(info["step"]), list(info["losses"])
+            rng.bit_generator.state = info["rng"]
+            logging.info("adapter %s: resumed at step %d from %s", layer, start, checkpoint)
+    step_fn = _make_step(optimiser, config.temperature, config.exclusion)
+    candidates = [np.flatnonzero(on[i, j].ravel()) for i in range(n) for j in range(v)]
+    flat_rc = rc.reshape(n * v, th * tw, 2)
+    for step in range(start, config.steps):
+        pick = rng.integers(0, n, config.pairs), rng.integers(1, v, config.pairs)
+        idx = np.stack([rng.choice(candidates[i * v + j], config.anchors,
+                                   replace=candidates[i * v + j].size < config.anchors)
+                        for i, j in zip(*pick)])
+        targets = np.stack([flat_rc[i * v + j][k] for (i, j), k in zip(zip(*pick), idx)])
+        trainable, opt_state, loss = step_fn(trainable, opt_state, fixed,
+                                             tokens[pick[0], 0], tokens[pick[0], pick[1]],
+                                             idx, targets)
+        losses.append(float(loss))
+        progress(layer, step + 1, losses[-1])
+        if (step + 1) % 250 == 0 and step + 1 < config.steps:
+            adapter_io.save(checkpoint, {"trainable": trainable, "opt": opt_state},
+                            kind="checkpoint",
+                            info={"layer": layer, "step": step + 1, "losses": losses,
+                                  "rng": rng.bit_generator.state})
+    return {**fixed, **trainable}, losses
+
+
+def train(config: AdapterConfig, out: str, *, workdir: str = "", weights: str = "",
+          progress: bool = True) -> dict:
+    """Trains an adapter and writes it to ``out`` (see the module docstring).
+
+    Args:
+      config: the settings.
+      out: the adapter file to write (``.safetensors``).
+      workdir: folder for the encoded synthetic slices (default: beside ``out``); a rerun
+        with the same settings reads them instead of encoding again.
+      weights: the encoder's checkpoint (``""``: searched as the registration does).
+      progress: a progress bar on standard error.
+
+    Returns:
+      The training record written into the file's info (also ``seconds``).
+    """
+    from jaxreg import features
+    from jaxreg.encoders import registry
+    from jaxreg.registration import default_config
+
+    started = time.perf_counter()
+    layers = config.layers or default_config(config.encoder).features.layers
+    model, spec = registry.load_encoder(config.encoder, weights or None)
+    encoder = features.SliceEncoder(model, spec, layers=layers, name=config.encoder)
+    data = synthetic_slices(slices=config.slices, variants=config.variants,
+                            max_disp=config.max_disp, seed=config.seed)
+    n, v, h, w = data.images.shape
+    cache = features.FeatureCache(workdir or os.path.join(
+        os.path.dirname(os.path.abspath(out)), ".adapter_tokens"))
+    flat = data.images.reshape(n * v, h, w)
+    path = cache.path(flat, encoder)
+    tokens = cache.load(path, layers)
+    bar = _bar(progress, total=config.steps * len(layers))
+    if tokens is None:
+        logging.info("encoding %d synthetic slices with %s", n * v, config.encoder)
+        bar.set_description(f"encoding {n * v} slices")
+        tokens = encoder(flat)
+        cache.save(path, tokens)
+    encoded_at = time.perf_counter()
+    digest = _settings_hash(config, config.encoder)
+    checkpoint = f"{out}.{digest}.checkpoint.safetensors"
+    key = jax.random.key(config.seed)
+    params, record = {}, {}
+
+    def report(layer, step, loss):
+        bar.set_description(f"{layer} loss {loss:.3f}")
+        bar.update(1)
+
+    for i, layer in enumerate(layers):
+        t = tokens[layer].reshape(n, v, *tokens[layer].shape[1:])
+        rc, on = _token_targets(data, encoder.token_scale((h, w), layer), t.shape[2:4])
+        params[layer], losses = _train_map(layer, t, rc, on, config,
+                                           jax.random.fold_in(key, i),
+                                           f"{checkpoint}.{layer}", report)
+        record[layer] = {"first_loss": float(np.mean(losses[:50])),
+                         "last_loss": float(np.mean(losses[-50:])), "tokens": list(t.shape)}
+    bar.close()
+    info = {"encoder": config.encoder, "spec": spec.name, "render": "intensity",
+            "layers": list(layers), "config": dataclasses.asdict(config),
+            "data": "synthetic contrasts of nilearn's MNI ICBM152 2009a tissue maps",
+            "maps": record, "slices": [n, v, h, w],
+            "encoding_seconds": round(encoded_at - started, 1),
+            "seconds": round(time.perf_counter() - started, 1)}
+    adapter_io.save(out, params, kind=KIND, info=info)
+    for layer in layers:
+        if os.path.isfile(f"{checkpoint}.{layer}"):
+            os.unlink(f"{checkpoint}.{layer}")
+    return info
+
+
+def _bar(enabled: bool, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def token_agreement(adapter: FeatureAdapter | None, layer: str, fixed: np.ndarray,
+                    moving: np.ndarray, rc: np.ndarray, on: np.ndarray) -> float:
+    """Diagnostic: the fraction of foreground tokens of ``moving`` whose nearest token of
+    ``fixed`` (cosine, adapted when ``adapter`` is given) lies within one token of the
+    true place ``rc``."""
+    c = fixed.shape[-1]
+    f = fixed.reshape(-1, c)
+    m = moving.reshape(-1, c)[on.ravel()]
+    if adapter is not None:
+        f, m = adapter(layer, f), adapter(layer, m)
+    f = f / (np.linalg.norm(f, axis=-1, keepdims=True) + 1e-6)
+    m = m / (np.linalg.norm(m, axis=-1, keepdims=True) + 1e-6)
+    best = np.argmax(m @ f.T, axis=1)
+    tw = fixed.shape[1]
+    got = np.stack([best // tw, best % tw], -1)
+    true = rc.reshape(-1, 2)[on.ravel()]
+    return float(np.mean(np.linalg.norm(got - true, axis=-1) <= 1.0))
