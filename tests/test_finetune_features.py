@@ -233,6 +233,14 @@ def test_synthetic_slices(tmp_path):
     np.testing.assert_array_equal(again.images, data.images)
     with pytest.raises(ValueError, match="variants=1"):
         adapters.synthetic_slices(paths, slices=3, variants=1)
+    # the gradient render: the middle slice of a slab's 3D gradient magnitude
+    edges = adapters.synthetic_slices(paths, slices=3, variants=3, max_disp=2.0, seed=5,
+                                      render="gradient")
+    assert edges.images.shape == data.images.shape
+    assert 0 <= edges.images.min() and edges.images.max() <= 1
+    assert edges.images[:, 0, 30, 32].max() < 0.2  # flat inside the brain's core
+    with pytest.raises(ValueError, match="render='edges'"):
+        adapters.synthetic_slices(paths, slices=3, render="edges")
 
 
 def test_command_line_reaches_the_config():

@@ -34,7 +34,7 @@ It never sees the test images.
 
 Training is seeded and resumable: the encoded tokens are kept in a
 :class:`jaxreg.features.FeatureCache` folder, and a checkpoint (parameters, optimiser
-state, the random state) is written every ``checkpoint_every`` steps beside the output and
+state, the random state) is written every 250 steps beside the output and
 resumed from when the settings match; the adapter file (:mod:`jaxreg.finetune.io`,
 kind ``"feature_adapter"``) is written at the end.
 """
@@ -205,21 +205,26 @@ def _tissue_maps(paths: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _shells(brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``(H, W, 3)`` 0/1 maps of an outer CSF, skull and scalp around a 2D brain mask, at
-    random thicknesses (pixels)."""
+    """``(..., 3)`` 0/1 maps of an outer CSF, skull and scalp around a brain mask (a 2D
+    slice, or a slab ``(H, W, S)`` whose slices get the same thicknesses), at random
+    thicknesses (pixels)."""
     from scipy import ndimage
 
-    dist = ndimage.distance_transform_edt(~brain)
     a = rng.uniform(1.0, 3.0)
     b = a + rng.uniform(3.0, 7.0)
     c = b + rng.uniform(3.0, 9.0)
+    if brain.ndim == 3:
+        dist = np.stack([ndimage.distance_transform_edt(~brain[:, :, z])
+                         for z in range(brain.shape[2])], axis=-1)
+    else:
+        dist = ndimage.distance_transform_edt(~brain)
     return np.stack([(dist > 0) & (dist <= a), (dist > a) & (dist <= b),
                      (dist > b) & (dist <= c)], axis=-1).astype(np.float32)
 
 
 def _render_contrast(classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One random contrast of ``(H, W, K)`` class probabilities (K = 6: CSF, GM, WM,
-    outer CSF, skull, scalp; the rest is background), normalised to [0, 1]."""
+    """One random contrast of ``(H, W, K)`` or ``(H, W, S, K)`` class probabilities (K = 6:
+    CSF, GM, WM, outer CSF, skull, scalp; the rest is background), normalised to [0, 1]."""
     from scipy import ndimage
 
     from jaxreg import phantom
@@ -230,18 +235,24 @@ def _render_contrast(classes: np.ndarray, rng: np.random.Generator) -> np.ndarra
     background = 1.0 - np.clip(classes.sum(-1), 0.0, 1.0)
     img = classes @ means + background * rng.uniform(0.0, 0.2)
     img = ndimage.gaussian_filter(img, rng.uniform(0.0, 1.0))
-    h, w = img.shape
+    h, w = img.shape[:2]
     bias = phantom.smooth_field((h, w, 1), max_disp=rng.uniform(0.0, 0.3),
                                 seed=int(rng.integers(1 << 31)), sigma=40.0,
                                 max_derivative=None)[..., 0, 0]
+    bias = bias.reshape(bias.shape + (1,) * (img.ndim - 2))
     img = img * np.exp(bias) + rng.normal(0.0, rng.uniform(0.0, 0.04), img.shape)
     img = np.clip(img, 0.0, None) ** np.exp(rng.normal(0.0, 0.25))
     return normalise_intensity(img.astype(np.float32))
 
 
+SLAB = 5
+"""Slices rendered around each training slice for ``render="gradient"``, whose gradient
+is taken in 3D as the registration takes it on a volume."""
+
+
 def synthetic_slices(paths: Mapping[str, str] | None = None, *, slices: int = 48,
-                     variants: int = 3, max_disp: float = 4.0, seed: int = 0
-                     ) -> SyntheticSlices:
+                     variants: int = 3, max_disp: float = 4.0, seed: int = 0,
+                     render: str = "intensity") -> SyntheticSlices:
     """Random contrasts of the template's axial slices (see the module docstring).
 
     Args:
@@ -250,28 +261,39 @@ def synthetic_slices(paths: Mapping[str, str] | None = None, *, slices: int = 48
       variants: contrasts per slice; all but the first deformed.
       max_disp: the deformations' longest vector, pixels.
       seed: everything random follows from it.
+      render: what the encoder will see (:func:`jaxreg.features.render`); ``"gradient"``
+        renders a slab of :data:`SLAB` slices (deformed alike) and keeps the middle slice
+        of its 3D gradient magnitude.
     """
     from scipy import ndimage
 
     from jaxreg import phantom
+    from jaxreg.features.intensity import RENDERS
+    from jaxreg.features.intensity import render as render_volume
 
     if slices < 1 or variants < 2:
         raise ValueError(f"slices={slices}, variants={variants}: need slices >= 1 and "
                          "variants >= 2 (one image to compare with)")
+    if render not in RENDERS:
+        raise ValueError(f"render={render!r}: must be one of {', '.join(RENDERS)}")
     classes3d, brain3d = _tissue_maps(paths or template_paths())
     z = np.flatnonzero(brain3d.any(axis=(0, 1)))
     lo, hi = z[0] + 0.1 * (z[-1] - z[0]), z[-1] - 0.1 * (z[-1] - z[0])
     picks = np.unique(np.round(np.linspace(lo, hi, slices)).astype(int))
     rng = np.random.default_rng([seed, 2009])
-    h, w = brain3d.shape[:2]
+    h, w, depth = brain3d.shape
     images = np.zeros((picks.size, variants, h, w), np.float32)
     fields = np.zeros((picks.size, variants, h, w, 2), np.float32)
     foreground = np.zeros((picks.size, h, w), bool)
     grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"))
+    half = 0 if render == "intensity" else SLAB // 2
     for i, k in enumerate(picks):
-        brain = brain3d[:, :, k]
-        classes = np.concatenate([classes3d[:, :, k], _shells(brain, rng)], axis=-1)
-        foreground[i] = classes.sum(-1) > 0.5
+        slab = np.clip(np.arange(k - half, k + half + 1), 0, depth - 1)
+        brain = brain3d[:, :, slab] if half else brain3d[:, :, k]
+        tissue = classes3d[:, :, slab] if half else classes3d[:, :, k]
+        classes = np.concatenate([tissue, _shells(brain, rng)], axis=-1)
+        middle = classes[:, :, half] if half else classes
+        foreground[i] = middle.sum(-1) > 0.5
         for v in range(variants):
             moved = classes
             if v:
@@ -279,9 +301,11 @@ def synthetic_slices(paths: Mapping[str, str] | None = None, *, slices: int = 48
                                          seed=int(rng.integers(1 << 31)))[:, :, 0, :2]
                 fields[i, v] = u
                 coords = grid + np.moveaxis(u, -1, 0)
-                moved = np.stack([ndimage.map_coordinates(classes[..., c], coords, order=1)
-                                  for c in range(classes.shape[-1])], axis=-1)
-            images[i, v] = _render_contrast(moved, rng)
+                flat = classes.reshape(h, w, -1)
+                moved = np.stack([ndimage.map_coordinates(flat[..., c], coords, order=1)
+                                  for c in range(flat.shape[-1])], -1).reshape(classes.shape)
+            img = _render_contrast(moved, rng)
+            images[i, v] = render_volume(img, render)[:, :, half] if half else img
     return SyntheticSlices(images=images, fields=fields, foreground=foreground)
 
 
@@ -303,6 +327,8 @@ class AdapterConfig:
       pairs: image pairs per step.
       anchors: anchor tokens per pair.
       slices, variants, max_disp: the synthetic data (:func:`synthetic_slices`).
+      render: what the encoder sees, in training and then in registration:
+        ``"intensity"`` or ``"gradient"`` (:func:`jaxreg.features.render`).
       seed: of the data, the initial weights and the sampling.
     """
 
@@ -319,6 +345,7 @@ class AdapterConfig:
     slices: int = 48
     variants: int = 3
     max_disp: float = 4.0
+    render: str = "intensity"
     seed: int = 0
 
     def __post_init__(self):
@@ -329,6 +356,8 @@ class AdapterConfig:
             raise ValueError(f"hidden={self.hidden}, temperature={self.temperature}, "
                              f"variants={self.variants}: need hidden >= 0, temperature > 0, "
                              "variants >= 2")
+        if self.render not in ("intensity", "gradient"):
+            raise ValueError(f"render={self.render!r}: must be intensity or gradient")
 
 
 def _sample_bilinear(maps: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
@@ -476,7 +505,8 @@ def train(config: AdapterConfig, out: str, *, workdir: str = "", weights: str = 
     model, spec = registry.load_encoder(config.encoder, weights or None)
     encoder = features.SliceEncoder(model, spec, layers=layers, name=config.encoder)
     data = synthetic_slices(slices=config.slices, variants=config.variants,
-                            max_disp=config.max_disp, seed=config.seed)
+                            max_disp=config.max_disp, seed=config.seed,
+                            render=config.render)
     n, v, h, w = data.images.shape
     cache = features.FeatureCache(workdir or os.path.join(
         os.path.dirname(os.path.abspath(out)), ".adapter_tokens"))
@@ -491,7 +521,7 @@ def train(config: AdapterConfig, out: str, *, workdir: str = "", weights: str = 
         cache.save(path, tokens)
     encoded_at = time.perf_counter()
     digest = _settings_hash(config, config.encoder)
-    checkpoint = f"{out}.{digest}.checkpoint.safetensors"
+    checkpoint = f"{out}.{digest}.{{layer}}.checkpoint.safetensors"
     key = jax.random.key(config.seed)
     params, record = {}, {}
 
@@ -504,11 +534,11 @@ def train(config: AdapterConfig, out: str, *, workdir: str = "", weights: str = 
         rc, on = _token_targets(data, encoder.token_scale((h, w), layer), t.shape[2:4])
         params[layer], losses = _train_map(layer, t, rc, on, config,
                                            jax.random.fold_in(key, i),
-                                           f"{checkpoint}.{layer}", report)
+                                           checkpoint.format(layer=layer), report)
         record[layer] = {"first_loss": float(np.mean(losses[:50])),
                          "last_loss": float(np.mean(losses[-50:])), "tokens": list(t.shape)}
     bar.close()
-    info = {"encoder": config.encoder, "spec": spec.name, "render": "intensity",
+    info = {"encoder": config.encoder, "spec": spec.name, "render": config.render,
             "layers": list(layers), "config": dataclasses.asdict(config),
             "data": "synthetic contrasts of nilearn's MNI ICBM152 2009a tissue maps",
             "maps": record, "slices": [n, v, h, w],
@@ -516,8 +546,8 @@ def train(config: AdapterConfig, out: str, *, workdir: str = "", weights: str = 
             "seconds": round(time.perf_counter() - started, 1)}
     adapter_io.save(out, params, kind=KIND, info=info)
     for layer in layers:
-        if os.path.isfile(f"{checkpoint}.{layer}"):
-            os.unlink(f"{checkpoint}.{layer}")
+        if os.path.isfile(checkpoint.format(layer=layer)):
+            os.unlink(checkpoint.format(layer=layer))
     return info
 
 

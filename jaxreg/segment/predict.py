@@ -41,6 +41,7 @@ shape compiles a small XLA program of its own.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import MutableMapping, Sequence
 
@@ -131,6 +132,21 @@ class Segmenter:
         # the weights on each device (device_put to their own device copies nothing)
         self._enc_states = [jax.device_put(self._enc[1], d) for d in self.devices]
         self._heads = nnx.split(heads)
+
+    @property
+    def heads(self) -> heads_lib.SamHeads:
+        """The prompt encoder and mask decoder (a new module over the same arrays)."""
+        return nnx.merge(*self._heads)
+
+    def with_heads(self, heads: heads_lib.SamHeads) -> "Segmenter":
+        """A segmenter with other heads (e.g. a tuned mask decoder,
+        :mod:`jaxreg.finetune.segment`) and this one's encoder, shared, not copied."""
+        if heads.config.input_image_size != self.image_size:
+            raise ValueError(f"heads for {heads.config.input_image_size} px inputs do not fit "
+                             f"the {self.spec.name} encoder's {self.image_size} px")
+        other = copy.copy(self)
+        other._heads = nnx.split(heads)
+        return other
 
     @property
     def ahead(self) -> int:

@@ -59,6 +59,8 @@ class SegmentSettings:
       structures: label values to evaluate, as given (default: the ``largest`` largest).
       largest: how many structures without ``structures``.
       json: where to write the evaluation scores.
+      decoder: a tuned mask decoder file (:func:`jaxreg.finetune.segment.save_decoder`,
+        for the same model); ``""``: the pretrained heads.
     """
 
     image: str | None
@@ -73,6 +75,7 @@ class SegmentSettings:
     structures: Sequence[str] | None = None
     largest: int = 12
     json: str | None = None
+    decoder: str = ""
 
 
 def keep_freed_memory() -> bool:
@@ -198,7 +201,8 @@ def segment_files(s: SegmentSettings, *, segmenter: predict.Segmenter | None = N
       s: the settings.
       segmenter: a loaded model to use instead of loading ``s.model``.
       echo: where the progress and result lines go.
-      timings: if given, filled with seconds per step: ``read``, ``load_model`` (weights),
+      timings: if given, filled with seconds per step: ``read``, ``load_model`` (weights,
+        and the tuned decoder of ``s.decoder``),
         ``segment`` (encoder, decoder, propagation; compilation included), ``write``.
 
     Returns:
@@ -227,6 +231,13 @@ def segment_files(s: SegmentSettings, *, segmenter: predict.Segmenter | None = N
     clock.lap("read")
     if segmenter is None:
         segmenter = predict.load_segmenter(s.model, weights=s.checkpoint)
+    if s.decoder:
+        from jaxreg.finetune import segment as fewshot
+
+        try:
+            segmenter = fewshot.load_decoder(s.decoder, segmenter)
+        except (ValueError, FileNotFoundError) as e:  # each names the file
+            raise InputError(f"--decoder: {e}") from e
     clock.lap("load_model")
     if labels is None:
         mask = predict.segment_3d(segmenter, image.data, box, axis=s.axis, margin=s.margin,
