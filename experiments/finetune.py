@@ -38,8 +38,8 @@ def _csv(text: str) -> tuple[str, ...]:
 def _feature_flags(sub: argparse.ArgumentParser) -> None:
     from jaxreg.finetune.features import AdapterConfig
 
-    helps = {"encoder": "registry encoder", "layers": "output maps (default: the encoder's "
-             "registration pyramid)", "hidden": "hidden GELU units (0: linear)",
+    helps = {"encoder": "registry encoder", "layers": "output maps (default: every map of "
+             "the encoder's pyramid)", "hidden": "hidden GELU units (0: linear)",
              "dims": "output channels", "temperature": "InfoNCE temperature",
              "exclusion": "negatives within this many tokens are left out",
              "steps": "Adam steps per map", "learning_rate": "Adam's learning rate",

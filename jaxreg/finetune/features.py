@@ -317,7 +317,8 @@ class AdapterConfig:
 
     Attributes:
       encoder: the registry encoder (its weights found as the registration's are).
-      layers: output maps to adapt (empty: the encoder's registration pyramid).
+      layers: output maps to adapt (empty: every map of the encoder's pyramid,
+        ``jaxreg.encoders.registry``; the registration uses those its settings name).
       hidden: hidden GELU units (0: a linear projection).
       dims: output channels.
       temperature: InfoNCE temperature.
@@ -498,10 +499,9 @@ def train(config: AdapterConfig, out: str, *, workdir: str = "", weights: str = 
     """
     from jaxreg import features
     from jaxreg.encoders import registry
-    from jaxreg.registration import default_config
 
     started = time.perf_counter()
-    layers = config.layers or default_config(config.encoder).features.layers
+    layers = config.layers or tuple(registry.ENCODERS[config.encoder].pyramid)
     model, spec = registry.load_encoder(config.encoder, weights or None)
     encoder = features.SliceEncoder(model, spec, layers=layers, name=config.encoder)
     data = synthetic_slices(slices=config.slices, variants=config.variants,
