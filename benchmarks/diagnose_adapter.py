@@ -43,9 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _nearest_within_one(fixed, moving, on, *, cosine: bool) -> float:
-    """Fraction of ``moving``'s tokens at ``on`` whose nearest ``fixed`` token is within
-    one token of their own place."""
+def nearest_within_one(fixed, moving, on, *, cosine: bool = True, places=None) -> float:
+    """Fraction of ``moving``'s ``(th, tw, C)`` tokens at ``on`` whose nearest ``fixed``
+    token lies within one token of their place in ``fixed``: ``places`` ``(th, tw, 2)``
+    token coordinates, default the same place (co-registered images)."""
     th, tw, c = fixed.shape
     f, m = fixed.reshape(-1, c), moving.reshape(-1, c)[on.ravel()]
     if cosine:
@@ -55,8 +56,9 @@ def _nearest_within_one(fixed, moving, on, *, cosine: bool) -> float:
     else:
         best = np.argmin((m ** 2).sum(-1)[:, None] - 2 * m @ f.T + (f ** 2).sum(-1), axis=1)
     got = np.stack([best // tw, best % tw], -1)
-    grid = np.stack(np.meshgrid(np.arange(th), np.arange(tw), indexing="ij"), -1)
-    true = grid.reshape(-1, 2)[on.ravel()]
+    if places is None:
+        places = np.stack(np.meshgrid(np.arange(th), np.arange(tw), indexing="ij"), -1)
+    true = np.reshape(places, (-1, 2))[on.ravel()]
     return float(np.mean(np.linalg.norm(got - true, axis=-1) <= 1.0))
 
 
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
                 (p.rsplit("/", 1)[-1], ad(layer, a[layer]), ad(layer, b[layer]))
                 for p, ad in zip(args.adapters, adapters) if ad.render == render]
             def score(fa, fb, cosine):
-                return np.mean([_nearest_within_one(fa[i], fb[i], on[i], cosine=cosine)
+                return np.mean([nearest_within_one(fa[i], fb[i], on[i], cosine=cosine)
                                 for i in range(len(z))])
 
             cells = []

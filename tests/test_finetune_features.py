@@ -14,6 +14,7 @@ from helpers import PatchEncoder, patch_encoder
 from jaxreg import features as F
 from jaxreg.finetune import features as adapters
 from jaxreg.finetune import io as adapter_io
+from jaxreg.finetune import synthetic
 
 
 def _adapter_file(tmp_path, *, channels=6, hidden=0, dims=4, spec="patch", seed=0):
@@ -188,12 +189,14 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     for k in whole:
         np.testing.assert_array_equal(np.asarray(whole[k]), np.asarray(resumed[k]))
     # after training the right place is found more often than with the raw tokens
+    from benchmarks.diagnose_adapter import nearest_within_one
+
     loaded = adapters.FeatureAdapter(path="", params={"features": whole}, info={})
-    raw = np.mean([adapters.token_agreement(None, "features", tokens[i, 0], tokens[i, 1],
-                                            rc[i, 1], on[i, 1]) for i in range(3)])
-    tuned = np.mean([adapters.token_agreement(loaded, "features", tokens[i, 0],
-                                              tokens[i, 1], rc[i, 1], on[i, 1])
-                     for i in range(3)])
+    raw = np.mean([nearest_within_one(tokens[i, 0], tokens[i, 1], on[i, 1], places=rc[i, 1])
+                   for i in range(3)])
+    tuned = np.mean([nearest_within_one(loaded("features", tokens[i, 0]),
+                                        loaded("features", tokens[i, 1]), on[i, 1],
+                                        places=rc[i, 1]) for i in range(3)])
     assert tuned > raw + 0.1, (raw, tuned)
 
 
@@ -221,7 +224,7 @@ def test_synthetic_slices(tmp_path):
                       ("gm", 255 * brain * (r > 6)), ("wm", 255 * brain * (r <= 6))):
         paths[name] = str(tmp_path / f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), paths[name])
-    data = adapters.synthetic_slices(paths, slices=3, variants=3, max_disp=2.0, seed=5)
+    data = synthetic.synthetic_slices(paths, slices=3, variants=3, max_disp=2.0, seed=5)
     assert data.images.shape == (3, 3, 60, 64) and data.fields.shape == (3, 3, 60, 64, 2)
     assert np.all(data.fields[:, 0] == 0) and 0.5 < np.abs(data.fields[:, 1:]).max() <= 2.01
     assert data.images.min() >= 0 and data.images.max() <= 1
@@ -229,18 +232,18 @@ def test_synthetic_slices(tmp_path):
     assert data.foreground[:, 30, 32].all() and not data.foreground[:, 0, 0].any()
     # contrasts differ between the images of one slice; the seed fixes everything
     assert np.abs(data.images[:, 0] - data.images[:, 1]).mean() > 0.05
-    again = adapters.synthetic_slices(paths, slices=3, variants=3, max_disp=2.0, seed=5)
+    again = synthetic.synthetic_slices(paths, slices=3, variants=3, max_disp=2.0, seed=5)
     np.testing.assert_array_equal(again.images, data.images)
     with pytest.raises(ValueError, match="variants=1"):
-        adapters.synthetic_slices(paths, slices=3, variants=1)
+        synthetic.synthetic_slices(paths, slices=3, variants=1)
     # the gradient render: the middle slice of a slab's 3D gradient magnitude
-    edges = adapters.synthetic_slices(paths, slices=3, variants=3, max_disp=2.0, seed=5,
+    edges = synthetic.synthetic_slices(paths, slices=3, variants=3, max_disp=2.0, seed=5,
                                       render="gradient")
     assert edges.images.shape == data.images.shape
     assert 0 <= edges.images.min() and edges.images.max() <= 1
     assert edges.images[:, 0, 30, 32].max() < 0.2  # flat inside the brain's core
     with pytest.raises(ValueError, match="render='edges'"):
-        adapters.synthetic_slices(paths, slices=3, render="edges")
+        synthetic.synthetic_slices(paths, slices=3, render="edges")
 
 
 def test_command_line_reaches_the_config():

@@ -352,8 +352,7 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
         the fixed image (every slice along an axis) is of uniform intensity.
     """
     times = timings if timings is not None else {}
-    encoder = encoder.with_shifts(config.shifts)
-    adapter = _adapter(config, encoder)
+    encoder, adapter = encoder.with_shifts(config.shifts), _adapter(config, encoder)
     with _timed(times, "slicing"):
         guides = _guides(fixed, moving, config)
         fixed, moving = _rendered(fixed, moving, config, choices, adapter)
@@ -363,18 +362,15 @@ def pair_features(fixed: ArrayLike, moving: ArrayLike, encoder: SliceEncoder, *,
         plans = [slice_plan(fixed, axis=a, gap=config.gap, tolerance=config.uniform_tolerance)
                  for a in axes]
 
-    encoded = []  # per axis: (fixed tokens, moving tokens) dicts
-    for plan in plans:
-        with _timed(times, "encoding"):
-            encoded.append((_encode(fixed, plan, encoder, cache),
-                            _encode(moving, plan, encoder, cache)))
+    with _timed(times, "encoding"):  # per axis: (fixed tokens, moving tokens) dicts
+        encoded = [(_encode(fixed, plan, encoder, cache), _encode(moving, plan, encoder, cache))
+                   for plan in plans]
 
     out = {}
     for layer in config.layers:
         with _timed(times, "pca"):
-            tokens = [(f[layer], m[layer]) for f, m in encoded]
-            if adapter is not None:
-                tokens = [(adapter(layer, f), adapter(layer, m)) for f, m in tokens]
+            tokens = [tuple(x[layer] if adapter is None else adapter(layer, x[layer])
+                            for x in pair) for pair in encoded]
             weights = [_pca_weights(plan, encoder, f.shape[1:3], layer, fixed_mask, moving_mask)
                        for plan, (f, _) in zip(plans, tokens)]
             pcas = _fit_pcas(tokens, weights, config)

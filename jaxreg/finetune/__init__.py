@@ -4,7 +4,8 @@
   shared by every fine-tuned part and by training checkpoints.
 * :mod:`jaxreg.finetune.features`: a small adapter over an encoder's tokens, trained on
   synthetic contrasts so that corresponding places agree across contrasts
-  (``FeatureConfig.adapter``).
+  (``FeatureConfig.adapter``); its training images come from
+  :mod:`jaxreg.finetune.synthetic`.
 * :mod:`jaxreg.finetune.segment`: few-shot tuning of the LiteMedSAM mask decoder on a few
   labelled slices of a structure.
 
