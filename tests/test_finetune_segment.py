@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from jaxreg.finetune import _decoder_parts as parts
 from jaxreg.finetune import io as adapter_io
 from jaxreg.finetune import segment as fs
 from jaxreg.segment import predict
@@ -76,7 +77,7 @@ def test_decoder_halves_match_the_mask_decoder(tiny_segmenter):
     ref = jax.jit(whole)(emb, boxes)
     # "output" runs every piece (the others only move where the upscaling or the
     # transformer runs: before training or in each step); one compilation keeps it quick
-    split = jax.jit(lambda e, b: fs._logits(heads, "output", fs._features(heads, "output", e, b)))
+    split = jax.jit(lambda e, b: parts.logits(heads, "output", parts.features(heads, "output", e, b)))
     np.testing.assert_allclose(np.asarray(split(emb, boxes)), np.asarray(ref[:, 0]), atol=1e-4)
 
 

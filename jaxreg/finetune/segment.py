@@ -44,12 +44,12 @@ quality). Hence the default: ``hypernetwork``, 200 steps, rate 1e-3, minibatch 8
 The result is ``params``: the trained part's arrays as nested dicts;
 :func:`save_decoder` writes them in the adapter file format (:mod:`jaxreg.finetune.io`,
 kind ``"mask_decoder"``), :func:`load_decoder` puts them into a segmenter's heads,
-:func:`finetune_files` does it all from NIfTI files.
+:func:`finetune_files` does it all from NIfTI files; the JAX side (the decoder's split
+forward, the loss, the Adam steps) is in :mod:`jaxreg.finetune._decoder_parts`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Sequence
@@ -57,11 +57,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
 from jaxreg.features import encoding
+from jaxreg.finetune import _decoder_parts as parts
 from jaxreg.finetune import io as adapter_io
 from jaxreg.segment import predict
 
@@ -130,28 +130,6 @@ def training_boxes(slice_mask: np.ndarray, box3d: Sequence[int], *, count: int =
     return np.minimum(boxes, hi).astype(np.float32)
 
 
-def _sam_boxes(boxes: np.ndarray, shape: tuple[int, int], resized: tuple[int, int]
-               ) -> np.ndarray:
-    """``(N, 4)`` ``(r0, c0, r1, c1)`` boxes -> SAM's ``(x0, y0, x1, y1)`` input pixels, as
-    :meth:`jaxreg.segment.Segmenter.decode` converts them."""
-    sy, sx = resized[0] / shape[0], resized[1] / shape[1]
-    r0, c0, r1, c1 = boxes.T
-    return np.stack([c0 * sx, r0 * sy, (c1 - 1) * sx, (r1 - 1) * sy], -1).astype(np.float32)
-
-
-def _low_res_target(slice_mask: np.ndarray, resized: tuple[int, int], image_size: int,
-                    low: int) -> tuple[np.ndarray, np.ndarray]:
-    """A slice's mask in the decoder's ``low x low`` logit frame (the encoder input scaled
-    by ``low / image_size``): ``(target, weight)``, weight 0 on the padding."""
-    rows = max(1, round(resized[0] * low / image_size))
-    cols = max(1, round(resized[1] * low / image_size))
-    m = jax.image.resize(jnp.asarray(slice_mask, jnp.float32), (rows, cols), "linear")
-    target, weight = np.zeros((low, low), np.float32), np.zeros((low, low), np.float32)
-    target[:rows, :cols] = np.asarray(m) >= 0.5
-    weight[:rows, :cols] = 1.0
-    return target, weight
-
-
 # ----------------------------------------------------------------------------- the model
 
 def _filter(trainable: str):
@@ -175,109 +153,6 @@ def _pure(heads, trainable: str) -> dict:
     """The ``trainable`` part of ``heads``' parameters as nested dicts of arrays."""
     return nnx.to_pure_dict(nnx.split(heads, _filter(trainable), ...)[1])
 
-
-def _prompts(heads, sam_boxes):
-    pe = heads.prompt_encoder
-    sparse, dense = pe(boxes=sam_boxes)
-    return sparse, dense, pe.dense_pe()
-
-
-def _transformer(md, emb, image_pe, sparse, dense):
-    """The first half of :class:`~jaxreg.segment.MaskDecoder`: ``(hs, keys (B, h, w, C))``."""
-    b, _, dim = sparse.shape
-    out_tokens = jnp.concatenate([md.iou_token.embedding[...], md.mask_tokens.embedding[...]])
-    tokens = jnp.concatenate([jnp.broadcast_to(out_tokens, (b,) + out_tokens.shape), sparse], 1)
-    src = jnp.broadcast_to(emb, dense.shape) + dense
-    pe = jnp.broadcast_to(image_pe, src.shape)
-    hs, keys = md.transformer(src, pe, tokens)
-    return hs, keys.reshape(src.shape)
-
-
-def _masks(md, token, up):
-    """Mask 0's logits ``(B, H, W)`` from its output token ``(B, C)`` and upscaled map."""
-    hyper = md.output_hypernetworks_mlps[0](token)
-    return jnp.einsum("bc,bhwc->bhw", hyper.astype(jnp.float32), up)
-
-
-def _features(heads, trainable, emb, sam_boxes):
-    """What stays fixed during training, per sample (``emb (B, h, w, C)``, one per box)."""
-    md = heads.mask_decoder
-    sparse, dense, image_pe = _prompts(heads, sam_boxes)
-    if trainable == "decoder":
-        return {"emb": emb, "sparse": sparse, "dense": dense}
-    hs, keys = _transformer(md, emb, image_pe, sparse, dense)
-    if trainable == "output":
-        return {"token": hs[:, 1], "keys": keys}
-    up = md.output_upscaling(keys).astype(jnp.float32)
-    return {"token": hs[:, 1], "up": up}
-
-
-def _logits(heads, trainable, f):
-    """Low-resolution logits ``(B, 4h, 4w)`` of mask 0 from :func:`_features`' output."""
-    md = heads.mask_decoder
-    if trainable == "decoder":
-        hs, keys = _transformer(md, f["emb"], heads.prompt_encoder.dense_pe(), f["sparse"],
-                                f["dense"])
-        token, up = hs[:, 1], md.output_upscaling(keys).astype(jnp.float32)
-    elif trainable == "output":
-        token, up = f["token"], md.output_upscaling(f["keys"]).astype(jnp.float32)
-    else:
-        token, up = f["token"], f["up"]
-    return _masks(md, token, up)
-
-
-def _loss(logits, target, weight):
-    """Per-sample BCE (mean over the weighted pixels) + soft Dice loss, averaged."""
-    bce = optax.sigmoid_binary_cross_entropy(logits, target)
-    bce = (bce * weight).sum((1, 2)) / weight.sum((1, 2))
-    p = jax.nn.sigmoid(logits) * weight
-    dice = 1.0 - (2.0 * (p * target).sum((1, 2)) + 1.0) / (
-        p.sum((1, 2)) + target.sum((1, 2)) + 1.0)
-    return jnp.mean(bce + dice)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "trainable", "window"))
-def _precompute(params, rest, emb, sam_boxes, corners, *, graphdef, trainable, window):
-    heads = nnx.merge(graphdef, params, rest)
-    feats = _features(heads, trainable, emb, sam_boxes)
-    if trainable == "hypernetwork":  # only the window around the box is trained
-        crop = lambda a, rc: jax.lax.dynamic_slice(  # noqa: E731
-            a, (rc[0], rc[1], 0), (window, window, a.shape[-1]))
-        feats["up"] = jax.vmap(crop)(feats["up"], corners)
-    return feats
-
-
-def _windows(sam_boxes: np.ndarray, image_size: int, low: int) -> tuple[int, np.ndarray]:
-    """The training window of the ``hypernetwork`` part: its side (the largest box in the
-    ``low`` frame plus 16 pixels per side, a multiple of 16, at most ``low``) and each
-    sample's top-left corner (the window centred on its box, inside the frame)."""
-    b = sam_boxes * (low / image_size)  # (x0, y0, x1, y1)
-    extent = float(np.max(b[:, 2:] - b[:, :2])) + 1.0 + 32.0
-    window = int(min(low, 16 * np.ceil(extent / 16)))
-    centre = (b[:, :2] + b[:, 2:]) / 2.0  # (x, y)
-    corner = np.clip(np.round(centre[:, ::-1] - window / 2.0), 0, low - window)
-    return window, corner.astype(np.int32)
-
-
-def _optimiser(learning_rate) -> optax.GradientTransformation:
-    return optax.adam(learning_rate)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "trainable"), donate_argnums=(0, 1))
-def _step(params, opt_state, rest, feats, target, weight, idx, learning_rate, *, graphdef,
-          trainable):
-    """One Adam step on samples ``idx`` (None: all); the learning rate is traced, so that
-    one program serves every rate."""
-    if idx is not None:  # a minibatch; None: all samples, nothing gathered
-        feats, target, weight = jax.tree.map(lambda a: a[idx], (feats, target, weight))
-
-    def loss_fn(p):
-        heads = nnx.merge(graphdef, p, rest)
-        return _loss(_logits(heads, trainable, feats), target, weight)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = _optimiser(learning_rate).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
 
 
 # ----------------------------------------------------------------------------- training
@@ -320,6 +195,29 @@ def finetune_decoder(segmenter: predict.Segmenter, volume: np.ndarray, mask: np.
     Raises:
       ValueError: a volume and mask of different shapes, an empty mask, bad settings.
     """
+    vol, m = _volume_and_mask(volume, mask, axis=axis, normalise=normalise, steps=steps,
+                              learning_rate=learning_rate, batch=batch)
+    slices = choose_slices(m, shots)
+    t0 = time.perf_counter()
+    emb = _encoded(segmenter, vol, slices, embeddings)
+    t_encode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    params, stats = _tune(segmenter, emb, m, slices, trainable=trainable, margin=margin,
+                          jitter=jitter, seed=seed, steps=steps, learning_rate=learning_rate,
+                          batch=batch, progress=progress)
+    t_train = time.perf_counter() - t0
+    info = {"model": segmenter.spec.name, "shots": int(shots), "slices": slices,
+            "axis": int(axis), "steps": int(steps), "learning_rate": float(learning_rate),
+            "batch": stats.pop("batch"), "trainable": trainable, "margin": float(margin),
+            "jitter": float(jitter), "seed": int(seed), **stats,
+            "seconds_encode": round(t_encode, 3), "seconds_train": round(t_train, 3)}
+    return params, info
+
+
+def _volume_and_mask(volume, mask, *, axis: int, normalise: bool, steps: int,
+                     learning_rate: float, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`finetune_decoder`'s checks; its volume (normalised if ``normalise``) and
+    mask with the slicing ``axis`` moved last."""
     vol = np.asarray(volume, np.float32)
     m = np.asarray(mask, bool)
     if vol.ndim != 3 or m.shape != vol.shape:
@@ -330,70 +228,65 @@ def finetune_decoder(segmenter: predict.Segmenter, volume: np.ndarray, mask: np.
                          "must be positive")
     if normalise:
         vol = predict.normalise_intensity(vol)
-    vol, m = np.moveaxis(vol, axis, -1), np.moveaxis(m, axis, -1)
-    slices = choose_slices(m, shots)
-    shape = vol.shape[:2]
-    t0 = time.perf_counter()
+    return np.moveaxis(vol, axis, -1), np.moveaxis(m, axis, -1)
+
+
+def _encoded(segmenter: predict.Segmenter, vol: np.ndarray, slices: list[int],
+             embeddings: dict | None) -> jax.Array:
+    """The embeddings ``(k, h, w, C)`` of ``slices`` of ``vol`` (slicing axis last), those
+    not in ``embeddings`` encoded and added to it."""
     cache = {} if embeddings is None else embeddings
     todo = [z for z in slices if z not in cache]
     if todo:
         for z, e in zip(todo, segmenter.encode(np.stack([vol[..., z] for z in todo]))):
             cache[z] = e
-    emb = jnp.stack([cache[z] for z in slices])
-    t_encode = time.perf_counter() - t0
+    return jnp.stack([cache[z] for z in slices])
 
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
+
+def _samples(segmenter: predict.Segmenter, m: np.ndarray, slices: list[int], *,
+             margin: float, jitter: float, rng: np.random.Generator):
+    """The training samples of mask ``m`` (slicing axis last): :data:`BOXES` boxes per
+    slice, ``(sam_boxes (N, 4), target (N, low, low), weight, which)``, ``which`` the
+    index in ``slices`` of each sample's slice."""
+    shape = m.shape[:2]
     idx = np.nonzero(m)
     box3d = (idx[0].min(), idx[1].min(), idx[0].max() + 1, idx[1].max() + 1)
     resized, _ = encoding.token_geometry(shape, segmenter.spec.preprocessing,
                                          image_size=segmenter.image_size, patch_size=1)
-    heads = segmenter.heads
-    low = 4 * heads.config.embedding_size
+    low = 4 * segmenter.heads.config.embedding_size
     boxes, targets, weights, which = [], [], [], []
     for i, z in enumerate(slices):
         b = training_boxes(m[..., z], box3d, margin=margin, jitter=jitter, rng=rng)
-        t, w = _low_res_target(m[..., z], resized, segmenter.image_size, low)
-        boxes.append(_sam_boxes(b, shape, resized))
+        t, w = parts.low_res_target(m[..., z], resized, segmenter.image_size, low)
+        boxes.append(parts.to_sam_boxes(b, shape, resized))
         targets += [t] * len(b)
         weights += [w] * len(b)
         which += [i] * len(b)
-    sam_boxes = np.concatenate(boxes)
-    target, weight = np.stack(targets), np.stack(weights)
-    graphdef, params, rest = nnx.split(heads, _filter(trainable), ...)
-    window, corners = low, np.zeros((len(sam_boxes), 2), np.int32)
-    if trainable == "hypernetwork":
-        window, corners = _windows(sam_boxes, segmenter.image_size, low)
-        target = np.stack([t[r:r + window, c:c + window] for t, (r, c) in zip(target, corners)])
-        weight = np.stack([w[r:r + window, c:c + window] for w, (r, c) in zip(weight, corners)])
-    target, weight = jnp.asarray(target), jnp.asarray(weight)
-    feats = _precompute(params, rest, emb[np.asarray(which)], jnp.asarray(sam_boxes),
-                        jnp.asarray(corners), graphdef=graphdef, trainable=trainable,
-                        window=window)
+    return np.concatenate(boxes), np.stack(targets), np.stack(weights), which
+
+
+def _tune(segmenter: predict.Segmenter, emb: jax.Array, m: np.ndarray, slices: list[int], *,
+          trainable: str, margin: float, jitter: float, seed: int, steps: int,
+          learning_rate: float, batch: int, progress: bool) -> tuple[dict, dict]:
+    """:func:`finetune_decoder`'s training on the slices' embeddings ``emb``: ``(params,
+    stats)``, ``stats`` its ``batch``, ``samples``, ``window``, ``loss_first`` and
+    ``loss_final``."""
+    rng = np.random.default_rng(seed)
+    sam_boxes, target, weight, which = _samples(segmenter, m, slices, margin=margin,
+                                                jitter=jitter, rng=rng)
+    graphdef, params, rest = nnx.split(segmenter.heads, _filter(trainable), ...)
+    feats, target, weight, window = parts.prepare(
+        params, rest, emb[np.asarray(which)], sam_boxes, target, weight, graphdef=graphdef,
+        trainable=trainable, image_size=segmenter.image_size)
     n = sam_boxes.shape[0]
     batch = min(batch, n)
-    opt_state = _optimiser(learning_rate).init(params)
-    lr = jnp.float32(learning_rate)
-    params = jax.tree.map(jnp.copy, params)  # donated by the steps: not the segmenter's
-    losses = []
-    for step in range(steps):
-        pick = None if batch == n else jnp.asarray(rng.choice(n, batch, replace=False))
-        params, opt_state, loss = _step(params, opt_state, rest, feats, target, weight, pick,
-                                        lr, graphdef=graphdef, trainable=trainable)
-        losses.append(loss)
-        if progress and (step + 1) % max(1, steps // 10) == 0:
-            logging.info("step %d/%d: loss %.4f", step + 1, steps, float(loss))
-    losses = np.asarray(jax.device_get(losses), float)
-    t_train = time.perf_counter() - t0
-    info = {"model": segmenter.spec.name, "shots": int(shots), "slices": slices,
-            "axis": int(axis), "steps": int(steps), "learning_rate": float(learning_rate),
-            "batch": int(batch), "trainable": trainable, "margin": float(margin),
-            "jitter": float(jitter), "seed": int(seed), "samples": int(n),
-            "window": int(window),
-            "loss_first": float(losses[0]),
-            "loss_final": float(losses[-max(1, steps // 10):].mean()),
-            "seconds_encode": round(t_encode, 3), "seconds_train": round(t_train, 3)}
-    return nnx.to_pure_dict(params), info
+    params, losses = parts.fit(params, rest, feats, target, weight, graphdef=graphdef,
+                               trainable=trainable, steps=steps, learning_rate=learning_rate,
+                               batch=batch, rng=rng, progress=progress)
+    return nnx.to_pure_dict(params), {
+        "batch": int(batch), "samples": int(n), "window": int(window),
+        "loss_first": float(losses[0]),
+        "loss_final": float(losses[-max(1, steps // 10):].mean())}
 
 
 # ----------------------------------------------------------------------------- files
