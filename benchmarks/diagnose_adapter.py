@@ -81,12 +81,7 @@ def main(argv=None) -> int:
 
     def tokens(volume, render):
         sl = np.ascontiguousarray(np.moveaxis(F.render(volume, render), 2, 0)[z])
-        hit = cache.load(cache.path(sl, encoder), layers) if cache else None
-        if hit is None:
-            hit = encoder(sl)
-            if cache:
-                cache.save(cache.path(sl, encoder), hit)
-        return hit
+        return cache.encode(sl, encoder) if cache else encoder(sl)
 
     print(f"{args.encoder}, {len(z)} axial slices {z[0]}-{z[-1]}; nearest T1 token of each "
           "T2 brain token within one token of its place:")

@@ -318,6 +318,18 @@ class FeatureCache:
             return None
         return data if all(k in data for k in layers) else None
 
+    def encode(self, slices: np.ndarray, encoder: SliceEncoder) -> dict[str, np.ndarray]:
+        """``encoder``'s maps of ``slices``: from this cache when it has them, else
+        encoded and stored here."""
+        path = self.path(slices, encoder)
+        hit = self.load(path, encoder.layers)
+        if hit is not None:
+            logging.info("features from cache %s", path)
+            return {k: hit[k] for k in encoder.layers}
+        features = encoder(slices)
+        self.save(path, features)
+        return features
+
     def save(self, path: str, features: Mapping[str, np.ndarray]) -> None:
         from safetensors.numpy import save_file
 

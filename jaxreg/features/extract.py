@@ -58,7 +58,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.typing import ArrayLike
 
 from jaxreg.features import upsample as upsampling
@@ -137,16 +136,7 @@ def _encode(volume: np.ndarray, plan: SlicePlan, encoder: SliceEncoder,
     """The tokens of the plan's encoded slices of ``volume``: from ``cache`` when it has
     them, else from ``encoder`` (then stored in ``cache``)."""
     slices = np.ascontiguousarray(np.moveaxis(volume, plan.axis, 0)[plan.encoded])
-    path = cache.path(slices, encoder) if cache else None
-    if path:
-        hit = cache.load(path, encoder.layers)
-        if hit is not None:
-            logging.info("features from cache %s", path)
-            return {k: hit[k] for k in encoder.layers}
-    features = encoder(slices)
-    if path:
-        cache.save(path, features)
-    return features
+    return cache.encode(slices, encoder) if cache else encoder(slices)
 
 
 def _token_mask(mask: np.ndarray, plan: SlicePlan, encoder: SliceEncoder,

@@ -221,7 +221,7 @@ def _sample_bilinear(maps: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.A
 def _pair_loss(params, reference, moved, anchor_idx, target_rc, *, temperature, exclusion):
     """InfoNCE of one pair: ``moved`` tokens at ``anchor_idx`` against ``reference``'s
     adapted map at ``target_rc`` (token coordinates)."""
-    h, w, c = reference.shape
+    c = reference.shape[-1]
     ref = apply_adapter(params, reference)
     positives = _sample_bilinear(ref, target_rc[:, 0], target_rc[:, 1])
     positives = positives / (jnp.linalg.norm(positives, axis=-1, keepdims=True) + 1e-6)
@@ -252,9 +252,8 @@ def _make_step(optimiser, temperature: float, exclusion: float):
     return step
 
 
-def _settings_hash(config: AdapterConfig, encoder_name: str) -> str:
-    text = json.dumps([dataclasses.asdict(config), encoder_name, adapter_io.FORMAT_VERSION],
-                      sort_keys=True)
+def _settings_hash(config: AdapterConfig) -> str:
+    text = json.dumps([dataclasses.asdict(config), adapter_io.FORMAT_VERSION], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -328,10 +327,11 @@ def train(config: AdapterConfig, out: str, *, workdir: str = "", weights: str = 
                                       render=config.render)
     n, v, h, w = data.images.shape
     bar = _bar(progress, total=config.steps * len(layers))
-    tokens = _encoded(data.images.reshape(n * v, h, w), encoder, bar, workdir or os.path.join(
-        os.path.dirname(os.path.abspath(out)), ".adapter_tokens"))
+    folder = workdir or os.path.join(os.path.dirname(os.path.abspath(out)), ".adapter_tokens")
+    bar.set_description(f"encoding {n * v} slices")  # or reading them from a rerun's cache
+    tokens = features.FeatureCache(folder).encode(data.images.reshape(n * v, h, w), encoder)
     encoded_at = time.perf_counter()
-    digest = _settings_hash(config, config.encoder)
+    digest = _settings_hash(config)
     checkpoint = f"{out}.{digest}.{{layer}}.checkpoint.safetensors"
     key = jax.random.key(config.seed)
     params, record = {}, {}
@@ -360,22 +360,6 @@ def train(config: AdapterConfig, out: str, *, workdir: str = "", weights: str = 
         if os.path.isfile(checkpoint.format(layer=layer)):
             os.unlink(checkpoint.format(layer=layer))
     return info
-
-
-def _encoded(images: np.ndarray, encoder, bar, folder: str) -> dict[str, np.ndarray]:
-    """The encoder's maps of ``(m, h, w)`` images, from the cache ``folder`` when it has
-    them (a rerun, a resumed run), else encoded and stored there."""
-    from jaxreg import features
-
-    cache = features.FeatureCache(folder)
-    path = cache.path(images, encoder)
-    tokens = cache.load(path, encoder.layers)
-    if tokens is None:
-        logging.info("encoding %d synthetic slices with %s", len(images), encoder.name)
-        bar.set_description(f"encoding {len(images)} slices")
-        tokens = encoder(images)
-        cache.save(path, tokens)
-    return tokens
 
 
 def _bar(enabled: bool, total: int):
