@@ -17,7 +17,8 @@ encoder sees each image's gradient magnitude: ``features.render="gradient"``), `
 ``--iterations`` does not apply). ``--iterations`` overrides the
 Adam iterations of the encoder rows (0: the config's, 1000 for the reference); ``mind``
 and the hybrids keep the config's MIND-SSC solver settings (80 iterations).
-``--set=FIELD=VALUE`` changes a config field of every encoder row after its variant (a
+``--set=FIELD=VALUE`` changes a ``jaxreg.RegistrationConfig`` field of every encoder row
+after its variant, as ``jaxreg register --set`` does (a
 feature adapter, ``--set=features.adapter=a.safetensors``; sub-token shifts,
 ``--set=features.shifts=2``), ``--tag`` names the change in the labels.
 A row's variants share one encoder yielding every pyramid map and the slice cache in
@@ -85,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Adam iterations of the encoder rows, not mind or <name>+mind "
                    "(0: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a config field of every encoder row (not mind), applied after its "
-                   "variant, as --config.FIELD=VALUE would be, e.g. "
+                   help="a jaxreg.RegistrationConfig field of every encoder row (not mind), "
+                   "applied after its variant as `jaxreg register --set` applies it, e.g. "
                    "--set=features.adapter=a.safetensors (repeat for several)")
     p.add_argument("--tag", default="", help="appended to the rows' labels (e.g. what "
                    "--set changed)")
@@ -101,42 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name}={','.join(given)}: choose from {','.join(known)}")
     if not args.rows or not args.seeds or args.max_disp <= 0 or args.downsample < 1:
         p.error("need some --rows and --seeds, --max_disp > 0 and --downsample >= 1")
-    try:
-        args.set = [_override(text) for text in args.set]
-    except ValueError as e:
-        p.error(str(e))
     return args
-
-
-def _override(text: str) -> tuple[str, str]:
-    """``"a.b=v"`` -> ``("a.b", "v")`` (ValueError without ``=``)."""
-    field, sep, value = text.partition("=")
-    if not sep or not field.strip():
-        raise ValueError(f"--set={text}: give FIELD=VALUE, e.g. features.pca_dims=8")
-    return field.strip(), value.strip()
-
-
-def apply_overrides(c, overrides) -> None:
-    """Sets ``(field, text)`` pairs on ConfigDict ``c``, each text parsed as the field's
-    current type (a tuple from comma-separated items; ValueError names an unknown field)."""
-    for field, text in overrides:
-        *parents, name = field.split(".")
-        node = c
-        for part in parents:
-            node = node.get(part) if hasattr(node, "get") else None
-        if node is None or name not in node:
-            raise ValueError(f"--set={field}=...: the config has no field {field}")
-        old = node[name]
-        if isinstance(old, bool):
-            value = text.lower() in ("1", "true", "yes")
-        elif isinstance(old, (tuple, list)):
-            kind = type(old[0]) if old else str
-            value = tuple(kind(t) for t in _csv(text))
-        elif isinstance(old, (int, float)):
-            value = type(old)(text)
-        else:
-            value = text
-        node[name] = value
 
 
 # ----------------------------------------------------------------------------- methods
@@ -158,22 +124,13 @@ class Method:
         return f"{label} {self.tag}" if self.tag else label
 
 
-def config(row: str, variant: str, iterations: int = 0, overrides=()):
-    """The experiment's ConfigDict of a row and variant, then ``overrides`` (``--set``)
-    on an encoder row (ValueError: unknown name or field)."""
+def config(row: str, variant: str, iterations: int = 0):
+    """The experiment's ConfigDict of a row and variant (ValueError: unknown name)."""
     from experiments.configs import breast
 
     c = breast.get_config(row)
-    if row == "mind":
+    if row == "mind" or variant == "default":  # the CLI's own settings
         return c
-    if variant != "default":
-        _variant(c, row, variant, iterations)
-    apply_overrides(c, overrides)
-    return c
-
-
-def _variant(c, row: str, variant: str, iterations: int) -> None:
-    """A variant's settings on the CLI's config ``c``."""
     if iterations and not row.endswith("+mind"):  # hybrids keep MIND-SSC's solver
         c.solver.iterations = iterations
     c.features.pyramid = "none"  # the last layer, whatever the encoder's default
@@ -186,6 +143,7 @@ def _variant(c, row: str, variant: str, iterations: int) -> None:
         c.features.render = "gradient"
     elif variant != "last":
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    return c
 
 
 def _encoder_sources(obj, depth: int = 0) -> list:
@@ -224,7 +182,7 @@ def _share_encoders(source, shared: dict) -> None:
 
 def build_methods(args: argparse.Namespace, workdir: str) -> list[Method]:
     """Every row x variant with its source; a row that cannot be built is skipped."""
-    from jaxreg import experiment, features
+    from jaxreg import cli, experiment, features
 
     cache = features.FeatureCache(workdir)
     methods, shared = [], {}
@@ -234,8 +192,10 @@ def build_methods(args: argparse.Namespace, workdir: str) -> list[Method]:
         for variant in sorted(variants, key=lambda v: v != "pyramid"):
             m = Method(row, variant, tag=args.tag if variant else "")
             try:
-                c = config(row, variant or "last", args.iterations, args.set)
+                c = config(row, variant or "last", args.iterations)
                 m.registration = experiment.from_configdict(c).registration
+                for assignment in args.set if variant else ():  # not the mind row
+                    m.registration = cli.override(m.registration, assignment)
                 m.source = experiment.make_source(m.registration, cache=cache)
                 _share_encoders(m.source, shared)
             except (ValueError, KeyError, ImportError, OSError) as e:
