@@ -371,16 +371,13 @@ def finetune_files(image: str, labels: str, label: int, *, out: str, shots: int 
       InputError: a missing or unfit file, a label not in the map.
     """
     from jaxreg import io
+    from jaxreg.segment import run
 
     start = time.perf_counter()
     volume = io.load_volume(image)
-    lab = io.load_labels(labels)
-    if lab.shape != volume.shape:
-        raise io.InputError(f"{labels}: label map of shape {lab.shape} is not on the grid "
-                            f"of {image} ({volume.shape})")
+    lab = run.labels_on_grid(labels, volume, image)
+    run.choose_structures(lab.data, [str(label)], 0, labels)  # InputError if absent
     mask = np.asarray(lab.data) == int(label)
-    if not mask.any():
-        raise io.InputError(f"{labels}: no voxel has label {label}")
     if segmenter is None:
         segmenter = predict.load_segmenter(model)
     params, info = finetune_decoder(segmenter, volume.data, mask, shots=shots, axis=axis,

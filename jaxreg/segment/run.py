@@ -35,7 +35,7 @@ from jaxreg.io import InputError, atomic
 from jaxreg.segment import predict
 
 __all__ = ["SegmentSettings", "segment_files", "parse_box", "label_box", "scores",
-           "choose_structures", "prepare_process",
+           "choose_structures", "labels_on_grid", "prepare_process",
            "keep_freed_memory", "use_cpu_devices", "DEFAULT_COMPILATION_CACHE"]
 
 DEFAULT_COMPILATION_CACHE = compilation.DEFAULT_CACHE
@@ -160,6 +160,16 @@ def scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
             "iou": inter / union if union else float("nan"), "voxels": t, "predicted": p}
 
 
+def labels_on_grid(path: str, image: io.Volume, image_path: str) -> io.Volume:
+    """The label map ``path``, which must lie on the grid of ``image`` (read from
+    ``image_path``; InputError naming both otherwise)."""
+    labels = io.load_labels(path)
+    if labels.shape != image.shape:
+        raise InputError(f"{path}: label map of shape {labels.shape} is not on the grid of "
+                         f"{image_path} ({image.shape})")
+    return labels
+
+
 def choose_structures(labels: np.ndarray, structures: Sequence[str] | None, largest: int,
                       path: str) -> list[int]:
     """The label values to evaluate: ``structures`` (checked to be in ``labels``), else the
@@ -222,10 +232,7 @@ def segment_files(s: SegmentSettings, *, segmenter: predict.Segmenter | None = N
         raise InputError("give --box and --out (segmentation) or --labels (evaluation)")
     image = io.load_volume(s.image)
     box = parse_box(s.box, image.shape, s.image) if s.labels is None else None
-    labels = io.load_labels(s.labels) if s.labels else None
-    if labels is not None and labels.shape != image.shape:
-        raise InputError(f"{s.labels}: label map of shape {labels.shape} is not on the "
-                         f"grid of {s.image} ({image.shape})")
+    labels = labels_on_grid(s.labels, image, s.image) if s.labels else None
     values = (None if labels is None else
               choose_structures(labels.data, s.structures, s.largest, s.labels))
     clock.lap("read")
